@@ -1,0 +1,298 @@
+"""Hugging Face checkpoints in and out: config.json field by field, safetensors shard by shard, strict keys.
+
+    from load_hf import load_model, load_tokenizer, save_model
+    model = load_model("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)   # or a local directory
+    tok = load_tokenizer("Qwen/Qwen3-0.6B-Base")
+    save_model(model, "out/qwen3-ttt", tokenizer_src="Qwen/Qwen3-0.6B-Base")
+
+Parameter names are identical on both sides (model.py uses HF's), so loading is a checked copy: every key must exist,
+every shape must match, nothing may be left over. Official In-Place TTT checkpoints add `mlp.ttt_conv.weight`
+(D, 1, 5) and `mlp.ttt_proj.weight` (D, D) in their TTT layers and `ttt_*` keys in config.json.
+
+    python load_hf.py info SRC        # print the config we read
+"""
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from model import ModelConfig, Transformer, init_ttt_params
+from tokenizer import Tokenizer
+
+ARCHS = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "generation_config.json"]
+TTT_KEYS = ("ttt_mode", "ttt_layers", "ttt_chunk", "ttt_lr", "ttt_proj", "ttt_target")
+# Fields of HF configs that model.py reads, or that describe features we refuse rather than silently drop.
+KNOWN = {"architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+         "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+         "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "sliding_window", "use_sliding_window",
+         "bos_token_id", "eos_token_id", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype", "dtype",
+         "layer_types", "max_window_layers", *TTT_KEYS}
+
+
+# -----------------------------------------------------------------------------
+# Where the files are
+
+
+def resolve(src) -> Path:
+    """A local directory as is; otherwise a hub id, fetched (config, safetensors, tokenizer files only) or cached."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{src} is a file; expected a checkpoint directory or a hub id like Qwen/Qwen3-0.6B")
+    if str(src).count("/") != 1 or str(src).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no checkpoint directory at {src} (and it is not a hub id like Qwen/Qwen3-0.6B)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(src), allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated repo: all end here with the hub's own reason
+        raise FileNotFoundError(f"could not get {src} from the Hugging Face hub and it is not cached locally "
+                                f"({type(e).__name__}: {e}). Pass a local directory instead.") from None
+
+
+# -----------------------------------------------------------------------------
+# config.json -> ModelConfig
+
+
+def load_config(src) -> ModelConfig:
+    path = resolve(src) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a Hugging Face checkpoint directory")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return config_from_hf(hf, where=str(path))
+
+
+def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
+    archs = hf.get("architectures") or [{"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+                                        .get(hf.get("model_type"), str(hf.get("model_type")))]
+    if archs[0] not in ARCHS:
+        raise ValueError(f"{where}: architecture {archs[0]} is not supported; supported: {', '.join(ARCHS)}")
+    arch = ARCHS[archs[0]]
+    for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu"),
+                    ("use_sliding_window", False)):
+        if hf.get(key, ok) != ok:
+            raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (only {ok!r})")
+
+    # transformers 5 keeps theta and scaling together in rope_parameters; transformers 4 splits them.
+    if "rope_parameters" in hf and hf["rope_parameters"]:
+        rope = dict(hf["rope_parameters"])
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    else:
+        rope, theta = dict(hf.get("rope_scaling") or {}), hf.get("rope_theta", 10000.0)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    heads = hf["num_attention_heads"]
+    cfg = ModelConfig(
+        arch=arch,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=None if kind == "default" else rope,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),  # both classes default to untied
+        qk_norm=arch == "qwen3",
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        extra={k: v for k, v in hf.items() if k not in KNOWN and not k.startswith("_")},
+    )
+    if hf.get("ttt_layers"):  # an In-Place TTT checkpoint
+        cfg = cfg.with_ttt(layers=hf["ttt_layers"], chunk=hf.get("ttt_chunk", cfg.ttt_chunk),
+                           lr=hf.get("ttt_lr", cfg.ttt_lr), proj=hf.get("ttt_proj", cfg.ttt_proj),
+                           target=hf.get("ttt_target", cfg.ttt_target), mode=hf.get("ttt_mode"))
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    arch = {v: k for k, v in ARCHS.items()}[cfg.arch]
+    rope = {"rope_type": "default", **(cfg.rope_scaling or {})}
+    hf = dict(cfg.extra)
+    hf.update(
+        architectures=[arch], model_type=cfg.arch, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        hidden_act="silu", rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False, bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id, dtype=str(dtype).removeprefix("torch."),
+        # both layouts, so transformers 4 and 5 read the same RoPE
+        rope_parameters={**rope, "rope_theta": cfg.rope_theta}, rope_theta=cfg.rope_theta,
+        rope_scaling=cfg.rope_scaling,
+    )
+    if cfg.arch == "llama":
+        hf["mlp_bias"] = False
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None)
+    if cfg.ttt_layers:
+        hf.update(ttt_mode=cfg.ttt_mode or "in_place", ttt_layers=list(cfg.ttt_layers), ttt_chunk=cfg.ttt_chunk,
+                  ttt_lr=cfg.ttt_lr, ttt_proj=cfg.ttt_proj, ttt_target=cfg.ttt_target)
+    return hf
+
+
+# -----------------------------------------------------------------------------
+# Weights in
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return [path / s for s in shards]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def load_model(src, device="cpu", dtype=torch.float32, config: ModelConfig | None = None,
+               init_missing_ttt: bool = False) -> Transformer:
+    """Build on the meta device and fill every parameter from the safetensors files, one tensor at a time
+    (so memory never holds a second copy of the model). `config` overrides the checkpoint's (e.g. a base
+    checkpoint with TTT layers added); `init_missing_ttt` lets TTT parameters absent from the files start
+    as init_ttt_params sets them, which leaves the logits exactly the base model's."""
+    from safetensors import safe_open
+
+    path = resolve(src)
+    cfg = config or load_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
+    loaded = set()
+    for file in _weight_files(path):
+        try:
+            f = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        with f:
+            for key in f.keys():
+                if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue  # some tied checkpoints store the head anyway; the embedding is the one we keep
+                if key not in params:
+                    raise KeyError(f"unexpected key {key} in {file} (not a parameter of this {cfg.arch} model)")
+                try:
+                    t = f.get_tensor(key)
+                except Exception as e:
+                    raise ValueError(f"cannot read {key} from {file} (truncated or corrupt?): {e}") from None
+                if t.shape != params[key].shape:
+                    raise ValueError(f"shape mismatch for {key} in {file}: file has {tuple(t.shape)}, "
+                                     f"model expects {tuple(params[key].shape)}")
+                _set_param(model, key, t.to(device=device, dtype=dtype))
+                loaded.add(key)
+    missing = [k for k in params if k not in loaded]
+    new_ttt = [k for k in missing if ".mlp.ttt_" in k]
+    if init_missing_ttt:
+        missing = [k for k in missing if k not in new_ttt]
+    if missing:
+        raise KeyError(f"{path}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                       f"({len(missing)} in all)")
+    for key in new_ttt if init_missing_ttt else []:
+        _set_param(model, key, torch.empty(params[key].shape, device=device, dtype=dtype))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if new_ttt and init_missing_ttt:
+        init_ttt_params(model)
+    return model
+
+
+def _set_param(model: nn.Module, key: str, t: torch.Tensor):
+    mod_name, _, name = key.rpartition(".")
+    setattr(model.get_submodule(mod_name), name, nn.Parameter(t, requires_grad=True))
+
+
+# -----------------------------------------------------------------------------
+# Weights out
+
+
+def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes: int = 5 * 2**30):
+    """Write config.json, safetensors (sharded with an index when larger than max_shard_bytes) and the tokenizer
+    files of tokenizer_src. Written to a temporary directory first and swapped in when complete, so a failure
+    never leaves a half-written checkpoint where a good one was."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        dtype = next(iter(state.values())).dtype
+        shards, size = [[]], 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(k)
+            size += nbytes
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(state, str(tmp / "model.safetensors"), metadata=meta)
+        else:
+            weight_map = {}
+            for i, keys in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file({k: state[k] for k in keys}, str(tmp / name), metadata=meta)
+                weight_map.update(dict.fromkeys(keys, name))
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
+        if tokenizer_src is not None:
+            src = resolve(tokenizer_src)
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copy(src / name, tmp / name)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_tokenizer(src) -> Tokenizer:
+    return Tokenizer.from_dir(resolve(src))
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Inspect Hugging Face checkpoints as this codebase reads them.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    info = sub.add_parser("info", help="print the ModelConfig read from SRC's config.json")
+    info.add_argument("src", help="local checkpoint directory or hub id")
+    args = ap.parse_args(argv)
+    if args.cmd == "info":
+        cfg = load_config(args.src)
+        for f in fields(cfg):
+            print(f"{f.name:26s} {asdict(cfg)[f.name]}")
+
+
+if __name__ == "__main__":
+    main()

