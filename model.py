@@ -439,7 +439,7 @@ class Cache:
     @classmethod
     def create(cls, model, B, S, device, dtype):
         c = model.config
-        kv = lambda: torch.zeros(B, c.num_kv_heads, S, c.head_dim, device=device, dtype=dtype)  # noqa: E731
+        kv = lambda: torch.zeros(B, c.num_kv_heads, S, c.head_dim, device=device, dtype=dtype)
         D, Fd, C = c.hidden_size, c.intermediate_size, c.ttt_chunk
         sdt = torch.float32 if c.ttt_fp32_state else dtype
         ttt_state = {}
