@@ -4,6 +4,11 @@ Parameter names are Hugging Face's (`model.layers.{i}.self_attn.q_proj`, `mlp.do
 checkpoint is a checked copy (load_hf.py) and the fast weight of the paper is literally `mlp.down_proj`.
 Reading order: config and presets, RoPE, norm, attention, MLP (+TTT), block, the model, the cache.
 
+Batches and padding: there is none. A forward without a cache takes equal-length rows starting at position 0.
+With a cache (incremental decoding) every row carries its own position: a ragged batch of prompts is prefilled
+row by row through `cache.rows(b, b + 1)`, then decoded together one token per step, each row folding its TTT
+chunk updates at its own absolute chunk boundaries. No padded position ever reaches attention or a TTT update.
+
     from model import PRESETS, Transformer
     model = Transformer(PRESETS["tiny"])
     logits = model(torch.randint(0, 1000, (2, 64)))           # (B, T, V)
@@ -348,6 +353,13 @@ class Transformer(nn.Module):
     def hidden(self, idx, cache=None):
         """Final-norm hidden states (B, T, D) for token ids idx (B, T)."""
         B, T = idx.shape
+        if cache is not None:
+            if T > 1 and bool((cache.pos != cache.pos[0]).any()):
+                raise ValueError("a multi-token step needs every row at the same position; prefill ragged batches "
+                                 "row by row with cache.rows(b, b + 1)")
+            if int(cache.pos.max()) + T > cache.k[0].shape[2]:
+                raise ValueError(f"cache holds {cache.k[0].shape[2]} positions; this step would need "
+                                 f"{int(cache.pos.max()) + T}")
         x = self.model.embed_tokens(idx)
         start = torch.zeros(B, dtype=torch.long, device=idx.device) if cache is None else cache.pos
         cos, sin = rope_cos_sin(self.config, start[:, None] + torch.arange(T, device=idx.device), x.dtype)
@@ -441,7 +453,7 @@ class Cache:
         c = model.config
         kv = lambda: torch.zeros(B, c.num_kv_heads, S, c.head_dim, device=device, dtype=dtype)
         D, Fd, C = c.hidden_size, c.intermediate_size, c.ttt_chunk
-        sdt = torch.float32 if c.ttt_fp32_state else dtype
+        sdt = torch.promote_types(dtype, torch.float32) if c.ttt_fp32_state else dtype  # as ttt.py does
         ttt_state = {}
         for i in model.ttt_layers:
             W0 = model.model.layers[i].mlp.down_proj.weight.detach()
