@@ -1,0 +1,291 @@
+"""Byte-level BPE tokenizer on tiktoken, loaded from a Hugging Face tokenizer.json or a Llama-3 tokenizer.model.
+
+    tok = Tokenizer.from_dir("path/to/checkpoint")      # tokenizer.json preferred, else tokenizer.model
+    ids = tok.encode("Hello world")                     # special-token text is NOT parsed unless allow_special=True
+    prompt = tok.apply_chat([{"role": "user", "content": "Hi"}])
+    ids = tok.encode(prompt, allow_special=True)
+
+A byte-level BPE tokenizer is three things: ranked byte strings, a regex that splits text into pieces before BPE,
+and special tokens. tiktoken takes exactly those three, so a Hugging Face tokenizer.json maps onto it as follows:
+  - vocab: HF writes every byte as a printable char (GPT-2's bytes_to_unicode table); we invert that table to get the
+    raw bytes, and use HF's id as the tiktoken rank, so ids are equal to HF's (holes in the id range are fine).
+  - merges: HF applies the merge listed first; tiktoken merges the adjacent pair whose merged token has the lowest
+    rank. The two agree when merged-token ids never decrease along the merge list, which holds for the files we load
+    (Qwen3, SmolLM2, Llama-3) and is checked on load. tests/test_tokenizer.py compares ids with `tokenizers`.
+  - pre_tokenizer: the Split regex (Rust fancy-regex syntax in tiktoken, Oniguruma in HF; the patterns in use parse
+    the same in both), or GPT-2's regex when ByteLevel splits by itself.
+  - normalizer: NFC (Qwen3) is applied with unicodedata to the text between the special tokens, as HF does.
+  - added_tokens: become tiktoken special tokens, with the ids `tokenizers` gives them.
+Known differences from HF: SmolLM2 has no token for a few control bytes ("\x04", ...); both drop them, but HF may then
+merge the neighbours of a dropped byte and we do not. vocab_size is the largest id + 1 (the embedding rows needed),
+not HF's count of tokens.
+"""
+
+import base64
+import json
+import re
+import unicodedata
+from pathlib import Path
+
+import tiktoken
+
+# GPT-2's split regex, which HF's ByteLevel pre-tokenizer uses when use_regex=True.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# HF's Digits(individual_digits=True) followed by ByteLevel(use_regex=True) (SmolLM2, StarCoder), as one regex: every
+# digit is its own piece, and a whitespace run ends before a digit as it would at the end of Digits' stretch.
+GPT2_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+# Llama-3's regex (from Meta's llama_models/llama3/tokenizer.py); numbers split into runs of at most three digits.
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
+# Llama-3's 256 special tokens after the 128000 BPE tokens, in the order of Meta's llama_models (3.1+ names). Ids
+# 128000/128001 (text), 128006/128007 (header) and 128009 (eot) are the same in every Llama-3 release.
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>",
+]  # fmt: skip
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table: printable Latin-1 bytes stand for themselves, the other 68 bytes become chr(256 + k)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, k = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + k)
+            k += 1
+    return table
+
+
+def _pattern_from(pre_tokenizer: dict | None) -> str:
+    """The single regex that splits text like HF's pre_tokenizer, for the step sequences byte-level BPEs use."""
+    steps = pre_tokenizer["pretokenizers"] if pre_tokenizer and pre_tokenizer["type"] == "Sequence" else [pre_tokenizer]
+    kinds = [s["type"] if s else None for s in steps]
+    if kinds[-1:] != ["ByteLevel"] or steps[-1].get("add_prefix_space"):
+        raise NotImplementedError(f"pre_tokenizer {kinds} is not byte-level BPE without add_prefix_space")
+    uses_regex = steps[-1].get("use_regex", True)
+    if kinds == ["ByteLevel"] and uses_regex:
+        return GPT2_PATTERN
+    if kinds == ["Digits", "ByteLevel"] and steps[0]["individual_digits"] and uses_regex:
+        return GPT2_DIGITS_PATTERN
+    split = steps[0]
+    if kinds == ["Split", "ByteLevel"] and not uses_regex and split["behavior"] == "Isolated" and not split["invert"]:
+        if "Regex" in split["pattern"]:
+            return split["pattern"]["Regex"]
+    raise NotImplementedError(f"unsupported pre_tokenizer steps {kinds}: {json.dumps(pre_tokenizer)[:300]}")
+
+
+def _check_merge_order(vocab: dict[str, int], merges: list) -> None:
+    """tiktoken reproduces HF's merge order only if merged-token ids never decrease along the merge list (a token may
+    have several merges, as in Llama-3's converted file)."""
+    last = -1
+    for merge in merges:
+        a, b = merge.split(" ") if isinstance(merge, str) else merge  # tokenizers < 0.20 wrote "a b" strings
+        if vocab[a + b] < last:
+            raise NotImplementedError(f"merge {a!r}+{b!r} is out of id order; tiktoken ranks cannot express it")
+        last = vocab[a + b]
+
+
+def _hf_added_token_ids(added_tokens: list[dict], vocab: dict[str, int]) -> dict[str, int]:
+    """The ids `tokenizers` gives added tokens. It ignores their written "id": a token in the vocab keeps its vocab id,
+    any other gets len(vocab), or the largest added id + 1 once that is past len(vocab). Saved files agree with this."""
+    ids, taken = {}, set(vocab.values())
+    for name in (t["content"] for t in added_tokens):
+        top = max(ids.values(), default=-1)
+        ids[name] = vocab[name] if name in vocab else top + 1 if top >= len(vocab) else len(vocab)
+        if name not in vocab and ids[name] in taken:
+            raise NotImplementedError(f"added token {name!r} gets id {ids[name]}, which a vocab token already has")
+    return ids
+
+
+def _splitter(names) -> re.Pattern | None:
+    """A regex that splits text at the given special tokens and keeps them (longest first, as tiktoken matches)."""
+    if not names:
+        return None
+    return re.compile("(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + ")")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+class Tokenizer:
+    """encode/decode text, plus the ids a model needs: bos_id, eos_id, eos_ids, special_tokens, vocab_size."""
+
+    def __init__(
+        self,
+        mergeable_ranks: dict[bytes, int],
+        pat_str: str,
+        special_tokens: dict[str, int],
+        *,
+        nfc: bool = False,
+        parsed_by_default: frozenset[str] = frozenset(),
+        name: str = "tokenizer",
+    ):
+        self.special_tokens = dict(special_tokens)  # every added token, special or not: name -> id
+        self.vocab_size = max([*mergeable_ranks.values(), *special_tokens.values()]) + 1  # ids are < vocab_size
+        self.nfc = nfc
+        self.parsed_by_default = parsed_by_default  # HF always parses non-special added tokens (Qwen3's <think>)
+        self.bos_id: int | None = None
+        self.eos_id: int | None = None  # the main stop token; eos_ids holds every stop token
+        self.eos_ids: set[int] = set()
+        # tiktoken needs a rank for every single byte (else it panics), but SmolLM2 has no token for 21 bytes, e.g.
+        # "\x04", which HF silently drops. Give those bytes placeholder ranks >= vocab_size; encode drops them.
+        ranks = dict(mergeable_ranks)
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+        ranks.update({b: self.vocab_size + k for k, b in enumerate(missing)})
+        self._has_placeholders = bool(missing)
+        # Regexes that split text at the special tokens parsed by default (False) or with allow_special (True).
+        self._splitters = {False: _splitter(parsed_by_default), True: _splitter(special_tokens)}
+        self._all_special = frozenset(special_tokens)
+        self._enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # loading
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | Path) -> "Tokenizer":
+        """A Hugging Face byte-level BPE tokenizer.json (Qwen3, SmolLM2/GPT-2 style, Llama-3 HF)."""
+        path = Path(path)
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        model = spec["model"]
+        if model["type"] != "BPE" or model.get("byte_fallback"):
+            raise NotImplementedError(f"{path}: only byte-level BPE is supported, not {model['type']}/byte_fallback")
+        normalizer = (spec.get("normalizer") or {}).get("type")
+        if normalizer not in (None, "NFC"):
+            raise NotImplementedError(f"{path}: unsupported normalizer {normalizer}")
+        pattern = _pattern_from(spec.get("pre_tokenizer"))
+        _check_merge_order(model["vocab"], model["merges"])
+        added = _hf_added_token_ids(spec.get("added_tokens", []), model["vocab"])
+        char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        # An added token may also sit in the vocab (GPT-2's <|endoftext|>); keep it only as a special token.
+        ranks = {bytes(char_to_byte[c] for c in tok): i for tok, i in model["vocab"].items() if tok not in added}
+        always = frozenset(t["content"] for t in spec.get("added_tokens", []) if not t["special"])
+        return cls(ranks, pattern, added, nfc=normalizer == "NFC", parsed_by_default=always, name=str(path))
+
+    @classmethod
+    def from_tiktoken_model(cls, path: str | Path) -> "Tokenizer":
+        """Meta's Llama-3 tokenizer.model: one "base64(token) rank" line per BPE token; special tokens are implied."""
+        path = Path(path)
+        try:
+            lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line]
+            ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in lines}
+        except ValueError as e:  # also UnicodeDecodeError, e.g. a sentencepiece (Llama-2) protobuf
+            raise ValueError(f"{path} is not a tiktoken BPE file (base64 token, rank per line)") from e
+        if len(ranks) != 128000:  # the special-token layout below is Llama-3's (Llama-4's file has 200000 tokens)
+            raise NotImplementedError(f"{path} has {len(ranks)} tokens; only Llama-3's 128000-token file is supported")
+        specials = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIALS)}
+        tok = cls(ranks, LLAMA3_PATTERN, specials, name=str(path))
+        tok.bos_id = specials["<|begin_of_text|>"]
+        tok.eos_id = specials["<|end_of_text|>"]
+        tok.eos_ids = {tok.eos_id, specials["<|eom_id|>"], specials["<|eot_id|>"]}  # Meta's stop tokens
+        return tok
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """tokenizer.json (preferred) or tokenizer.model, with bos/eos from the HF config files next to it."""
+        path = Path(path)
+        if (path / "tokenizer.json").is_file():
+            tok = cls.from_tokenizer_json(path / "tokenizer.json")
+        elif (path / "tokenizer.model").is_file():
+            tok = cls.from_tiktoken_model(path / "tokenizer.model")
+        else:
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in directory {path}")
+        tok._read_bos_eos(path)
+        return tok
+
+    def _read_bos_eos(self, path: Path) -> None:
+        """tokenizer_config.json names the tokens HF's tokenizer uses, so it wins; config.json and
+        generation_config.json give ids, and generation_config's eos list holds every stop token."""
+        tok_cfg = _read_json(path / "tokenizer_config.json")
+        configs = [_read_json(path / "config.json"), _read_json(path / "generation_config.json")]
+
+        def name_to_id(token):  # tokenizer_config writes a name, or {"content": name, ...}
+            return None if token is None else self.token_id(token["content"] if isinstance(token, dict) else token)
+
+        if "bos_token" in tok_cfg:  # null means "no BOS" (Qwen3), even where config.json has a bos_token_id
+            self.bos_id = name_to_id(tok_cfg["bos_token"])
+        else:
+            self.bos_id = next((c["bos_token_id"] for c in configs if c.get("bos_token_id") is not None), self.bos_id)
+        eos = [name_to_id(tok_cfg.get("eos_token"))]
+        for cfg in configs:
+            ids = cfg.get("eos_token_id")
+            eos += ids if isinstance(ids, list) else [ids]
+        eos = [i for i in eos if i is not None]
+        if eos:
+            self.eos_id = eos[0]
+        self.eos_ids = self.eos_ids | set(eos)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # encoding and decoding
+
+    def encode(self, text: str, bos: bool = False, allow_special: bool = False) -> list[int]:
+        """Token ids of text. Special-token text like "<|im_end|>" is encoded as plain text unless allow_special;
+        non-special added tokens (Qwen3's <think>) are always parsed, as HF does. bos=True prepends bos_id when the
+        tokenizer has one (Qwen3 has none)."""
+        allowed = self._all_special if allow_special else self.parsed_by_default
+        if self.nfc:
+            text = self._nfc_between(text, allow_special)
+        ids = self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+        if self._has_placeholders:
+            ids = [i for i in ids if i < self.vocab_size]
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
+
+    def _nfc_between(self, text: str, allow_special: bool) -> str:
+        """NFC-normalize the text between the special tokens that will be parsed, as HF does: normalizing across
+        them could join a token's last char with what follows (">" + U+0338 is "≯" in NFC) and hide the token."""
+        splitter = self._splitters[allow_special]
+        if splitter is None:
+            return unicodedata.normalize("NFC", text)
+        parts = splitter.split(text)  # [text, special, text, special, ..., text]
+        return "".join(p if i % 2 else unicodedata.normalize("NFC", p) for i, p in enumerate(parts))
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids; bytes that are not valid UTF-8 (a split character) become U+FFFD, and ids with no token (holes
+        in the id range, padded embedding rows) decode to nothing, as in HF."""
+        try:
+            data = self._enc.decode_bytes(ids)
+        except KeyError:
+            data = self._enc.decode_bytes([i for i in ids if self._is_token(i)])
+        return data.decode("utf-8", errors="replace")
+
+    def _is_token(self, i: int) -> bool:
+        try:
+            return i < self.vocab_size and self._enc.decode_single_token_bytes(i) is not None
+        except KeyError:
+            return False
+
+    def token_id(self, name: str) -> int:
+        """Id of a special token (or of a single ordinary token) by its text."""
+        if name in self.special_tokens:
+            return self.special_tokens[name]
+        try:
+            i = self._enc.encode_single_token(name.encode("utf-8"))
+        except KeyError:
+            i = self.vocab_size
+        if i >= self.vocab_size:
+            known = ", ".join(sorted(self.special_tokens, key=self.special_tokens.get)[:8])
+            raise KeyError(f"{name!r} is not a token of this tokenizer (special tokens include {known}, ...)")
+        return i
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # chat
+
+    def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """A minimal chat prompt; encode it with allow_special=True (and bos=False: the Llama-3 one starts with BOS).
+        ChatML for vocabularies with <|im_start|> (Qwen3, SmolLM2): "<|im_start|>{role}\\n{content}<|im_end|>\\n" per
+        message, then "<|im_start|>assistant\\n". For Qwen3 this is its own template in the default thinking mode (we
+        add no <think> tags); SmolLM2's template also inserts a default system message when there is none, we do not.
+        Llama-3 for vocabularies with <|start_header_id|>, as HF's Llama-3 template and Meta's ChatFormat: BOS, then
+        per message "<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>", then the assistant
+        header."""
+        if "<|im_start|>" in self.special_tokens:
+            turns = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+            return "".join(turns) + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        if "<|start_header_id|>" in self.special_tokens:
+            head = "<|start_header_id|>{}<|end_header_id|>\n\n"
+            turns = [head.format(m["role"]) + m["content"].strip() + "<|eot_id|>" for m in messages]
+            return "<|begin_of_text|>" + "".join(turns) + (head.format("assistant") if add_generation_prompt else "")
+        raise ValueError("no chat format for this vocabulary: it has neither <|im_start|> nor <|start_header_id|>")
