@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 import ttt
@@ -221,31 +222,27 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _attend(self, q, k, v, kv, pos):
-        W, T = self.cfg.sliding_window, q.shape[2]
-        if kv is None or (T > 1 and int(pos[0]) == 0):
-            if kv is not None:  # first prefill: store k, v, then attend over them alone
-                kv[0][:, :, :T], kv[1][:, :, :T] = k, v
-            if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-                y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
-                                    window_size=(W - 1 if W else -1, 0))
-                return y.transpose(1, 2)
-            mask = None if W is None else _mask(torch.arange(T, device=q.device)[None], T, W)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        # With a cache: write this step's keys at their positions, then attend over the cache with an explicit mask
-        # (per-row positions when decoding a ragged batch; T > 1 continues a prefill with all rows at one position).
-        ck, cv = kv
-        if T == 1:
-            rows = torch.arange(q.shape[0], device=q.device)
-            ck[rows, :, pos], cv[rows, :, pos] = k[:, :, 0], v[:, :, 0]
-            qpos = pos[:, None]  # (B, 1)
-            S = ck.shape[2]
-        else:
+        W, (B, _, T, _) = self.cfg.sliding_window, q.shape
+        if kv is not None and T == 1:  # decoding: rows may sit at different positions, so mask per row
+            rows = torch.arange(B, device=q.device)
+            kv[0][rows, :, pos], kv[1][rows, :, pos] = k[:, :, 0], v[:, :, 0]
+            mask = _mask(pos[:, None], kv[0].shape[2], W)[:, None]  # (B, 1, 1, S): the whole static cache
+            return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, enable_gqa=True)
+        if kv is not None:  # prefill, or its continuation: every row at position p
             p = int(pos[0])
-            ck[:, :, p:p + T], cv[:, :, p:p + T] = k, v
-            qpos = (p + torch.arange(T, device=q.device))[None]  # (1, T)
-            S = p + T
-        mask = _mask(qpos, S, W)[:, None]  # (B|1, 1, T, S)
-        return F.scaled_dot_product_attention(q, ck[:, :, :S], cv[:, :, :S], attn_mask=mask, enable_gqa=True)
+            kv[0][:, :, p:p + T], kv[1][:, :, p:p + T] = k, v
+            k, v = kv[0][:, :, :p + T], kv[1][:, :, :p + T]  # (B, KV, S, hd) with S = p + T
+        S = k.shape[2]
+        # Causal with the diagonal at the bottom right: query t sits at position S - T + t.
+        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                window_size=(W - 1 if W else -1, 0))
+            return y.transpose(1, 2)
+        if W is not None:
+            mask = _mask(torch.arange(S - T, S, device=q.device)[None], S, W)[:, None]  # (1, 1, T, S)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        bias = None if S == T else causal_lower_right(T, S)  # no (T, S) mask is ever built for a long prefill
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=S == T, enable_gqa=True)
 
 
 def _mask(qpos, S, window):
@@ -285,7 +282,7 @@ class MLP(nn.Module):
             return ttt.chunked(h, s, *args, **opts)[0]
         st = cache.ttt[layer]
         if h.shape[1] == 1:
-            return self._decode(h, s, st, cache.pos, args, opts)
+            return self._decode(h, s, st, cache.pos)
         # Prefill continuation (all rows at one position): run the chunked path from the cached state.
         p = int(cache.pos[0])
         n = p % cfg.ttt_chunk
@@ -297,19 +294,22 @@ class MLP(nn.Module):
         st.W.copy_(self.down_proj.weight + st.dW)
         return out
 
-    def _decode(self, h, s, st, pos, args, opts):
-        """One token per row at per-row positions pos (B,): apply W0 + sum dW, then fold a completed chunk."""
+    def _decode(self, h, s, st, pos):
+        """One token per row at per-row positions pos (B,): apply W0 + sum dW and buffer the token.
+        A completed chunk is folded in by fold() after the step, outside any compiled graph."""
         out = torch.bmm(h, st.W.transpose(1, 2))  # (B, 1, F) @ (B, F, D) -> (B, 1, D): a plain MLP's cost
-        C = self.cfg.ttt_chunk
-        rows, slot = torch.arange(h.shape[0], device=h.device), pos % C
+        rows, slot = torch.arange(h.shape[0], device=h.device), pos % self.cfg.ttt_chunk
         st.s_buf[rows, slot], st.h_buf[rows, slot] = s[:, 0], h[:, 0]
-        done = (slot == C - 1).nonzero()[:, 0]  # rows whose chunk completes with this token
-        if len(done):
-            W0, conv, P, lr, _ = args
-            dW = ttt.chunk_update(st.s_buf[done], st.h_buf[done], conv, P, lr, opts["clip_tau"])
-            st.dW[done] += dW.to(st.dW.dtype)
-            st.W[done] = (W0 + st.dW[done]).to(st.W.dtype)
         return out
+
+    @torch.no_grad()
+    def fold(self, st, rows):
+        """Fold the now complete chunk of each row in `rows` into its fast weight."""
+        cfg = self.cfg
+        P = self.ttt_proj.weight if cfg.ttt_proj else None
+        dW = ttt.chunk_update(st.s_buf[rows], st.h_buf[rows], self.ttt_conv.weight, P, cfg.ttt_lr, cfg.ttt_clip_tau)
+        st.dW[rows] += dW.to(st.dW.dtype)
+        st.W[rows] = (self.down_proj.weight + st.dW[rows]).to(st.W.dtype)
 
 
 class Block(nn.Module):
@@ -353,7 +353,7 @@ class Transformer(nn.Module):
     def hidden(self, idx, cache=None):
         """Final-norm hidden states (B, T, D) for token ids idx (B, T)."""
         B, T = idx.shape
-        if cache is not None:
+        if cache is not None and not torch.compiler.is_compiling():  # the compiled decode step has a fixed size
             if T > 1 and bool((cache.pos != cache.pos[0]).any()):
                 raise ValueError("a multi-token step needs every row at the same position; prefill ragged batches "
                                  "row by row with cache.rows(b, b + 1)")
@@ -368,7 +368,18 @@ class Transformer(nn.Module):
             x = block(x, embeds, cos, sin, cache, i, self.ttt_enabled)
         if cache is not None:
             cache.pos += T
+            if T == 1 and self.ttt_enabled and self.ttt_layers:
+                self._fold_completed_chunks(cache)
         return self.model.norm(x)
+
+    @torch.compiler.disable  # data-dependent (which rows completed a chunk), cheap, and rare: keep it eager
+    def _fold_completed_chunks(self, cache):
+        """After a decode step, fold in the update of every chunk that the step completed, row by row. Doing it
+        after all layers is the same as inside each: the new fast weight is first read by the next token."""
+        done = (cache.pos % self.config.ttt_chunk == 0).nonzero()[:, 0]
+        if len(done):
+            for i in self.ttt_layers:
+                self.model.layers[i].mlp.fold(cache.ttt[i], done)
 
     def forward(self, idx, cache=None, last_only=False):
         """Logits (B, T, V), or (B, 1, V) with last_only (a long prompt never needs all T x V logits)."""
