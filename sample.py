@@ -12,7 +12,8 @@ pieces of --prefill-chunk tokens that start at multiples of it (default: a multi
 4096), so TTT updates fold in piece by piece and only the last position's logits are made. Rows may differ in
 length: nothing is padded, and every row's chunk boundaries sit at its own absolute positions. Then all rows decode
 together, one token per step, each at its own position. A TTT layer holds W0 + ΣΔW per row for decoding (a plain
-MLP's cost per token) and folds in a chunk's update in the step that completes it (model.py, `MLP._decode`).
+MLP's cost per token) and folds in a chunk's update right after the step that completes it (model.py,
+`Transformer._fold_completed_chunks`, kept out of the compiled graph).
 
 Context. A prompt plus --max-new-tokens must fit in max_position_embeddings of config.json. --rope-scaling
 takes an HF rope_scaling dict and raises the limit to factor x original_max_position_embeddings, e.g. Qwen3's
@@ -21,7 +22,7 @@ YaRN: '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 
 --compile compiles the decode step (the KV cache is preallocated, so shapes never change; CUDA graphs on CUDA).
 The first steps include compilation (tens of seconds; minutes on a CPU, where it gains little) and are left out
-of the decode rate; the first step that completes a TTT chunk compiles that branch too.
+of the decode rate.
 """
 
 import argparse
