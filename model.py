@@ -273,26 +273,26 @@ class MLP(nn.Module):
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # H: (B, T, F)
         if not (self.use_ttt and enabled):
             return self.down_proj(h)
-        cfg = self.cfg
+        cfg, C = self.cfg, self.cfg.ttt_chunk
         s = x if cfg.ttt_target == "hidden_states" else embeds  # (B, T, D)
-        P = self.ttt_proj.weight if cfg.ttt_proj else None
-        args = (self.down_proj.weight, self.ttt_conv.weight, P, cfg.ttt_lr, cfg.ttt_chunk)
-        opts = dict(clip_tau=cfg.ttt_clip_tau, fp32_state=cfg.ttt_fp32_state)
-        if cache is None:
-            return ttt.chunked(h, s, *args, **opts)[0]
-        st = cache.ttt[layer]
-        if h.shape[1] == 1:
+        st = None if cache is None else cache.ttt[layer]
+        if st is not None and h.shape[1] == 1:
             return self._decode(h, s, st, cache.pos)
-        # Prefill continuation (all rows at one position): run the chunked path from the cached state.
-        p = int(cache.pos[0])
-        n = p % cfg.ttt_chunk
-        init = ttt.TTTState(st.dW, st.s_buf[:, :n], st.h_buf[:, :n], p)
-        out, new = ttt.chunked(h, s, *args, initial_state=init, **opts)
-        n = new.pos % cfg.ttt_chunk
-        st.dW.copy_(new.dW)
-        st.s_buf[:, :n], st.h_buf[:, :n] = new.s_buf, new.h_buf
-        st.W.copy_(self.down_proj.weight + st.dW)
+        init = None
+        if st is not None:  # a prefill (or its continuation), all rows at one position: go on from the cached state
+            p = int(cache.pos[0])
+            init = ttt.TTTState(st.dW, st.s_buf[:, :p % C], st.h_buf[:, :p % C], p)
+        out, new = ttt.chunked(h, s, self.down_proj.weight, self.ttt_conv.weight, self._P(), cfg.ttt_lr, C,
+                               initial_state=init, clip_tau=cfg.ttt_clip_tau, fp32_state=cfg.ttt_fp32_state)
+        if st is not None:
+            n = new.pos % C
+            st.dW.copy_(new.dW)
+            st.s_buf[:, :n], st.h_buf[:, :n] = new.s_buf, new.h_buf
+            st.W.copy_(self.down_proj.weight + st.dW)
         return out
+
+    def _P(self):
+        return self.ttt_proj.weight if self.cfg.ttt_proj else None
 
     def _decode(self, h, s, st, pos):
         """One token per row at per-row positions pos (B,): apply W0 + sum dW and buffer the token.
@@ -306,8 +306,8 @@ class MLP(nn.Module):
     def fold(self, st, rows):
         """Fold the now complete chunk of each row in `rows` into its fast weight."""
         cfg = self.cfg
-        P = self.ttt_proj.weight if cfg.ttt_proj else None
-        dW = ttt.chunk_update(st.s_buf[rows], st.h_buf[rows], self.ttt_conv.weight, P, cfg.ttt_lr, cfg.ttt_clip_tau)
+        dW = ttt.chunk_update(st.s_buf[rows], st.h_buf[rows], self.ttt_conv.weight, self._P(), cfg.ttt_lr,
+                              cfg.ttt_clip_tau)
         st.dW[rows] += dW.to(st.dW.dtype)
         st.W[rows] = (self.down_proj.weight + st.dW[rows]).to(st.W.dtype)
 
