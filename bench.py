@@ -82,11 +82,11 @@ def markdown_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def append_results(path, title, device, table):
-    """Append a dated section (device, exact command, table) to a markdown results file."""
-    path = Path(path)
+def append_results(args, title, device, table):
+    """Append a dated section (device, exact command, table) to the markdown file args.append."""
+    path = Path(args.append)
     path.parent.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = "python bench.py " + " ".join(shlex.quote(a) for a in args.argv)
     head = "" if path.exists() else "# Benchmark results\n\nEach section: date, device, the command, its table.\n"
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     with path.open("a") as f:
@@ -196,7 +196,7 @@ def bench_ttt(args):
     table = markdown_table(TTT_HEADER, rows)
     print(f"\n{device_name(device)}, {args.dtype}, B=1, median of {args.repeats}\n\n{table}")
     if args.append:
-        append_results(args.append, f"ttt ({args.dtype}, B=1, median of {args.repeats})", device, table)
+        append_results(args, f"ttt ({args.dtype}, B=1, median of {args.repeats})", device, table)
 
 
 # -----------------------------------------------------------------------------
@@ -375,7 +375,7 @@ def bench_sample(args):
     tables = f"{note}\n\n{markdown_table(DECODE_HEADER, decode_rows)}\n\n{markdown_table(PREFILL_HEADER, prefill_rows)}"
     print(f"\n{tables}")
     if args.append:
-        append_results(args.append, f"sample ({args.dtype}, B=1)", device, tables)
+        append_results(args, f"sample ({args.dtype}, B=1)", device, tables)
 
 
 # -----------------------------------------------------------------------------
@@ -438,7 +438,7 @@ def bench_train(args):
     note = f"{device_name(device)}, {dtype}, B=1, AdamW, one rank (FSDP2), median of {args.repeats} steps"
     print(f"\n{note}\n\n{table}")
     if args.append:
-        append_results(args.append, "train (B=1, one rank)", device, f"{note}\n\n{table}")
+        append_results(args, "train (B=1, one rank)", device, f"{note}\n\n{table}")
 
 
 # -----------------------------------------------------------------------------
@@ -447,8 +447,12 @@ def bench_train(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # flags every subcommand shares
+    common.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default; 1 is steadier on a "
+                                                               "busy CPU)")
+    common.add_argument("--append", help="markdown file to append the results to, e.g. bench/RESULTS.md")
 
-    p = commands.add_parser("ttt", help="TTT MLP vs plain SwiGLU MLP: time and peak memory")
+    p = commands.add_parser("ttt", parents=[common], help="TTT MLP vs plain SwiGLU MLP: time and peak memory")
     # sizes (None: the GPU sizes in TTT_SIZES, or TTT_SMALL with --small)
     p.add_argument("--dims", help="DxF pairs, comma separated (default: Qwen3-4B and -8B MLP shapes)")
     p.add_argument("--seqs", help="sequence lengths T, comma separated")
@@ -459,12 +463,10 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=DTYPES)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after 2 warm-up runs)")
     p.add_argument("--compile", action="store_true", help="torch.compile both MLPs")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default; 1 is steadier on a busy CPU)")
-    # output
-    p.add_argument("--append", help="markdown file to append the table to, e.g. bench/RESULTS.md")
     p.set_defaults(func=bench_ttt)
 
-    p = commands.add_parser("sample", help="whole-model prefill and decode (sample.py), TTT on/off, vs transformers")
+    p = commands.add_parser("sample", parents=[common],
+                            help="whole-model prefill and decode (sample.py), TTT on/off, vs transformers")
     # sizes (None: the GPU sizes in SAMPLE_SIZES, or SAMPLE_SMALL with --small)
     p.add_argument("--shapes", help="model.py presets, comma separated (default: qwen3-0.6b,qwen3-4b)")
     p.add_argument("--contexts", help="prompt lengths before decoding, comma separated (default: 4096,32768)")
@@ -476,12 +478,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=DTYPES)
     p.add_argument("--repeats", type=int, default=1, help="prefill runs per length (median), after a warm-up")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile decode rows")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default; 1 is steadier on a busy CPU)")
-    # output
-    p.add_argument("--append", help="markdown file to append the tables to, e.g. bench/RESULTS.md")
     p.set_defaults(func=bench_sample)
 
-    p = commands.add_parser("train", help="train.py's optimizer step: tokens/s and MFU, TTT on/off")
+    p = commands.add_parser("train", parents=[common], help="train.py's optimizer step: tokens/s and MFU, TTT on/off")
     # sizes (None: the GPU sizes in TRAIN_SIZES, or TRAIN_SMALL with --small)
     p.add_argument("--shapes", help="model.py presets, comma separated (default: qwen3-0.6b,qwen3-1.7b)")
     p.add_argument("--seqs", help="tokens per sequence, comma separated (default: 8192,32768)")
@@ -494,12 +493,11 @@ def main(argv=None):
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="always (default: only where a step runs out of memory without it)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block, as train.py --compile")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default; 1 is steadier on a busy CPU)")
-    # output
-    p.add_argument("--append", help="markdown file to append the table to, e.g. bench/RESULTS.md")
     p.set_defaults(func=bench_train)
 
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded with the results, so every row says how to reproduce it
     args.func(args)
 
 
