@@ -342,9 +342,9 @@ def is_ttt_param(name):
 
 
 def full_model(cfg, init, seed) -> Transformer:
-    """A complete fp32 CPU model to copy shards from: HF weights (new TTT parameters as init_ttt_params sets them)
-    or a fresh init. Seeded, so every rank builds the same one, whatever the world size. Each rank holds it in host
-    memory while its shards are filled (4 bytes per parameter: 32 GB for an 8B model), never on the GPU."""
+    """A complete fp32 CPU model for rank 0 to fill every rank's shards from: HF weights (new TTT parameters as
+    init_ttt_params sets them) or a fresh init. Seeded, so the run starts the same whatever the world size. It lives
+    in rank 0's host memory while the shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
     torch.manual_seed(seed)
     if init:
         return load_hf.load_model(init, "cpu", torch.float32, config=cfg, init_missing_ttt=True)
@@ -358,7 +358,8 @@ def full_model(cfg, init, seed) -> Transformer:
 def build_model(cfg, device, *, init=None, seed=0, fill=True, train_only="all", activation_checkpointing=False,
                 compile=False) -> Transformer:
     """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root -> real memory.
-    With fill, each rank copies its shards from full_model(); otherwise a checkpoint load fills them."""
+    With fill, rank 0 builds full_model() and broadcasts each rank its shards; otherwise a checkpoint load fills
+    them."""
     with torch.device("meta"):
         model = Transformer(cfg)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -374,9 +375,9 @@ def build_model(cfg, device, *, init=None, seed=0, fill=True, train_only="all", 
     fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embeddings, final norm, (tied) head
     register_fsdp_forward_method(model, "loss")  # loss() bypasses forward(), so FSDP must hook it too
     model.to_empty(device=device)
-    if fill:
-        source = full_model(cfg, init, seed)
-        set_model_state_dict(model, source.state_dict(), options=StateDictOptions(full_state_dict=True))
+    if fill:  # rank 0 alone holds the full model; the others receive their shards from it
+        source = full_model(cfg, init, seed).state_dict() if dist.get_rank() == 0 else {}
+        set_model_state_dict(model, source, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del source
     if train_only == "ttt":
         for name, p in model.named_parameters():
