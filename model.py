@@ -15,6 +15,7 @@ chunk updates at its own absolute chunk boundaries. No padded position ever reac
 """
 
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -337,7 +338,6 @@ class Transformer(nn.Module):
         self.config = cfg
         bad = [i for i in cfg.ttt_layers if not 0 <= i < cfg.num_layers]
         if bad:  # the official config lists index 36 for 36-layer models: ignore such entries, loudly
-            import warnings
             warnings.warn(f"ttt_layers {bad} are outside 0..{cfg.num_layers - 1} and are ignored", stacklevel=2)
         self.ttt_layers = tuple(sorted(set(cfg.ttt_layers) - set(bad)))
         self.model = nn.ModuleDict(dict(
