@@ -261,6 +261,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, use_ttt: bool):
         super().__init__()
         self.cfg, self.use_ttt = cfg, use_ttt
+        # With keep_state, a TTT forward leaves its final ttt.TTTState (detached) in last_state, so a
+        # caller (train.py's ‖ΣΔW‖ probe) reads what was computed instead of redoing the layer's TTT.
+        self.keep_state, self.last_state = False, None
         D, Fd = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = nn.Linear(D, Fd, bias=False)
         self.up_proj = nn.Linear(D, Fd, bias=False)
@@ -285,6 +288,8 @@ class MLP(nn.Module):
             init = ttt.TTTState(st.dW, st.s_buf[:, :p % C], st.h_buf[:, :p % C], p)
         out, new = ttt.chunked(h, s, self.down_proj.weight, self.ttt_conv.weight, self._P(), cfg.ttt_lr, C,
                                initial_state=init, clip_tau=cfg.ttt_clip_tau, fp32_state=cfg.ttt_fp32_state)
+        if self.keep_state:
+            self.last_state = ttt.TTTState(new.dW.detach(), new.s_buf.detach(), new.h_buf.detach(), new.pos)
         if st is not None:
             n = new.pos % C
             st.dW.copy_(new.dW)
