@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -331,6 +332,42 @@ def load_tokenizer(src) -> Tokenizer:
 
 
 # -----------------------------------------------------------------------------
+# train.py checkpoints: DCP shards of {"model", "optim", "rng"} plus train.json -> HF
+
+TRAIN_META = "train.json"  # written last, by rank 0, so its presence marks a complete checkpoint
+
+
+def read_train_meta(ckpt_dir) -> dict:
+    """train.json of a train.py checkpoint: the ModelConfig as a dict, the tokenizer, the run's flags."""
+    path = Path(ckpt_dir) / TRAIN_META
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint of train.py (no {TRAIN_META})")
+    return json.loads(path.read_text())
+
+
+def load_train_checkpoint(ckpt_dir) -> tuple[Transformer, dict]:
+    """The fp32 CPU model of a train.py checkpoint, in one process whatever the world size that wrote it
+    (DCP reshards on load), and its train.json."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = read_train_meta(ckpt_dir)
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**meta["config"]))
+    model.to_empty(device="cpu")  # keeps the lm_head / embedding tie
+    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model.state_dict()}, checkpoint_id=Path(ckpt_dir), no_dist=True)
+    return model, meta
+
+
+def export_checkpoint(ckpt_dir, out_dir, tokenizer=None) -> Path:
+    """A train.py checkpoint -> HF safetensors (fp32) + config.json + tokenizer files (by default the
+    run's own). Used at the end of training and by `python load_hf.py export`."""
+    model, meta = load_train_checkpoint(ckpt_dir)
+    return save_model(model, out_dir, tokenizer_src=tokenizer or meta["tokenizer"])
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -343,13 +380,15 @@ def main(argv=None):
     export.add_argument("out", help="output directory for config.json, safetensors and tokenizer files")
     export.add_argument("--tokenizer", help="copy tokenizer files from here (default: the training run's tokenizer)")
     args = ap.parse_args(argv)
-    if args.cmd == "info":
-        cfg = load_config(args.src)
-        for f in fields(cfg):
-            print(f"{f.name:26s} {asdict(cfg)[f.name]}")
-    elif args.cmd == "export":
-        from train import export_checkpoint  # train.py knows its checkpoint layout; it imports this module
-        print(f"exported {export_checkpoint(args.ckpt, args.out, args.tokenizer)}")
+    try:
+        if args.cmd == "info":
+            cfg = load_config(args.src)
+            for f in fields(cfg):
+                print(f"{f.name:26s} {asdict(cfg)[f.name]}")
+        elif args.cmd == "export":
+            print(f"exported {export_checkpoint(args.ckpt, args.out, args.tokenizer)}")
+    except (OSError, ValueError, KeyError) as e:  # bad paths and files: their message, not a traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

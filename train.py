@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import asdict, replace
 from functools import partial
 from hashlib import sha256
@@ -399,7 +398,7 @@ def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank):
     dcp.save(train_state(model, optimizer), checkpoint_id=tmp)
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
-        (tmp / "train.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+        (tmp / load_hf.TRAIN_META).write_text(json.dumps({**meta, "step": step}, indent=2))
         os.replace(tmp, final)
         for old in checkpoints(ckpt_dir)[:-keep]:
             gone = ckpt_dir / f".tmp_{old.name}"  # renamed first: a kill mid-delete leaves no half checkpoint
@@ -411,7 +410,7 @@ def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank):
 
 def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
     """Load model and optimizer shards (DCP reshards across world sizes); returns the checkpoint's train.json."""
-    saved = json.loads((path / "train.json").read_text())
+    saved = load_hf.read_train_meta(path)
     if saved["config"] != meta["config"]:
         diff = {k: (saved["config"].get(k), v) for k, v in meta["config"].items() if saved["config"].get(k) != v}
         raise SystemExit(f"cannot resume {path}: the model config differs from the checkpoint's "
@@ -424,22 +423,6 @@ def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
     if "cuda" in state["rng"]:
         torch.cuda.set_rng_state(state["rng"]["cuda"])
     return saved
-
-
-def export_checkpoint(ckpt_dir, out_dir, tokenizer=None):
-    """A DCP checkpoint of this script -> HF safetensors (fp32) + config.json + tokenizer files, in one process,
-    whatever the world size that wrote it. Used at the end of training and by `python load_hf.py export`."""
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "train.json").is_file():
-        raise SystemExit(f"{ckpt_dir} is not a complete checkpoint of train.py (no train.json)")
-    meta = json.loads((ckpt_dir / "train.json").read_text())
-    with torch.device("meta"):
-        model = Transformer(ModelConfig(**meta["config"]))
-    model.to_empty(device="cpu")  # keeps the lm_head / embedding tie
-    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": model.state_dict()}, checkpoint_id=ckpt_dir, no_dist=True)
-    return load_hf.save_model(model, out_dir, tokenizer_src=tokenizer or meta["tokenizer"])
 
 
 # -----------------------------------------------------------------------------
@@ -644,7 +627,7 @@ def train(args):
     if final is None:  # --resume of a finished run with nothing to do still ends in a checkpoint
         final = save_checkpoint(ckpt_dir, start, model, optimizer, meta, args.keep, rank)
     if rank == 0 and not args.no_export:
-        log(f"exported {export_checkpoint(final, args.export_hf)} (from {final})")
+        log(f"exported {load_hf.export_checkpoint(final, args.export_hf)} (from {final})")
     return model
 
 
