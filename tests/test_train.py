@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 import load_hf
 import train
+from model import TTT_RECIPE
 from tokenizer import Tokenizer, _bytes_to_unicode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +188,19 @@ def test_continual_pretraining_starts_at_the_base_model_and_exports_it(tmp_path,
     load_hf.main(["export", str(tmp_path / "run" / "ckpt" / "step_000003"), str(tmp_path / "again")])
     a, b = load_file(tmp_path / "run" / "hf" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_continual_pretraining_defaults_to_the_official_recipe(tmp_path):
+    base, _ = make_hf(tmp_path / "base", "qwen3", num_hidden_layers=13)
+    args = train.parse_args(["--init", str(base), "--steps", "1000"])
+    assert (args.lr, args.warmup, args.weight_decay, args.grad_clip) == (5e-6, 20, 0.1, 1.0)
+    assert args.min_lr == pytest.approx(5e-7)
+    cfg = train.model_config(init=str(base))
+    assert cfg == load_hf.load_config(base).with_ttt(**TTT_RECIPE) and cfg.ttt_layers
+    assert (cfg.ttt_chunk, cfg.ttt_lr, cfg.ttt_proj, cfg.ttt_target) == (4096, 3.0, True, "hidden_states")
+    scratch = train.parse_args(["--preset", "qwen3-0.6b"])
+    assert (scratch.lr, scratch.warmup) == (3e-3, 5)
+    assert train.model_config("qwen3-0.6b").ttt_target == "input_embed"
 
 
 def test_train_only_ttt_leaves_the_base_weights_untouched(tmp_path, byte_tokenizer, cache):
