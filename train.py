@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -43,7 +42,6 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import load_hf
-import ttt
 from model import PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 from tokenizer import Tokenizer, package_dir
 
@@ -501,28 +499,34 @@ def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
 
 
 class UpdateProbe:
-    """‖ΣΔW‖ / ‖W0‖ per TTT layer: how far the fast weight moves from down_proj over a window (the first sign of
-    an unstable TTT run). While `active`, a pre-hook on each TTT MLP redoes the layer's TTT from the MLP's inputs
-    and reads ΣΔW from the final state that ttt.chunked returns; `weights` (B,) masks padding windows."""
+    """‖ΣΔW‖ / ‖W0‖ per TTT layer: how far the fast weight moves from down_proj over a window (the
+    first sign of an unstable TTT run). While active, each TTT MLP keeps the final state its forward
+    computed anyway (MLP.keep_state), and a hook reads ΣΔW from it right after that forward, while FSDP
+    still holds the layer's full weights; nothing is recomputed. `weights` (B,) masks padding windows."""
 
     def __init__(self, model):
-        self.active, self.weights, self.sums = False, None, {}
-        for i in model.ttt_layers:
-            model.model.layers[i].mlp.register_forward_pre_hook(partial(self.measure, i))
+        self.weights, self.sums = None, {}
+        self.mlps = {i: model.model.layers[i].mlp for i in model.ttt_layers}
+        for i, mlp in self.mlps.items():
+            mlp.register_forward_hook(partial(self.measure, i))
+
+    @property
+    def active(self) -> bool:
+        return any(mlp.keep_state for mlp in self.mlps.values())
+
+    @active.setter
+    def active(self, on: bool):
+        for mlp in self.mlps.values():  # training forwards keep nothing: the state would pin memory
+            mlp.keep_state, mlp.last_state = on, None
 
     @torch.compiler.disable
     @torch.no_grad()
-    def measure(self, layer, mlp, args):
-        if not self.active:
+    def measure(self, layer, mlp, args, out):
+        if not mlp.keep_state:
             return
-        x, embeds, cfg = args[0], args[1], mlp.cfg
-        h = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)  # (B, T, F) as in MLP.forward
-        s = x if cfg.ttt_target == "hidden_states" else embeds  # (B, T, D)
-        P = mlp.ttt_proj.weight if cfg.ttt_proj else None
-        w0 = mlp.down_proj.weight
-        _, state = ttt.chunked(h, s, w0, mlp.ttt_conv.weight, P, cfg.ttt_lr, cfg.ttt_chunk,
-                               fp32_state=cfg.ttt_fp32_state)
-        ratio = torch.linalg.matrix_norm(state.dW.float()) / torch.linalg.matrix_norm(w0.float())  # (B,)
+        dW, mlp.last_state = mlp.last_state.dW, None  # (B, D, F); read once, never a stale state
+        w0 = mlp.down_proj.weight  # (D, F), unsharded during the layer's forward
+        ratio = torch.linalg.matrix_norm(dW.float()) / torch.linalg.matrix_norm(w0.float())  # (B,)
         self.sums[layer] = self.sums.get(layer, 0.0) + (ratio * self.weights).sum()
 
 

@@ -5,8 +5,10 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -268,3 +270,53 @@ def test_rerun_into_a_run_directory_with_checkpoints_is_refused(tmp_path, byte_t
         train.main(small_args(byte_tokenizer, cache, tmp_path, "--no-export", steps=2))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == saved
     train.main(small_args(byte_tokenizer, cache, tmp_path, "--no-export", "--overwrite", steps=2))
+
+
+# -----------------------------------------------------------------------------
+# The ‖ΣΔW‖ / ‖W0‖ probe
+
+
+@pytest.mark.parametrize("target", ["input_embed", "hidden_states"])
+def test_update_probe_reads_the_forward_state_and_matches_the_naive_loop(target, monkeypatch):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    import ttt
+    from model import PRESETS, Transformer
+
+    cfg = replace(PRESETS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
+                  num_heads=2, num_kv_heads=1, head_dim=32).with_ttt(layers=(0, 1), chunk=16, target=target)
+    torch.manual_seed(0)
+    plain = Transformer(cfg)
+    plain.init_weights(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if ".mlp.ttt_" in name:
+                p.normal_(0.0, 0.3)
+    seq_len, windows = 40, 3
+    val = np.random.default_rng(0).integers(0, 256, windows * seq_len + 1).astype(np.uint32)
+    try:
+        rank, world, device = train.setup_distributed("cpu")
+        model = train.build_model(cfg, device, fill=False)
+        set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+        calls, chunked = [], ttt.chunked
+        monkeypatch.setattr(ttt, "chunked", lambda *a, **k: calls.append(1) or chunked(*a, **k))
+        got = train.validate(model, val, seq_len, windows, 2, train.UpdateProbe(model), rank, world, device)
+        monkeypatch.undo()
+    finally:
+        dist.destroy_process_group()
+    assert len(calls) == 2 * 2  # two micro-batches through two TTT layers: no second TTT pass per layer
+    inputs = {}
+    for i in cfg.ttt_layers:
+        plain.model.layers[i].mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, a[:2]))
+    x, _ = train.window_batch(val, np.arange(windows) * seq_len, seq_len)
+    with torch.no_grad():
+        plain(x)
+    for i in cfg.ttt_layers:
+        mlp, (xin, embeds) = plain.model.layers[i].mlp, inputs[i]
+        h = torch.nn.functional.silu(mlp.gate_proj(xin)) * mlp.up_proj(xin)
+        s = xin if target == "hidden_states" else embeds
+        w0 = mlp.down_proj.weight.detach()
+        _, state = ttt.naive(h.detach(), s.detach(), w0, mlp.ttt_conv.weight.detach(),
+                             mlp.ttt_proj.weight.detach(), cfg.ttt_lr, cfg.ttt_chunk)
+        want = (torch.linalg.matrix_norm(state.dW) / torch.linalg.matrix_norm(w0)).mean().item()
+        assert want > 1e-3 and got[f"ttt_dw_rel.{i}"] == pytest.approx(want, rel=1e-4)
