@@ -43,7 +43,13 @@ HUB_FILES = ["config.json", "generation_config.json", "*.safetensors",
 # Copied beside an export, so the result is a complete checkpoint for transformers and sample.py.
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json"]
-TTT_KEYS = ("ttt_mode", "ttt_layers", "ttt_chunk", "ttt_lr", "ttt_proj", "ttt_target")
+TTT_KEYS = ("ttt_mode", "ttt_layers", "ttt_chunk", "ttt_lr", "ttt_proj", "ttt_target",
+            "ttt_lookahead")
+# ModelConfig.ttt_lookahead (False: the conv held to its centre tap, a study option) is newer than
+# some versions of model.py; it is read and written only where the field exists.
+HAS_LOOKAHEAD = "ttt_lookahead" in ModelConfig.__dataclass_fields__
+# transformers' Qwen3Config default: layers from this index on use the window, when one is on.
+QWEN3_MAX_WINDOW_LAYERS = 28
 # Fields of HF configs that model.py reads, or that describe features we refuse rather than
 # silently drop. Anything else is carried in ModelConfig.extra and written back on export.
 KNOWN = {"architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
@@ -163,8 +169,10 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
                          f"{', '.join(ARCHS)}")
     arch = ARCHS[archs[0]]
     # Features model.py does not implement: refused, since ignoring one changes the logits.
-    for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu"),
-                    ("use_sliding_window", False)):
+    refused = [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]
+    if arch == "llama":  # LlamaConfig has no window; Qwen3's is read by _qwen3_window below
+        refused.append(("use_sliding_window", False))
+    for key, ok in refused:
         if hf.get(key, ok) != ok:
             raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (only {ok!r})")
 
@@ -193,6 +201,7 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),  # both classes default to untied
         qk_norm=arch == "qwen3",  # Qwen3's per-head q/k RMSNorm; LLaMA has none
+        sliding_window=_qwen3_window(hf, where) if arch == "qwen3" else None,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
         extra={k: v for k, v in hf.items() if k not in KNOWN and not k.startswith("_")},
@@ -201,7 +210,40 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
         cfg = cfg.with_ttt(layers=hf["ttt_layers"], chunk=hf.get("ttt_chunk", cfg.ttt_chunk),
                            lr=hf.get("ttt_lr", cfg.ttt_lr), proj=hf.get("ttt_proj", cfg.ttt_proj),
                            target=hf.get("ttt_target", cfg.ttt_target), mode=hf.get("ttt_mode"))
+    lookahead = hf.get("ttt_lookahead", True)  # absent in the official release: the paper's conv
+    if lookahead is not True:
+        if lookahead is not False:
+            raise ValueError(f"{where}: ttt_lookahead={lookahead!r} must be true or false")
+        if not HAS_LOOKAHEAD:
+            raise ValueError(f"{where}: ttt_lookahead=false is not supported by this model.py "
+                             f"(ModelConfig has no ttt_lookahead field)")
+        cfg = replace(cfg, ttt_lookahead=False)
     return cfg
+
+
+def _qwen3_window(hf: dict, where) -> int | None:
+    """The attention window of a Qwen3 config.json, read as transformers' Qwen3 reads it: none
+    unless use_sliding_window, then on the layers layer_types marks "sliding_attention" (without
+    layer_types: those from max_window_layers on). model.py has one window for every layer, so a
+    window on only some layers is refused rather than applied everywhere or dropped."""
+    if not hf.get("use_sliding_window", False):
+        return None  # transformers then ignores sliding_window, whatever its value
+    window, n = hf.get("sliding_window"), hf["num_hidden_layers"]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{where}: use_sliding_window is true but sliding_window={window!r} is "
+                         f"not a positive integer")
+    start = hf.get("max_window_layers", QWEN3_MAX_WINDOW_LAYERS)
+    types = hf.get("layer_types") or ["sliding_attention" if i >= start else "full_attention"
+                                      for i in range(n)]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown or len(types) != n:
+        raise ValueError(f"{where}: layer_types={types!r} is not supported (only "
+                         f"'sliding_attention' and 'full_attention', one per layer)")
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if sliding and len(sliding) != n:
+        raise ValueError(f"{where}: a sliding window on layers {sliding} only is not supported: "
+                         f"model.py applies sliding_window to every layer or to none")
+    return window if sliding else None
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
@@ -225,13 +267,22 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         rope_scaling=cfg.rope_scaling,
     )
     if cfg.arch == "llama":  # a LlamaConfig field only; Qwen3's MLP has no bias option
+        if cfg.sliding_window is not None:  # exported anyway, transformers would attend to all
+            raise ValueError(f"sliding_window={cfg.sliding_window} cannot be exported for "
+                             f"arch='llama': transformers' LlamaConfig has no sliding window "
+                             f"(only arch='qwen3' exports one, or use sliding_window=None)")
         hf["mlp_bias"] = False
-    else:
+    elif cfg.sliding_window is None:
         hf.update(use_sliding_window=False, sliding_window=None)
+    else:  # every layer windowed, as in model.py: transformers' Qwen3 computes the same logits
+        hf.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0,
+                  layer_types=["sliding_attention"] * cfg.num_layers)
     if cfg.ttt_layers:  # the official release's keys, so its code reads our checkpoints too
         hf.update(ttt_mode=cfg.ttt_mode or "in_place", ttt_layers=list(cfg.ttt_layers),
                   ttt_chunk=cfg.ttt_chunk, ttt_lr=cfg.ttt_lr, ttt_proj=cfg.ttt_proj,
                   ttt_target=cfg.ttt_target)
+    if HAS_LOOKAHEAD and not cfg.ttt_lookahead:  # only when off: the release has no such key
+        hf["ttt_lookahead"] = False
     return hf
 
 
@@ -329,6 +380,9 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
     complete, so a failure never leaves a half-written checkpoint where a good one was."""
     from safetensors.torch import save_file
 
+    # A config transformers cannot express fails here, before anything is written.
+    dtype = next(model.parameters()).dtype  # one dtype throughout: the model's
+    hf_config = config_to_hf(model.config, dtype)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Beside the target: the same filesystem, so os.replace below is an atomic rename.
@@ -338,7 +392,6 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:  # HF stores a tied head once, as the embedding
             state.pop("lm_head.weight", None)
-        dtype = next(iter(state.values())).dtype  # one dtype throughout: the model's
         # Greedy shards in state-dict order: none past max_shard_bytes unless one tensor is.
         shards, size = [[]], 0
         for k, v in state.items():
@@ -360,7 +413,7 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
             total = sum(v.numel() * v.element_size() for v in state.values())  # the index's field
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if tokenizer_src is not None:  # a failure here still leaves the old checkpoint intact
             src = resolve(tokenizer_src)
             for name in TOKENIZER_FILES:

@@ -721,6 +721,11 @@ def setup_run(args) -> Run | None:
     cfg = model_config(args.preset, args.init, dict(args.override), args.ttt_layers, args.ttt_chunk,
                        args.ttt_lr, args.ttt_target, args.no_ttt)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, world)
+    if not args.no_export:  # a config HF cannot express must fail now, not after the last step
+        try:
+            load_hf.config_to_hf(cfg, torch.float32)
+        except ValueError as e:
+            raise SystemExit(f"{e}; or pass --no-export") from None
     tok_dir, sep = load_tokenizer(args.tokenizer, args.init, cfg)
     tokens, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
                              args.cache, rank)

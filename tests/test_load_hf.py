@@ -201,3 +201,77 @@ def test_save_model_failure_keeps_the_old_checkpoint(saved, tmp_path):
     with pytest.raises(FileNotFoundError):
         save_model(model, tmp_path / "out", tokenizer_src=tmp_path / "no-such-tokenizer")
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+
+
+# ---- sliding-window attention and the ttt_lookahead flag in config.json
+
+
+def windowed_model(arch, window, layers=3):
+    from dataclasses import replace
+
+    from model import PRESETS, Transformer
+    cfg = replace(PRESETS["tiny"], arch=arch, vocab_size=256, hidden_size=64, intermediate_size=96,
+                  num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=arch == "qwen3",
+                  sliding_window=window, bos_token_id=1, eos_token_id=2).with_ttt(layers=())
+    model = Transformer(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+def test_sliding_window_round_trips_through_transformers_qwen3(tmp_path):
+    from dataclasses import replace
+
+    import transformers
+
+    from model import Transformer
+    model = windowed_model("qwen3", window=8)
+    save_model(model, tmp_path / "out")
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))  # T = 5 windows
+    full = Transformer(replace(model.config, sliding_window=None))
+    full.load_state_dict(model.state_dict())
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ours = load_model(tmp_path / "out")
+    assert ours.config.sliding_window == 8
+    with torch.no_grad():
+        want = model(idx)
+        assert not torch.allclose(full(idx), want, atol=1e-3)  # the window changes the logits
+        logits_close(back(idx).logits, want)
+        assert torch.equal(ours(idx), want)
+
+
+def test_sliding_window_checkpoint_of_transformers_loads_with_its_window(tmp_path):
+    path, hf = make_hf(tmp_path / "swa", "qwen3", use_sliding_window=True, sliding_window=8,
+                       max_window_layers=0)
+    assert load_config(path).sliding_window == 8
+    idx = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits_close(load_model(path)(idx), hf(idx).logits)
+
+
+def test_sliding_window_on_some_layers_only_is_refused(tmp_path):
+    path, _ = make_hf(tmp_path / "mixed", "qwen3", use_sliding_window=True, sliding_window=8,
+                      max_window_layers=1)
+    with pytest.raises(ValueError, match=r"sliding window on layers \[1, 2\] only is not supported"):
+        load_config(path)
+
+
+def test_llama_with_a_sliding_window_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="sliding_window=8 cannot be exported for arch='llama'"):
+        save_model(windowed_model("llama", window=8), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_ttt_lookahead_is_written_only_when_off_and_read_back():
+    from model import PRESETS, ModelConfig
+    cfg = PRESETS["tiny"]
+    assert "ttt_lookahead" not in load_hf.config_to_hf(cfg, torch.float32)
+    off = dict(load_hf.config_to_hf(cfg, torch.float32), ttt_lookahead=False)
+    if "ttt_lookahead" in ModelConfig.__dataclass_fields__:
+        assert load_hf.config_from_hf(off).ttt_lookahead is False
+        back = load_hf.config_to_hf(load_hf.config_from_hf(off), torch.float32)
+        assert back["ttt_lookahead"] is False
+    else:  # a model.py without the field refuses the flag instead of ignoring it
+        with pytest.raises(ValueError, match="ttt_lookahead=false is not supported"):
+            load_hf.config_from_hf(off)
+    with pytest.raises(ValueError, match="ttt_lookahead='no' must be true or false"):
+        load_hf.config_from_hf(dict(off, ttt_lookahead="no"))

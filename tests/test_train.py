@@ -320,3 +320,10 @@ def test_update_probe_reads_the_forward_state_and_matches_the_naive_loop(target,
                              mlp.ttt_proj.weight.detach(), cfg.ttt_lr, cfg.ttt_chunk)
         want = (torch.linalg.matrix_norm(state.dW) / torch.linalg.matrix_norm(w0)).mean().item()
         assert want > 1e-3 and got[f"ttt_dw_rel.{i}"] == pytest.approx(want, rel=1e-4)
+
+
+def test_a_run_that_cannot_be_exported_is_refused_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="sliding_window=8 cannot be exported for arch='llama'.*--no-export"):
+        train.main(["--override", "arch=llama", "sliding_window=8", "--out", str(tmp_path / "run"),
+                    "--cache", str(tmp_path / "cache")])
+    assert list(tmp_path.iterdir()) == []
