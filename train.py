@@ -97,7 +97,7 @@ def layer_list(text: str) -> tuple[int, ...]:
     return layers
 
 
-def parse_args(argv=None):
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # model: from scratch (a preset) or continual pretraining (an HF checkpoint)
@@ -177,6 +177,12 @@ def parse_args(argv=None):
     p.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
     p.add_argument("--val-every", type=int, default=25,
                    help="validation every N steps (and at step 0 and the end)")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, checked together and with every default that depends on another flag resolved."""
+    p = make_parser()
     args = p.parse_args(argv)
 
     # Combinations argparse cannot check, refused before anything is read or written.
