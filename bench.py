@@ -391,13 +391,12 @@ def train_throughput(cfg, T, device, args, checkpointing):
     import train
 
     model = train.build_model(cfg, device, activation_checkpointing=checkpointing, compile=args.compile)
-    optimizer = train.make_optimizer(model, argparse.Namespace(lr=1e-4, weight_decay=0.1), device)
+    optimizer = train.make_optimizer(model, 1e-4, 0.1, device)
     ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n)]
     x = torch.randint(0, cfg.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(0))
-    step_args = argparse.Namespace(grad_clip=1.0)
 
     def step():
-        train.train_step(model, optimizer, [(x[:, :-1], x[:, 1:])], step_args, 1e-4, device, 1, ttt_params)
+        train.train_step(model, optimizer, [(x[:, :-1], x[:, 1:])], 1e-4, 1.0, device, 1, ttt_params)
 
     peak = peak_memory(step, device)  # also the first warm-up step
     (seconds,) = median_times([step], device, args.repeats, warmup=1)

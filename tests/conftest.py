@@ -36,6 +36,38 @@ def make_hf(out_dir, arch="qwen3", seed=0, **overrides):
     return Path(out_dir), hf
 
 
+# Tiny random checkpoints in the layouts the loader must handle: GQA, tied and untied heads, yarn and llama3
+# RoPE scaling, MHA.
+HF_CASES = {
+    "qwen3-gqa-untied": ("qwen3", {}),
+    "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True)),
+    "qwen3-yarn": ("qwen3", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                  "original_max_position_embeddings": 128})),
+    "llama3-scaling-tied": ("llama", {}),
+    "llama-mha-untied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=False, rope_scaling=None)),
+}
+
+
+@pytest.fixture(scope="module", params=list(HF_CASES), ids=list(HF_CASES))
+def hf_pair(request, tmp_path_factory):
+    """(checkpoint dir, the transformers model saved there) for each of HF_CASES."""
+    arch, kw = HF_CASES[request.param]
+    return make_hf(tmp_path_factory.mktemp(request.param), arch, **kw)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path, _ = make_hf(tmp_path / "ck", "qwen3")
+    return path
+
+
+def rewrite_weights(path, fn):
+    """Replace the state dict in path/model.safetensors with fn(state): a checkpoint with a flaw."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(path / "model.safetensors"))
+    save_file(fn(state), str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
 def load_hf_reference(path):
     import transformers
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

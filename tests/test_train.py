@@ -5,8 +5,10 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 import load_hf
 import train
+from model import TTT_RECIPE
 from tokenizer import Tokenizer, _bytes_to_unicode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +173,7 @@ def test_continual_pretraining_starts_at_the_base_model_and_exports_it(tmp_path,
     idx = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
     try:
         _, _, device = train.setup_distributed("cpu")
-        cfg = train.model_config(train.parse_args(args))
+        cfg = train.model_config(init=str(base), ttt_layers=(1,), ttt_chunk=16)
         start = train.build_model(cfg, device, init=str(base))
         assert all(isinstance(p, DTensor) for p in start.parameters())
         with torch.no_grad():
@@ -189,6 +192,19 @@ def test_continual_pretraining_starts_at_the_base_model_and_exports_it(tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_continual_pretraining_defaults_to_the_official_recipe(tmp_path):
+    base, _ = make_hf(tmp_path / "base", "qwen3", num_hidden_layers=13)
+    args = train.parse_args(["--init", str(base), "--steps", "1000"])
+    assert (args.lr, args.warmup, args.weight_decay, args.grad_clip) == (5e-6, 20, 0.1, 1.0)
+    assert args.min_lr == pytest.approx(5e-7)
+    cfg = train.model_config(init=str(base))
+    assert cfg == load_hf.load_config(base).with_ttt(**TTT_RECIPE) and cfg.ttt_layers
+    assert (cfg.ttt_chunk, cfg.ttt_lr, cfg.ttt_proj, cfg.ttt_target) == (4096, 3.0, True, "hidden_states")
+    scratch = train.parse_args(["--preset", "qwen3-0.6b"])
+    assert (scratch.lr, scratch.warmup) == (3e-3, 5)
+    assert train.model_config("qwen3-0.6b").ttt_target == "input_embed"
+
+
 def test_train_only_ttt_leaves_the_base_weights_untouched(tmp_path, byte_tokenizer, cache):
     base, _ = make_hf(tmp_path / "base", "qwen3")
     train.main(["--init", str(base), "--tokenizer", byte_tokenizer, "--data", *CORPUS, "--cache", cache,
@@ -203,10 +219,11 @@ def test_activation_checkpointing_recomputes_blocks_and_changes_nothing_else(tmp
     for name, extra in (("plain", []), ("ac", ["--activation-checkpointing"])):
         train.main(small_args(byte_tokenizer, cache, tmp_path / name, "--no-export", *extra, steps=3))
     assert without_timing(metrics(tmp_path / "plain")) == without_timing(metrics(tmp_path / "ac"))
-    args = train.parse_args(small_args(byte_tokenizer, cache, tmp_path))
+    a = train.parse_args(small_args(byte_tokenizer, cache, tmp_path))
+    cfg = train.model_config(a.preset, override=dict(a.override), ttt_layers=a.ttt_layers, ttt_chunk=a.ttt_chunk)
     try:
         _, _, device = train.setup_distributed("cpu")
-        model = train.build_model(train.model_config(args), device, activation_checkpointing=True)
+        model = train.build_model(cfg, device, activation_checkpointing=True)
         calls = []
         model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
         x = torch.randint(0, 256, (2, 33))
@@ -241,10 +258,9 @@ def test_token_cache_separates_documents_and_counts_skips(tmp_path, byte_tokeniz
                          ids=["empty", "smaller-than-a-window"])
 def test_unusable_data_is_a_clear_error(tmp_path, byte_tokenizer, content, message):
     (tmp_path / "a.txt").write_text(content)
-    args = train.parse_args(["--data", str(tmp_path / "a.txt"), "--cache", str(tmp_path / "cache"),
-                             "--val-windows", "0", "--seq-len", "64"])
     with pytest.raises(SystemExit, match=message):
-        train.split_data(args, Path(byte_tokenizer), 0, rank=0)
+        train.split_data([str(tmp_path / "a.txt")], None, 0, 64, Path(byte_tokenizer), 0, tmp_path / "cache",
+                         rank=0)
 
 
 def test_rerun_into_a_run_directory_with_checkpoints_is_refused(tmp_path, byte_tokenizer, cache):
@@ -254,3 +270,60 @@ def test_rerun_into_a_run_directory_with_checkpoints_is_refused(tmp_path, byte_t
         train.main(small_args(byte_tokenizer, cache, tmp_path, "--no-export", steps=2))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == saved
     train.main(small_args(byte_tokenizer, cache, tmp_path, "--no-export", "--overwrite", steps=2))
+
+
+# -----------------------------------------------------------------------------
+# The ‖ΣΔW‖ / ‖W0‖ probe
+
+
+@pytest.mark.parametrize("target", ["input_embed", "hidden_states"])
+def test_update_probe_reads_the_forward_state_and_matches_the_naive_loop(target, monkeypatch):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    import ttt
+    from model import PRESETS, Transformer
+
+    cfg = replace(PRESETS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
+                  num_heads=2, num_kv_heads=1, head_dim=32).with_ttt(layers=(0, 1), chunk=16, target=target)
+    torch.manual_seed(0)
+    plain = Transformer(cfg)
+    plain.init_weights(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if ".mlp.ttt_" in name:
+                p.normal_(0.0, 0.3)
+    seq_len, windows = 40, 3
+    val = np.random.default_rng(0).integers(0, 256, windows * seq_len + 1).astype(np.uint32)
+    try:
+        rank, world, device = train.setup_distributed("cpu")
+        model = train.build_model(cfg, device, fill=False)
+        set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+        calls, chunked = [], ttt.chunked
+        monkeypatch.setattr(ttt, "chunked", lambda *a, **k: calls.append(1) or chunked(*a, **k))
+        got = train.validate(model, val, seq_len, windows, 2, train.UpdateProbe(model), rank, world, device)
+        monkeypatch.undo()
+    finally:
+        dist.destroy_process_group()
+    assert len(calls) == 2 * 2  # two micro-batches through two TTT layers: no second TTT pass per layer
+    inputs = {}
+    for i in cfg.ttt_layers:
+        plain.model.layers[i].mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, a[:2]))
+    x, _ = train.window_batch(val, np.arange(windows) * seq_len, seq_len)
+    with torch.no_grad():
+        plain(x)
+    for i in cfg.ttt_layers:
+        mlp, (xin, embeds) = plain.model.layers[i].mlp, inputs[i]
+        h = torch.nn.functional.silu(mlp.gate_proj(xin)) * mlp.up_proj(xin)
+        s = xin if target == "hidden_states" else embeds
+        w0 = mlp.down_proj.weight.detach()
+        _, state = ttt.naive(h.detach(), s.detach(), w0, mlp.ttt_conv.weight.detach(),
+                             mlp.ttt_proj.weight.detach(), cfg.ttt_lr, cfg.ttt_chunk)
+        want = (torch.linalg.matrix_norm(state.dW) / torch.linalg.matrix_norm(w0)).mean().item()
+        assert want > 1e-3 and got[f"ttt_dw_rel.{i}"] == pytest.approx(want, rel=1e-4)
+
+
+def test_a_run_that_cannot_be_exported_is_refused_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="sliding_window=8 cannot be exported for arch='llama'.*--no-export"):
+        train.main(["--override", "arch=llama", "sliding_window=8", "--out", str(tmp_path / "run"),
+                    "--cache", str(tmp_path / "cache")])
+    assert list(tmp_path.iterdir()) == []
