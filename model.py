@@ -94,12 +94,12 @@ class ModelConfig:
 TTT_RECIPE = dict(every=6, chunk=4096, lr=3.0, proj=True, target="hidden_states")
 
 # What a family's checkpoints share; each preset below adds its shape.
-_QWEN3 = dict(arch="qwen3", vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
-              max_position_embeddings=40960, qk_norm=True, bos_token_id=151643,
-              eos_token_id=151645)
-_LLAMA3 = dict(arch="llama", vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
-               max_position_embeddings=131072, qk_norm=False, bos_token_id=128000,
-               eos_token_id=128001)
+_QWEN3 = dict(arch="qwen3", vocab_size=151936, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
+              rope_theta=1e6, max_position_embeddings=40960, qk_norm=True,
+              bos_token_id=151643, eos_token_id=151645)
+_LLAMA3 = dict(arch="llama", vocab_size=128256, num_kv_heads=8, rms_norm_eps=1e-5,
+               rope_theta=500000.0, max_position_embeddings=131072, qk_norm=False,
+               bos_token_id=128000, eos_token_id=128001)
 
 
 def _llama3_rope(factor):
@@ -108,8 +108,7 @@ def _llama3_rope(factor):
 
 
 PRESETS = {
-    # Tests and CPU demos: Qwen3 layout and tokenizer, a few million parameters besides the
-    # embedding.
+    # Tests and CPU demos: Qwen3 layout and tokenizer, a few million parameters plus embeddings.
     "tiny": ModelConfig(
         arch="qwen3", vocab_size=151936, hidden_size=128, intermediate_size=384, num_layers=4,
         num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e4,
@@ -118,31 +117,31 @@ PRESETS = {
         ttt_layers=(1, 3), ttt_chunk=64, ttt_lr=0.1, ttt_target="input_embed"),
     # Qwen/Qwen3-0.6B-Base
     "qwen3-0.6b": ModelConfig(**_QWEN3, hidden_size=1024, intermediate_size=3072, num_layers=28,
-                              num_heads=16, num_kv_heads=8, tie_word_embeddings=True),
+                              num_heads=16, tie_word_embeddings=True),
     # Qwen/Qwen3-1.7B-Base
     "qwen3-1.7b": ModelConfig(**_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=28,
-                              num_heads=16, num_kv_heads=8, tie_word_embeddings=True),
+                              num_heads=16, tie_word_embeddings=True),
     # Qwen/Qwen3-4B-Base
     "qwen3-4b": ModelConfig(**_QWEN3, hidden_size=2560, intermediate_size=9728, num_layers=36,
-                            num_heads=32, num_kv_heads=8, tie_word_embeddings=True),
+                            num_heads=32, tie_word_embeddings=True),
     # Qwen/Qwen3-8B-Base
     "qwen3-8b": ModelConfig(**_QWEN3, hidden_size=4096, intermediate_size=12288, num_layers=36,
-                            num_heads=32, num_kv_heads=8, tie_word_embeddings=False),
+                            num_heads=32, tie_word_embeddings=False),
     # Qwen/Qwen3-14B-Base
     "qwen3-14b": ModelConfig(**_QWEN3, hidden_size=5120, intermediate_size=17408, num_layers=40,
-                             num_heads=40, num_kv_heads=8, tie_word_embeddings=False),
+                             num_heads=40, tie_word_embeddings=False),
     # meta-llama/Llama-3.2-1B
-    "llama-3.2-1b": ModelConfig(**_LLAMA3, hidden_size=2048, intermediate_size=8192,
-                                num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-                                rope_scaling=_llama3_rope(32.0), tie_word_embeddings=True),
+    "llama-3.2-1b": ModelConfig(**_LLAMA3, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                                num_heads=32, head_dim=64, rope_scaling=_llama3_rope(32.0),
+                                tie_word_embeddings=True),
     # meta-llama/Llama-3.2-3B
-    "llama-3.2-3b": ModelConfig(**_LLAMA3, hidden_size=3072, intermediate_size=8192,
-                                num_layers=28, num_heads=24, num_kv_heads=8, head_dim=128,
-                                rope_scaling=_llama3_rope(32.0), tie_word_embeddings=True),
+    "llama-3.2-3b": ModelConfig(**_LLAMA3, hidden_size=3072, intermediate_size=8192, num_layers=28,
+                                num_heads=24, head_dim=128, rope_scaling=_llama3_rope(32.0),
+                                tie_word_embeddings=True),
     # meta-llama/Llama-3.1-8B
-    "llama-3.1-8b": ModelConfig(**_LLAMA3, hidden_size=4096, intermediate_size=14336,
-                                num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                                rope_scaling=_llama3_rope(8.0), tie_word_embeddings=False),
+    "llama-3.1-8b": ModelConfig(**_LLAMA3, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                num_heads=32, head_dim=128, rope_scaling=_llama3_rope(8.0),
+                                tie_word_embeddings=False),
     # HuggingFaceTB/SmolLM2-135M-Instruct (LLaMA architecture, plain RoPE, its own tokenizer)
     "smollm2-135m": ModelConfig(
         arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
@@ -158,8 +157,7 @@ PRESETS = {
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (head_dim/2,) and the cos/sin scale: plain, llama3 and yarn RoPE, as HF
-    defines them."""
+    """Inverse frequencies (head_dim/2,) and cos/sin scale of plain, llama3 or yarn RoPE, as HF."""
     dim, base = cfg.head_dim, cfg.rope_theta
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     inv_freq = 1.0 / (base ** exponents)
@@ -250,8 +248,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, kv=None, pos=None):
-        """x (B, T, D). kv: this layer's (k, v) cache, each (B, KV, S, hd), written in place at
-        positions pos (B,)."""
+        """x (B, T, D). kv: this layer's cache (k, v), each (B, KV, S, hd), written at pos (B,)."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, -1, hd)  # (B, T, H, hd)
@@ -290,8 +287,7 @@ class Attention(nn.Module):
 
 
 def _mask(qpos, S, window):
-    """Boolean (B, T, S) mask: a query at position qpos sees keys at positions <= qpos (and
-    > qpos - window)."""
+    """Boolean (B, T, S): a query at qpos sees keys at positions <= qpos (and > qpos - window)."""
     kpos = torch.arange(S, device=qpos.device)
     m = kpos <= qpos[..., None]
     if window is not None:
@@ -454,8 +450,7 @@ class Transformer(nn.Module):
         return n - self.model.embed_tokens.weight.numel() if exclude_embedding else n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6N for the weights, attention scores, and
-        TTT's update."""
+        """Training FLOPs per token (forward + backward): 6N, attention scores, TTT's update."""
         c = self.config
         attn = 12 * c.num_layers * c.num_heads * c.head_dim * seq_len // 2  # causal: half the scores
         ttt_extra = 6 * len(self.ttt_layers) * c.hidden_size * (c.intermediate_size + c.hidden_size)
@@ -508,8 +503,7 @@ class Cache:
                    torch.zeros(B, dtype=torch.long, device=device))
 
     def rows(self, b0, b1):
-        """A view of rows [b0, b1): writes through to this cache (prefill a ragged batch one row
-        at a time)."""
+        """A view of rows [b0, b1) that writes through (prefill a ragged batch row by row)."""
         sl = slice(b0, b1)
         return Cache([k[sl] for k in self.k], [v[sl] for v in self.v],
                      {i: t.rows(b0, b1) for i, t in self.ttt.items()}, self.pos[sl])

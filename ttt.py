@@ -1,7 +1,7 @@
 """In-Place Test-Time Training: the MLP's down projection as a fast weight.
 
-All of the method lives here: the state, the token loop (`naive`), the chunked scan for training and
-prefill (`chunked`), and decoding (`decode_step`, `fold`). model.py only calls these.
+All of the method lives here: the state, the token loop (`naive`), the chunked scan for training
+and prefill (`chunked`), and decoding (`decode_step`, `fold`). model.py only calls these.
 
 Notation (every shape comment in this file uses it)
     B batch, T tokens in this call, D hidden size, F intermediate size, C chunk size,
@@ -36,13 +36,14 @@ Why the chunked scan equals the token loop
     loop, grouped differently, and the tests check the two agree to fp64 rounding.
 
 Decoding is naive's loop body
-    One token per row, each row at its own position. `decode_step` applies W = W0 + S, kept in
-    the state in the compute dtype so the step costs a plain MLP's bmm, writes the token into slot
-    pos mod C of fixed C-slot buffers (static shapes: the step compiles, and replays as a CUDA
-    graph) and advances pos. When a row's token completes its chunk, `fold` adds that chunk's ΔW
-    (`chunk_update`, as in `naive`) and refreshes the row's W. Which rows fold is data dependent,
-    so the caller runs `fold` eagerly, after the compiled step. The tests check decode_step + fold
-    against `naive` token for token, rows at different positions folding at their own boundaries.
+    The same steps for one token per row, each row at its own position, in the compute dtype
+    where `naive` uses fp32. `decode_step` applies W = W0 + S, kept in the state in the compute
+    dtype so the step costs a plain MLP's bmm, writes the token into slot pos mod C of fixed
+    C-slot buffers (static shapes: the step compiles, and replays as a CUDA graph) and advances
+    pos. When a row's token completes its chunk, `fold` adds that chunk's ΔW (`chunk_update`, as
+    in `naive`) and refreshes the row's W. Which rows fold is data dependent, so the caller runs
+    `fold` eagerly, after the compiled step. The tests check decode_step + fold against `naive`
+    token for token, with rows at different positions folding at their own chunk boundaries.
 
 Memory design
     The parallel form in the official code stacks S_1..S_N, (N, D, F): for Qwen3-8B (D=4096,
@@ -90,7 +91,7 @@ class TTTState:
     s_buf: Tensor  # (B, C, D) target source of the open chunk, in slots 0 .. pos mod C − 1
     h_buf: Tensor  # (B, C, F) its activations, so its ΔW can be formed once it completes
     pos: Tensor  # (B,) int64 tokens each row has seen; the chunk grid is anchored at position 0
-    W: Tensor | None = None  # (B, D, F) W0 + dW in the compute dtype for decode_step; None: no decoding
+    W: Tensor | None = None  # (B, D, F) W0 + dW in the compute dtype, read by decode_step only
 
     def rows(self, b0, b1) -> "TTTState":
         """A view of rows [b0, b1): writes through (prefill a ragged batch one row at a time)."""
@@ -103,6 +104,7 @@ class TTTState:
             mine.copy_(theirs)
 
     def detach(self) -> "TTTState":
+        """The same values without autograd history (what MLP.keep_state keeps)."""
         W = None if self.W is None else self.W.detach()
         return TTTState(self.dW.detach(), self.s_buf.detach(), self.h_buf.detach(), self.pos, W)
 
@@ -115,7 +117,8 @@ def _state_dtype(dtype, fp32_state):
     return torch.promote_types(dtype, torch.float32) if fp32_state else dtype
 
 
-def init_state(w0, batch, chunk, dtype=None, device=None, fp32_state=True, decode=False) -> TTTState:
+def init_state(w0, batch, chunk, dtype=None, device=None, fp32_state=True,
+               decode=False) -> TTTState:
     """The state at position 0 for `batch` rows: no updates yet, an empty open chunk.
 
     w0 (D, F). dtype: the compute dtype of the buffers and of W (default w0's); dW is kept in fp32
@@ -325,12 +328,13 @@ def decode_step(h, s, state):
     return out
 
 
+@torch.compiler.disable  # which rows fold is data dependent: never part of a compiled graph
 @torch.no_grad()
 def fold(w0, conv_w, proj_w, lr, state, rows, clip_tau=None):
     """Fold the completed chunk of each row in `rows` (an index tensor) into dW and W, in place.
 
-    Call it once, right after the decode step that completed the chunks (pos mod C == 0), and
-    outside compiled graphs: which rows fold is data dependent.
+    Call it once, right after the decode step that completed the chunks (pos mod C == 0): a
+    second call would add the same chunk again.
     """
     dW = state.dW[rows] + chunk_update(state.s_buf[rows], state.h_buf[rows], conv_w, proj_w, lr,
                                        clip_tau).to(state.dW.dtype)  # (R, D, F)
