@@ -178,3 +178,19 @@ def test_compiled_decode_step_equals_eager_cpu_stand_in_for_cuda_graphs():
         a, b = compiled_cache.ttt[i], eager_cache.ttt[i]
         assert torch.equal(a.pos, b.pos) and a.dW.any()
         torch.testing.assert_close(a.dW, b.dW, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_state_leaves_the_forwards_final_state_equal_to_token_by_token_decoding():
+    model = ttt_model("input_embed", chunk=4)
+    idx = torch.randint(0, 300, (2, 14))
+    for i in (0, 2, 3):
+        model.model.layers[i].mlp.keep_state = True
+    with torch.no_grad():
+        cache = model.new_cache(2, 14)
+        for t in range(14):
+            model(idx[:, t:t + 1], cache)
+    model(idx)  # with grad: last_state must come back detached
+    for i in (0, 2, 3):
+        state = model.model.layers[i].mlp.last_state
+        assert not state.dW.requires_grad and torch.equal(state.pos, torch.tensor([14, 14]))
+        torch.testing.assert_close(state.dW, cache.ttt[i].dW, rtol=1e-10, atol=1e-10)
