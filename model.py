@@ -1,13 +1,15 @@
 """A Qwen3 / LLaMA-3 decoder in one file, with In-Place TTT in chosen MLPs.
 
-Parameter names are Hugging Face's (`model.layers.{i}.self_attn.q_proj`, `mlp.down_proj`, ...), so loading a
-checkpoint is a checked copy (load_hf.py) and the fast weight of the paper is literally `mlp.down_proj`.
-Reading order: config and presets, RoPE, norm, attention, MLP (+TTT), block, the model, the cache.
+Parameter names are Hugging Face's (`model.layers.{i}.self_attn.q_proj`, `mlp.down_proj`, ...), so
+loading a checkpoint is a checked copy (load_hf.py) and the fast weight of the paper is literally
+`mlp.down_proj`. All TTT arithmetic lives in ttt.py; the MLP here only calls it. Reading order:
+config and presets, RoPE, norm, attention, MLP (+TTT), block, the model, the cache.
 
-Batches and padding: there is none. A forward without a cache takes equal-length rows starting at position 0.
-With a cache (incremental decoding) every row carries its own position: a ragged batch of prompts is prefilled
-row by row through `cache.rows(b, b + 1)`, then decoded together one token per step, each row folding its TTT
-chunk updates at its own absolute chunk boundaries. No padded position ever reaches attention or a TTT update.
+Batches and padding: there is none. A forward without a cache takes equal-length rows starting at
+position 0. With a cache (incremental decoding) every row carries its own position: a ragged batch
+of prompts is prefilled row by row through `cache.rows(b, b + 1)`, then decoded together one token
+per step, each row folding its TTT chunk updates at its own absolute chunk boundaries. No padded
+position ever reaches attention or a TTT update.
 
     from model import PRESETS, Transformer
     model = Transformer(PRESETS["tiny"])
@@ -49,88 +51,125 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     rope_scaling: dict | None = None  # HF dict: {"rope_type": "llama3"|"yarn", "factor": ..., ...}
-    max_position_embeddings: int = 40960  # the context the checkpoint was trained for (sample.py checks it)
+    max_position_embeddings: int = 40960  # the context the checkpoint was trained for (sample.py)
     tie_word_embeddings: bool = True  # lm_head shares embed_tokens' weight (small models)
     qk_norm: bool = True  # Qwen3 RMS-normalises q and k per head before RoPE
-    sliding_window: int | None = None  # every layer sees the last W keys only (from-scratch experiments)
+    sliding_window: int | None = None  # every layer sees the last W keys only (from scratch)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     # In-Place TTT (ttt.py). An empty ttt_layers gives the plain base model.
     ttt_layers: tuple = ()  # layer indices whose down_proj is a fast weight
     ttt_chunk: int = 4096  # C: tokens per update, chunks start at absolute multiples of C
     ttt_lr: float = 3.0  # eta: step size of the fast-weight update
-    ttt_proj: bool = True  # learned target projection P (mlp.ttt_proj); False means V_hat = conv(s)
-    ttt_target: str = "hidden_states"  # source s of the target: "hidden_states" (MLP input) or "input_embed"
-    ttt_fp32_state: bool = True  # accumulate the sum of updates in fp32 (bf16 rounds small updates away)
-    ttt_clip_tau: float | None = None  # rescale each chunk's update to Frobenius norm <= tau (inference option)
+    ttt_proj: bool = True  # learned target projection P (mlp.ttt_proj); False: V_hat = conv(s)
+    ttt_target: str = "hidden_states"  # target source s: "hidden_states" (MLP input), "input_embed"
+    ttt_lookahead: bool = True  # False: conv centre tap only, V_hat_t from s_t alone (a study)
+    ttt_fp32_state: bool = True  # sum the updates in fp32 (bf16 rounds small updates away)
+    ttt_clip_tau: float | None = None  # rescale each chunk's update to norm <= tau (inference)
     ttt_mode: str | None = None  # the official release's config key, kept so export writes it back
-    extra: dict = field(default_factory=dict)  # unknown HF config fields, carried through export untouched
+    extra: dict = field(default_factory=dict)  # unknown HF config fields, carried through export
 
     def __post_init__(self):
         self.ttt_layers = tuple(int(i) for i in self.ttt_layers)
         if self.ttt_target not in ("hidden_states", "input_embed"):
-            raise ValueError(f"ttt_target must be 'hidden_states' or 'input_embed', got {self.ttt_target!r}")
+            raise ValueError(f"ttt_target must be 'hidden_states' or 'input_embed', "
+                             f"got {self.ttt_target!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
 
     def with_ttt(self, layers=None, every=None, **kw) -> "ModelConfig":
-        """Copy with TTT in `layers` (or every `every`-th layer, counting from layer `every - 1`)."""
+        """Copy with TTT in `layers` (or in layers 0, every, 2·every, ...); kw sets ttt_{key}."""
         if every is not None:
-            layers = tuple(range(every - 1, self.num_layers, every))
+            layers = tuple(range(0, self.num_layers, every))
         kw = {f"ttt_{k}": v for k, v in kw.items()}
-        return replace(self, ttt_layers=tuple(layers if layers is not None else self.ttt_layers), **kw)
+        return replace(self, ttt_layers=tuple(layers if layers is not None else self.ttt_layers),
+                       **kw)
 
 
-def _qwen3(D, F, L, H, KV, tie):
-    return ModelConfig("qwen3", 151936, D, F, L, H, KV, 128, 1e-6, 1e6, None, 40960, tie, True,
-                       bos_token_id=151643, eos_token_id=151645)
+# The official In-Place TTT recipe for continual pretraining, from the release's
+# configs/pretrain/qwen3_longct.yaml and llama3_longct.yaml: TTT in every 6th layer counting from
+# layer 0, 4096-token chunks, eta = 3, the learned projection P, targets from the MLP input.
+# Use it as cfg.with_ttt(**TTT_RECIPE).
+TTT_RECIPE = dict(every=6, chunk=4096, lr=3.0, proj=True, target="hidden_states")
+
+# What a family's checkpoints share; each preset below adds its shape.
+_QWEN3 = dict(arch="qwen3", vocab_size=151936, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
+              rope_theta=1e6, max_position_embeddings=40960, qk_norm=True,
+              bos_token_id=151643, eos_token_id=151645)
+_LLAMA3 = dict(arch="llama", vocab_size=128256, num_kv_heads=8, rms_norm_eps=1e-5,
+               rope_theta=500000.0, max_position_embeddings=131072, qk_norm=False,
+               bos_token_id=128000, eos_token_id=128001)
 
 
-def _llama(D, F, L, H, KV, tie, theta=500000.0, scaling=32.0, ctx=131072, vocab=128256, bos=128000, eos=128001):
-    rope = {"rope_type": "llama3", "factor": scaling, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192}
-    return ModelConfig("llama", vocab, D, F, L, H, KV, D // H, 1e-5, theta, rope, ctx, tie, False,
-                       bos_token_id=bos, eos_token_id=eos)
+def _llama3_rope(factor):
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 PRESETS = {
-    # Tests and CPU demos: Qwen3 layout and tokenizer, a few million parameters besides the embedding.
-    "tiny": ModelConfig("qwen3", 151936, 128, 384, 4, 4, 2, 32, 1e-6, 1e4, None, 4096, True, True,
-                        bos_token_id=151643, eos_token_id=151643, ttt_layers=(1, 3), ttt_chunk=64, ttt_lr=0.1,
-                        ttt_target="input_embed"),
-    # Qwen/Qwen3-0.6B-Base, Qwen/Qwen3-1.7B-Base, Qwen/Qwen3-4B-Base, Qwen/Qwen3-8B-Base, Qwen/Qwen3-14B-Base
-    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, 8, True),
-    "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, 8, True),
-    "qwen3-4b": _qwen3(2560, 9728, 36, 32, 8, True),
-    "qwen3-8b": _qwen3(4096, 12288, 36, 32, 8, False),
-    "qwen3-14b": _qwen3(5120, 17408, 40, 40, 8, False),
-    # meta-llama/Llama-3.2-1B, meta-llama/Llama-3.2-3B, meta-llama/Llama-3.1-8B
-    "llama-3.2-1b": _llama(2048, 8192, 16, 32, 8, True),
-    "llama-3.2-3b": _llama(3072, 8192, 28, 24, 8, True),
-    "llama-3.1-8b": _llama(4096, 14336, 32, 32, 8, False, scaling=8.0),
-    # HuggingFaceTB/SmolLM2-135M-Instruct (LLaMA architecture, plain RoPE)
-    "smollm2-135m": replace(_llama(576, 1536, 30, 9, 3, True, theta=100000.0, ctx=8192, vocab=49152, bos=1, eos=2),
-                            rope_scaling=None),
+    # Tests and CPU demos: Qwen3 layout and tokenizer, a few million parameters plus embeddings.
+    "tiny": ModelConfig(
+        arch="qwen3", vocab_size=151936, hidden_size=128, intermediate_size=384, num_layers=4,
+        num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e4,
+        max_position_embeddings=4096, tie_word_embeddings=True, qk_norm=True,
+        bos_token_id=151643, eos_token_id=151643,
+        ttt_layers=(1, 3), ttt_chunk=64, ttt_lr=0.1, ttt_target="input_embed"),
+    # Qwen/Qwen3-0.6B-Base
+    "qwen3-0.6b": ModelConfig(**_QWEN3, hidden_size=1024, intermediate_size=3072, num_layers=28,
+                              num_heads=16, tie_word_embeddings=True),
+    # Qwen/Qwen3-1.7B-Base
+    "qwen3-1.7b": ModelConfig(**_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=28,
+                              num_heads=16, tie_word_embeddings=True),
+    # Qwen/Qwen3-4B-Base
+    "qwen3-4b": ModelConfig(**_QWEN3, hidden_size=2560, intermediate_size=9728, num_layers=36,
+                            num_heads=32, tie_word_embeddings=True),
+    # Qwen/Qwen3-8B-Base
+    "qwen3-8b": ModelConfig(**_QWEN3, hidden_size=4096, intermediate_size=12288, num_layers=36,
+                            num_heads=32, tie_word_embeddings=False),
+    # Qwen/Qwen3-14B-Base
+    "qwen3-14b": ModelConfig(**_QWEN3, hidden_size=5120, intermediate_size=17408, num_layers=40,
+                             num_heads=40, tie_word_embeddings=False),
+    # meta-llama/Llama-3.2-1B
+    "llama-3.2-1b": ModelConfig(**_LLAMA3, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                                num_heads=32, head_dim=64, rope_scaling=_llama3_rope(32.0),
+                                tie_word_embeddings=True),
+    # meta-llama/Llama-3.2-3B
+    "llama-3.2-3b": ModelConfig(**_LLAMA3, hidden_size=3072, intermediate_size=8192, num_layers=28,
+                                num_heads=24, head_dim=128, rope_scaling=_llama3_rope(32.0),
+                                tie_word_embeddings=True),
+    # meta-llama/Llama-3.1-8B
+    "llama-3.1-8b": ModelConfig(**_LLAMA3, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                num_heads=32, head_dim=128, rope_scaling=_llama3_rope(8.0),
+                                tie_word_embeddings=False),
+    # HuggingFaceTB/SmolLM2-135M-Instruct (LLaMA architecture, plain RoPE, its own tokenizer)
+    "smollm2-135m": ModelConfig(
+        arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+        num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, qk_norm=False, bos_token_id=1,
+        eos_token_id=2),
 }
 TTT_RECIPE = dict(every=6, chunk=4096, lr=3.0, proj=True, target="hidden_states")
 
 
 # -----------------------------------------------------------------------------
-# Rotary embeddings (fp32, HF's rotate_half convention; computed on the fly so meta-device construction is safe)
+# Rotary embeddings (fp32, HF's rotate_half convention; computed on the fly, so meta-device
+# construction is safe)
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (head_dim/2,) and the cos/sin scale, for plain, llama3 and yarn RoPE as HF defines them."""
+    """Inverse frequencies (head_dim/2,) and cos/sin scale of plain, llama3 or yarn RoPE, as HF."""
     dim, base = cfg.head_dim, cfg.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (base ** exponents)
     rs = cfg.rope_scaling or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
         return inv_freq, 1.0
     if kind == "llama3":
-        # Long wavelengths are slowed by `factor`, short ones kept, the band in between interpolated smoothly.
-        factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], \
-            rs["original_max_position_embeddings"]
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
         smooth = (old / wavelen - lo) / (hi - lo)
@@ -138,7 +177,7 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         return torch.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
-        # Interpolate low frequencies by `factor`, keep high ones, ramp in between; scale cos/sin by mscale.
+        # Interpolate low frequencies by `factor`, keep high ones, ramp between; cos/sin × mscale.
         factor, old = rs["factor"], rs["original_max_position_embeddings"]
         mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
 
@@ -147,8 +186,8 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
 
         attn = rs.get("attention_factor")
         if attn is None:
-            attn = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all \
-                else get_mscale(factor)
+            attn = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) \
+                if mscale and mscale_all else get_mscale(factor)
         beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
 
         def correction_dim(rot):
@@ -159,9 +198,9 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, dim - 1)
         high = high + 0.001 if low == high else high
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+        ramp = (torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)
         pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)
-        extrapolate = 1 - ramp
+        extrapolate = 1 - ramp.clamp(0, 1)
         inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
         return inv, float(attn)
     raise ValueError(f"unsupported rope_scaling type {kind!r}: supported are default, llama3, yarn")
@@ -210,7 +249,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, kv=None, pos=None):
-        """x (B, T, D). kv: this layer's (k, v) cache of shape (B, KV, S, hd), written in place at `pos` (B,)."""
+        """x (B, T, D). kv: this layer's cache (k, v), each (B, KV, S, hd), written at pos (B,)."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, -1, hd)  # (B, T, H, hd)
@@ -225,10 +264,10 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, kv, pos):
         W, (B, _, T, _) = self.cfg.sliding_window, q.shape
-        if kv is not None and T == 1:  # decoding: rows may sit at different positions, so mask per row
+        if kv is not None and T == 1:  # decoding: rows may sit at different positions: mask per row
             rows = torch.arange(B, device=q.device)
             kv[0][rows, :, pos], kv[1][rows, :, pos] = k[:, :, 0], v[:, :, 0]
-            mask = _mask(pos[:, None], kv[0].shape[2], W)[:, None]  # (B, 1, 1, S): the whole static cache
+            mask = _mask(pos[:, None], kv[0].shape[2], W)[:, None]  # (B, 1, 1, S): the whole cache
             return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, enable_gqa=True)
         if kv is not None:  # prefill, or its continuation: every row at position p
             p = int(pos[0])
@@ -237,18 +276,19 @@ class Attention(nn.Module):
         S = k.shape[2]
         # Causal with the diagonal at the bottom right: query t sits at position S - T + t.
         if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
-                                window_size=(W - 1 if W else -1, 0))
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                causal=True, window_size=(W - 1 if W else -1, 0))
             return y.transpose(1, 2)
         if W is not None:
-            mask = _mask(torch.arange(S - T, S, device=q.device)[None], S, W)[:, None]  # (1, 1, T, S)
+            mask = _mask(torch.arange(S - T, S, device=q.device)[None], S, W)[:, None]  # (1,1,T,S)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        bias = None if S == T else causal_lower_right(T, S)  # no (T, S) mask is ever built for a long prefill
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=S == T, enable_gqa=True)
+        bias = None if S == T else causal_lower_right(T, S)  # never a (T, S) mask for a long prefill
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=S == T,
+                                              enable_gqa=True)
 
 
 def _mask(qpos, S, window):
-    """Boolean (B, T, S) mask: query at position qpos sees keys at positions <= qpos (and > qpos - window)."""
+    """Boolean (B, T, S): a query at qpos sees keys at positions <= qpos (and > qpos - window)."""
     kpos = torch.arange(S, device=qpos.device)
     m = kpos <= qpos[..., None]
     if window is not None:
@@ -257,66 +297,52 @@ def _mask(qpos, S, window):
 
 
 class MLP(nn.Module):
-    """SwiGLU. In a TTT layer down_proj is the fast weight W0 and ttt_conv / ttt_proj build the update target."""
+    """SwiGLU. In a TTT layer down_proj is the fast weight W0, and ttt_conv / ttt_proj build the
+    update target; ttt.py does all of the TTT arithmetic."""
 
     def __init__(self, cfg: ModelConfig, use_ttt: bool):
         super().__init__()
         self.cfg, self.use_ttt = cfg, use_ttt
-        # With keep_state, a TTT forward leaves its final ttt.TTTState (detached) in last_state, so a
-        # caller (train.py's ‖ΣΔW‖ probe) reads what was computed instead of redoing the layer's TTT.
+        # With keep_state, a TTT forward leaves its final ttt.TTTState (detached) in last_state, so
+        # a caller (train.py's ‖ΣΔW‖ probe) reads what was computed instead of redoing the TTT.
         self.keep_state, self.last_state = False, None
         D, Fd = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = nn.Linear(D, Fd, bias=False)
         self.up_proj = nn.Linear(D, Fd, bias=False)
         self.down_proj = nn.Linear(Fd, D, bias=False)
         if use_ttt:
-            self.ttt_conv = nn.Conv1d(D, D, kernel_size=5, padding=2, groups=D, bias=False)  # weight (D, 1, 5)
+            self.ttt_conv = nn.Conv1d(D, D, kernel_size=5, padding=2, groups=D, bias=False)
             if cfg.ttt_proj:
-                self.ttt_proj = nn.Linear(D, D, bias=False)  # weight P used as stored: V_hat = U @ P
+                self.ttt_proj = nn.Linear(D, D, bias=False)  # weight P used as stored: V_hat = U P
 
-    def forward(self, x, embeds, cache=None, layer=None, enabled=True):
+    def forward(self, x, embeds, state=None, enabled=True):
+        """x, embeds (B, T, D). state: this layer's ttt.TTTState in a decoding cache, updated in
+        place; a one-token step takes each row at its own position (then `fold`)."""
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # H: (B, T, F)
         if not (self.use_ttt and enabled):
             return self.down_proj(h)
-        cfg, C = self.cfg, self.cfg.ttt_chunk
-        s = x if cfg.ttt_target == "hidden_states" else embeds  # (B, T, D)
-        st = None if cache is None else cache.ttt[layer]
-        if st is not None and h.shape[1] == 1:
-            return self._decode(h, s, st, cache.pos)
-        init = None
-        if st is not None:  # a prefill (or its continuation), all rows at one position: go on from the cached state
-            p = int(cache.pos[0])
-            init = ttt.TTTState(st.dW, st.s_buf[:, :p % C], st.h_buf[:, :p % C], p)
-        out, new = ttt.chunked(h, s, self.down_proj.weight, self.ttt_conv.weight, self._P(), cfg.ttt_lr, C,
-                               initial_state=init, clip_tau=cfg.ttt_clip_tau, fp32_state=cfg.ttt_fp32_state)
-        if self.keep_state:
-            self.last_state = ttt.TTTState(new.dW.detach(), new.s_buf.detach(), new.h_buf.detach(), new.pos)
-        if st is not None:
-            n = new.pos % C
-            st.dW.copy_(new.dW)
-            st.s_buf[:, :n], st.h_buf[:, :n] = new.s_buf, new.h_buf
-            st.W.copy_(self.down_proj.weight + st.dW)
-        return out
-
-    def _P(self):
-        return self.ttt_proj.weight if self.cfg.ttt_proj else None
-
-    def _decode(self, h, s, st, pos):
-        """One token per row at per-row positions pos (B,): apply W0 + sum dW and buffer the token.
-        A completed chunk is folded in by fold() after the step, outside any compiled graph."""
-        out = torch.bmm(h, st.W.transpose(1, 2))  # (B, 1, F) @ (B, F, D) -> (B, 1, D): a plain MLP's cost
-        rows, slot = torch.arange(h.shape[0], device=h.device), pos % self.cfg.ttt_chunk
-        st.s_buf[rows, slot], st.h_buf[rows, slot] = s[:, 0], h[:, 0]
-        return out
-
-    @torch.no_grad()
-    def fold(self, st, rows):
-        """Fold the now complete chunk of each row in `rows` into its fast weight."""
         cfg = self.cfg
-        dW = ttt.chunk_update(st.s_buf[rows], st.h_buf[rows], self.ttt_conv.weight, self._P(), cfg.ttt_lr,
-                              cfg.ttt_clip_tau)
-        st.dW[rows] += dW.to(st.dW.dtype)
-        st.W[rows] = (self.down_proj.weight + st.dW[rows]).to(st.W.dtype)
+        s = x if cfg.ttt_target == "hidden_states" else embeds  # (B, T, D)
+        if state is not None and h.shape[1] == 1:
+            return ttt.decode_step(h, s, state)
+        out, new = ttt.chunked(h, s, *self._ttt_weights(), cfg.ttt_chunk, initial_state=state,
+                               clip_tau=cfg.ttt_clip_tau, fp32_state=cfg.ttt_fp32_state)
+        if self.keep_state:
+            self.last_state = new.detach()
+        if state is not None:  # a prefill (or its continuation): the cache goes on from here
+            state.copy_(new)
+        return out
+
+    def fold(self, state, rows):
+        """Fold the now complete chunk of each row in `rows` into its fast weight."""
+        ttt.fold(*self._ttt_weights(), state, rows, self.cfg.ttt_clip_tau)
+
+    def _ttt_weights(self):
+        """(w0, conv_w, proj_w, lr) as every ttt.py function takes them."""
+        conv_w = self.ttt_conv.weight
+        P = self.ttt_proj.weight if self.cfg.ttt_proj else None
+        conv_w = conv_w if self.cfg.ttt_lookahead else ttt.centre_tap(conv_w)
+        return self.down_proj.weight, conv_w, P, self.cfg.ttt_lr
 
 
 class Block(nn.Module):
@@ -329,9 +355,9 @@ class Block(nn.Module):
 
     def forward(self, x, embeds, cos, sin, cache=None, layer=None, ttt_enabled=True):
         kv = None if cache is None else (cache.k[layer], cache.v[layer])
-        pos = None if cache is None else cache.pos
+        pos, state = (None, None) if cache is None else (cache.pos, cache.ttt.get(layer))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos)
-        return x + self.mlp(self.post_attention_layernorm(x), embeds, cache, layer, ttt_enabled)
+        return x + self.mlp(self.post_attention_layernorm(x), embeds, state, ttt_enabled)
 
 
 # -----------------------------------------------------------------------------
@@ -344,7 +370,8 @@ class Transformer(nn.Module):
         self.config = cfg
         bad = [i for i in cfg.ttt_layers if not 0 <= i < cfg.num_layers]
         if bad:  # the official config lists index 36 for 36-layer models: ignore such entries, loudly
-            warnings.warn(f"ttt_layers {bad} are outside 0..{cfg.num_layers - 1} and are ignored", stacklevel=2)
+            warnings.warn(f"ttt_layers {bad} are outside 0..{cfg.num_layers - 1} and are ignored",
+                          stacklevel=2)
         self.ttt_layers = tuple(sorted(set(cfg.ttt_layers) - set(bad)))
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
@@ -359,16 +386,17 @@ class Transformer(nn.Module):
     def hidden(self, idx, cache=None):
         """Final-norm hidden states (B, T, D) for token ids idx (B, T)."""
         B, T = idx.shape
-        if cache is not None and not torch.compiler.is_compiling():  # the compiled decode step has a fixed size
+        if cache is not None and not torch.compiler.is_compiling():  # compiled: a fixed-size step
             if T > 1 and bool((cache.pos != cache.pos[0]).any()):
-                raise ValueError("a multi-token step needs every row at the same position; prefill ragged batches "
-                                 "row by row with cache.rows(b, b + 1)")
+                raise ValueError("a multi-token step needs every row at the same position; prefill "
+                                 "ragged batches row by row with cache.rows(b, b + 1)")
             if int(cache.pos.max()) + T > cache.k[0].shape[2]:
-                raise ValueError(f"cache holds {cache.k[0].shape[2]} positions; this step would need "
-                                 f"{int(cache.pos.max()) + T}")
+                raise ValueError(f"cache holds {cache.k[0].shape[2]} positions; this step would "
+                                 f"need {int(cache.pos.max()) + T}")
         x = self.model.embed_tokens(idx)
         start = torch.zeros(B, dtype=torch.long, device=idx.device) if cache is None else cache.pos
-        cos, sin = rope_cos_sin(self.config, start[:, None] + torch.arange(T, device=idx.device), x.dtype)
+        cos, sin = rope_cos_sin(self.config, start[:, None] + torch.arange(T, device=idx.device),
+                                x.dtype)
         embeds = x
         for i, block in enumerate(self.model.layers):
             x = block(x, embeds, cos, sin, cache, i, self.ttt_enabled)
@@ -378,33 +406,34 @@ class Transformer(nn.Module):
                 self._fold_completed_chunks(cache)
         return self.model.norm(x)
 
-    @torch.compiler.disable  # data-dependent (which rows completed a chunk), cheap, and rare: keep it eager
+    @torch.compiler.disable  # data dependent (which rows completed a chunk) and rare: keep it eager
     def _fold_completed_chunks(self, cache):
-        """After a decode step, fold in the update of every chunk that the step completed, row by row. Doing it
-        after all layers is the same as inside each: the new fast weight is first read by the next token."""
+        """After a decode step, fold in every chunk that the step completed (ttt.fold), row by row.
+        Doing it after all layers equals doing it in each: the next token first reads the result."""
         done = (cache.pos % self.config.ttt_chunk == 0).nonzero()[:, 0]
         if len(done):
             for i in self.ttt_layers:
                 self.model.layers[i].mlp.fold(cache.ttt[i], done)
 
     def forward(self, idx, cache=None, last_only=False):
-        """Logits (B, T, V), or (B, 1, V) with last_only (a long prompt never needs all T x V logits)."""
+        """Logits (B, T, V), or (B, 1, V) with last_only (a long prompt needs no T x V logits)."""
         h = self.hidden(idx, cache)
         return self.lm_head(h[:, -1:] if last_only else h)
 
     def loss(self, idx, targets, ignore_index=-100, tokens_per_slice=1024):
-        """Mean cross-entropy. Logits are made one slice of tokens at a time and recomputed in backward,
-        so at most tokens_per_slice x V fp32 logits exist at once."""
+        """Mean cross-entropy. Logits are made one slice of tokens at a time and recomputed in
+        backward, so at most tokens_per_slice x V fp32 logits exist at once."""
         h = self.hidden(idx).flatten(0, 1)  # (B*T, D)
         t = targets.flatten()
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, t.numel(), tokens_per_slice):
-            total = total + checkpoint(self._ce_sum, h[i:i + tokens_per_slice], t[i:i + tokens_per_slice],
-                                       ignore_index, use_reentrant=False)
+            total = total + checkpoint(self._ce_sum, h[i:i + tokens_per_slice],
+                                       t[i:i + tokens_per_slice], ignore_index, use_reentrant=False)
         return total / (t != ignore_index).sum().clamp(min=1)
 
     def _ce_sum(self, h, t, ignore_index):
-        return F.cross_entropy(self.lm_head(h).float(), t, ignore_index=ignore_index, reduction="sum")
+        return F.cross_entropy(self.lm_head(h).float(), t, ignore_index=ignore_index,
+                               reduction="sum")
 
     # ---- initialisation (from scratch, after meta-device construction, or for new TTT parameters)
 
@@ -422,9 +451,9 @@ class Transformer(nn.Module):
         return n - self.model.embed_tokens.weight.numel() if exclude_embedding else n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6N for the weights, attention scores, TTT's update."""
+        """Training FLOPs per token (forward + backward): 6N, attention scores, TTT's update."""
         c = self.config
-        attn = 12 * c.num_layers * c.num_heads * c.head_dim * seq_len // 2  # causal: half the score matrix
+        attn = 12 * c.num_layers * c.num_heads * c.head_dim * seq_len // 2  # causal: half the scores
         ttt_extra = 6 * len(self.ttt_layers) * c.hidden_size * (c.intermediate_size + c.hidden_size)
         return 6 * self.num_params(exclude_embedding=True) + attn + ttt_extra
 
@@ -442,8 +471,8 @@ def is_ttt_param(name: str) -> bool:
 
 @torch.no_grad()
 def init_ttt_params(model: Transformer, generator=None):
-    """New TTT parameters: conv zero (so V_hat = 0 and the model is exactly the base model), P diagonal N(0, 0.02^2).
-    Selected by name, never by shape (o_proj is square too)."""
+    """New TTT parameters: conv zero (so V_hat = 0 and the model is exactly the base model), P
+    diagonal N(0, 0.02^2). Selected by name, never by shape (o_proj is square too)."""
     for name, p in model.named_parameters():
         if not is_ttt_param(name):
             continue
@@ -456,17 +485,9 @@ def init_ttt_params(model: Transformer, generator=None):
 
 
 @dataclass
-class LayerTTT:
-    """Per-layer decoding state: fp32 sum of updates, the combined weight used per token, the open chunk's tokens."""
-    dW: torch.Tensor  # (B, D, F) fp32 sum of completed chunks' updates
-    W: torch.Tensor  # (B, D, F) W0 + dW in the model dtype, refreshed when a chunk completes
-    s_buf: torch.Tensor  # (B, C, D) target source of the open chunk, slot = position mod C
-    h_buf: torch.Tensor  # (B, C, F) activations of the open chunk
-
-
-@dataclass
 class Cache:
-    """Preallocated KV cache and TTT state. pos (B,) is the number of tokens each row has seen."""
+    """Preallocated KV cache and, per TTT layer, a ttt.TTTState. pos (B,) is the number of tokens
+    each row has seen (each TTT state keeps its own copy, which ttt.py advances)."""
     k: list
     v: list
     ttt: dict
@@ -476,21 +497,14 @@ class Cache:
     def create(cls, model, B, S, device, dtype):
         c = model.config
         kv = lambda: torch.zeros(B, c.num_kv_heads, S, c.head_dim, device=device, dtype=dtype)
-        D, Fd, C = c.hidden_size, c.intermediate_size, c.ttt_chunk
-        sdt = torch.promote_types(dtype, torch.float32) if c.ttt_fp32_state else dtype  # as ttt.py does
-        ttt_state = {}
-        for i in model.ttt_layers:
-            W0 = model.model.layers[i].mlp.down_proj.weight.detach()
-            ttt_state[i] = LayerTTT(torch.zeros(B, D, Fd, device=device, dtype=sdt),
-                                    W0.to(device, dtype).expand(B, D, Fd).clone(),
-                                    torch.zeros(B, C, D, device=device, dtype=dtype),
-                                    torch.zeros(B, C, Fd, device=device, dtype=dtype))
-        return cls([kv() for _ in range(c.num_layers)], [kv() for _ in range(c.num_layers)], ttt_state,
+        states = {i: ttt.init_state(model.model.layers[i].mlp.down_proj.weight, B, c.ttt_chunk,
+                                    dtype, device, c.ttt_fp32_state, decode=True)
+                  for i in model.ttt_layers}
+        return cls([kv() for _ in range(c.num_layers)], [kv() for _ in range(c.num_layers)], states,
                    torch.zeros(B, dtype=torch.long, device=device))
 
     def rows(self, b0, b1):
-        """A view of rows [b0, b1): writes through to this cache (prefill a ragged batch one row at a time)."""
+        """A view of rows [b0, b1) that writes through (prefill a ragged batch row by row)."""
         sl = slice(b0, b1)
         return Cache([k[sl] for k in self.k], [v[sl] for v in self.v],
-                     {i: LayerTTT(t.dW[sl], t.W[sl], t.s_buf[sl], t.h_buf[sl]) for i, t in self.ttt.items()},
-                     self.pos[sl])
+                     {i: t.rows(b0, b1) for i, t in self.ttt.items()}, self.pos[sl])

@@ -12,8 +12,8 @@ pieces of --prefill-chunk tokens that start at multiples of it (default: a multi
 4096), so TTT updates fold in piece by piece and only the last position's logits are made. Rows may differ in
 length: nothing is padded, and every row's chunk boundaries sit at its own absolute positions. Then all rows decode
 together, one token per step, each at its own position. A TTT layer holds W0 + ΣΔW per row for decoding (a plain
-MLP's cost per token) and folds in a chunk's update right after the step that completes it (model.py,
-`Transformer._fold_completed_chunks`, kept out of the compiled graph).
+MLP's cost per token) and folds in a chunk's update right after the step that completes it (ttt.fold, called
+by model.py's `Transformer._fold_completed_chunks`, kept out of the compiled graph).
 
 Context. A prompt plus --max-new-tokens must fit in max_position_embeddings of config.json. --rope-scaling
 takes an HF rope_scaling dict and raises the limit to factor x original_max_position_embeddings, e.g. Qwen3's
@@ -103,7 +103,7 @@ def compiled_decode_step(device: torch.device):
 
 def mark_static(cache):
     """Tell the compiler the cache tensors keep their addresses, so CUDA graphs may update them in place."""
-    states = [t for s in cache.ttt.values() for t in (s.dW, s.W, s.s_buf, s.h_buf)]
+    states = [t for s in cache.ttt.values() for t in (s.dW, s.W, s.s_buf, s.h_buf, s.pos)]
     for t in [*cache.k, *cache.v, *states, cache.pos]:
         torch._dynamo.mark_static_address(t)
 

@@ -1,5 +1,8 @@
 """In-Place Test-Time Training: the MLP's down projection as a fast weight.
 
+All of the method lives here: the state, the token loop (`naive`), the chunked scan for training
+and prefill (`chunked`), and decoding (`decode_step`, `fold`). model.py only calls these.
+
 Notation (every shape comment in this file uses it)
     B batch, T tokens in this call, D hidden size, F intermediate size, C chunk size,
     N number of chunks in a call, η learning rate (`lr`).
@@ -13,13 +16,15 @@ Notation (every shape comment in this file uses it)
 The equations
     Tokens form chunks of C at absolute positions [0, C), [C, 2C), ... For chunk i:
         U_i     = depthwise conv of s_i, kernel 5, taps t−2..t+2, zero padded at the chunk's edges
-        V̂_i     = U_i P                         P = ttt_proj.weight as stored (U P, not U Pᵀ); P = I if absent
-        Y_i     = H_i (W0 + S_i)ᵀ               apply: the chunk reads the weights from before it,
-        S_{i+1} = S_i + ΔW_i                    update: then writes its own for the chunks after it.
+        V̂_i     = U_i P                 P = ttt_proj.weight as stored (U P, not U Pᵀ); P = I if absent
+        Y_i     = H_i (W0 + S_i)ᵀ       apply: the chunk reads the weights from before it,
+        S_{i+1} = S_i + ΔW_i            update: then writes its own for the chunks after it.
     Chunk 0 sees W0 alone. The conv looks two tokens ahead, but only within the chunk, and the
     chunk's update is used by later chunks only, so no output depends on its own or future tokens.
-    A chunk still incomplete when a call ends is applied but not folded in: its tokens wait in
-    TTTState until a later call completes it, so splitting a sequence into calls changes nothing.
+    A chunk still open when a call ends is applied but not folded in: its tokens wait in TTTState
+    until a later call completes it, so splitting a sequence into calls changes nothing.
+    (`centre_tap` keeps only the conv's middle tap: V̂_t then depends on s_t alone, the classic
+    "reconstruct the current token" objective the paper argues against; a study option.)
 
 Why the chunked scan equals the token loop
     `naive` walks the tokens: token t uses W = W0 + S with the S current at t, and when t completes
@@ -30,6 +35,16 @@ Why the chunked scan equals the token loop
     only the prefix sum S_i is sequential. `chunked` does the same arithmetic per token as the
     loop, grouped differently, and the tests check the two agree to fp64 rounding.
 
+Decoding is naive's loop body
+    The same steps for one token per row, each row at its own position, in the compute dtype
+    where `naive` uses fp32. `decode_step` applies W = W0 + S, kept in the state in the compute
+    dtype so the step costs a plain MLP's bmm, writes the token into slot pos mod C of fixed
+    C-slot buffers (static shapes: the step compiles, and replays as a CUDA graph) and advances
+    pos. When a row's token completes its chunk, `fold` adds that chunk's ΔW (`chunk_update`, as
+    in `naive`) and refreshes the row's W. Which rows fold is data dependent, so the caller runs
+    `fold` eagerly, after the compiled step. The tests check decode_step + fold against `naive`
+    token for token, with rows at different positions folding at their own chunk boundaries.
+
 Memory design
     The parallel form in the official code stacks S_1..S_N, (N, D, F): for Qwen3-8B (D=4096,
     F=12288) at T=128K and C=512 that is 256 × 50M fp32 numbers, 51 GB per layer. `_ChunkScan`
@@ -37,7 +52,7 @@ Memory design
     in reverse, recovering S_i = S_{i+1} − ΔW_i. With G_i = ∂L/∂Y_i and A_i = ∂L/∂S_i:
         ∂L/∂H_i  = G_i (W0 + S_i) + V̂_i A_{i+1}     (from Y_i, and from ΔW_i = V̂_iᵀ H_i)
         ∂L/∂V̂_i  = H_i A_{i+1}ᵀ
-        A_i      = A_{i+1} + G_iᵀ H_i               (S_i feeds Y_i and, through S_{i+1}, everything after)
+        A_i      = A_{i+1} + G_iᵀ H_i               (S_i feeds Y_i and, via S_{i+1}, all after)
         ∂L/∂W0   = Σ_i G_iᵀ H_i = A_0 − A_N (summed over the batch),   ∂L/∂S_0 = A_0.
     Extra memory is a few (B, D, F) tensors whatever T is; extra compute is one matmul per chunk
     in forward (ΔW_i) and three in backward, each the size of the down projection's.
@@ -46,10 +61,11 @@ About precision
     S is a sum of up to T/C small updates on top of W0. In bf16 (8-bit mantissa) an update under
     2⁻⁹ of |S| is rounded away entirely and larger ones lose their low bits, so over hundreds of
     chunks the fast weight drifts. S therefore lives in fp32 (`fp32_state=True`, the default) and
-    is rounded to the compute dtype once per chunk, in W_eff = W0 + S_i, right before the matmul.
+    is rounded to the compute dtype once per chunk, in W = W0 + S_i, right before the matmul: in
+    `chunked` per chunk, in decoding once per fold (the state's W), the same rounding both ways.
     The matmuls run in the input dtype (bf16 on GPU, fp32 accumulation inside the kernel). The
     backward's S_i = S_{i+1} − ΔW_i differs from the forward's by fp32 rounding (~1e-7 relative),
-    far below the bf16 rounding of W_eff. `naive` computes in fp32 (fp64 for fp64 inputs).
+    far below the bf16 rounding of W. `naive` computes in fp32 (fp64 for fp64 inputs).
 """
 
 from dataclasses import dataclass
@@ -59,33 +75,94 @@ from torch import Tensor
 from torch.nn.functional import conv1d, pad
 
 
+# -----------------------------------------------------------------------------
+# The state: one layout for training, prefill and decoding
+
+
 @dataclass
 class TTTState:
-    """Where a sequence stands after some tokens: everything needed to continue it exactly."""
+    """Where each row stands after some tokens: everything needed to continue it exactly.
 
-    dW: Tensor  # (B, D, F) S after the last complete chunk: the fast weight is W0 + dW
-    s_buf: Tensor  # (B, n, D) target source of the incomplete chunk, n = pos mod C (may be 0)
-    h_buf: Tensor  # (B, n, F) its activations, so its ΔW can be formed once it completes
-    pos: int  # tokens seen so far; the chunk grid is anchored at position 0
+    The open chunk lives in C fixed slots (slot = position mod C), so a decode step writes into
+    the same tensors at every position. Slots at and past pos mod C are zero or stale: never read.
+    """
 
-    @classmethod
-    def zeros(cls, B, D, F, device=None, dtype=torch.float32):
-        """The state at position 0: no updates, nothing buffered. `dtype` is dW's dtype."""
-        return cls(
-            dW=torch.zeros(B, D, F, device=device, dtype=dtype),
-            s_buf=torch.zeros(B, 0, D, device=device, dtype=dtype),
-            h_buf=torch.zeros(B, 0, F, device=device, dtype=dtype),
-            pos=0,
-        )
+    dW: Tensor  # (B, D, F) S after each row's last complete chunk, in the state dtype (fp32)
+    s_buf: Tensor  # (B, C, D) target source of the open chunk, in slots 0 .. pos mod C − 1
+    h_buf: Tensor  # (B, C, F) its activations, so its ΔW can be formed once it completes
+    pos: Tensor  # (B,) int64 tokens each row has seen; the chunk grid is anchored at position 0
+    W: Tensor | None = None  # (B, D, F) W0 + dW in the compute dtype, read by decode_step only
+
+    def rows(self, b0, b1) -> "TTTState":
+        """A view of rows [b0, b1): writes through (prefill a ragged batch one row at a time)."""
+        W = None if self.W is None else self.W[b0:b1]
+        return TTTState(self.dW[b0:b1], self.s_buf[b0:b1], self.h_buf[b0:b1], self.pos[b0:b1], W)
+
+    def copy_(self, other: "TTTState") -> None:
+        """Overwrite in place, so views from `rows` and compiled graphs see the new values."""
+        for mine, theirs in zip(self._tensors(), other._tensors(), strict=True):
+            mine.copy_(theirs)
+
+    def detach(self) -> "TTTState":
+        """The same values without autograd history (what MLP.keep_state keeps)."""
+        W = None if self.W is None else self.W.detach()
+        return TTTState(self.dW.detach(), self.s_buf.detach(), self.h_buf.detach(), self.pos, W)
+
+    def _tensors(self):
+        return [t for t in (self.dW, self.s_buf, self.h_buf, self.pos, self.W) if t is not None]
 
 
 def _state_dtype(dtype, fp32_state):
-    # fp32 (or fp64 for fp64 inputs) unless the caller asks for the input dtype; see "About precision".
+    # fp32 (fp64 for fp64 inputs) unless the caller asks for the input dtype; see "About precision".
     return torch.promote_types(dtype, torch.float32) if fp32_state else dtype
 
 
+def init_state(w0, batch, chunk, dtype=None, device=None, fp32_state=True,
+               decode=False) -> TTTState:
+    """The state at position 0 for `batch` rows: no updates yet, an empty open chunk.
+
+    w0 (D, F). dtype: the compute dtype of the buffers and of W (default w0's); dW is kept in fp32
+    unless fp32_state=False. decode=True adds W = W0, which decode_step reads.
+    """
+    (D, F), dtype, device = w0.shape, dtype or w0.dtype, device or w0.device
+    zeros = lambda *shape, dt=dtype: torch.zeros(*shape, device=device, dtype=dt)
+    W = w0.detach().to(device, dtype).expand(batch, D, F).clone() if decode else None
+    return TTTState(zeros(batch, D, F, dt=_state_dtype(dtype, fp32_state)), zeros(batch, chunk, D),
+                    zeros(batch, chunk, F), zeros(batch, dt=torch.long), W)
+
+
+def _common_position(state, chunk, who):
+    """The one position all rows share: naive and chunked step the whole batch on one grid."""
+    if state.s_buf.shape[1] != chunk:
+        raise ValueError(f"{who}: the state buffers chunks of {state.s_buf.shape[1]} tokens, "
+                         f"but chunk={chunk}")
+    lo, hi = torch.stack([state.pos.min(), state.pos.max()]).tolist()  # one host sync
+    if lo != hi:
+        raise ValueError(f"{who}: rows are at positions {lo}..{hi}; a multi-token call needs all "
+                         "rows at one position (decode_step takes rows at different positions)")
+    return lo
+
+
+def _after(state, dW, s_open, h_open, pos, w0):
+    """The state after a call: the open chunk's tokens zero padded into C slots, W refreshed
+    if the state carries one (pad copies, so no slice keeps a call's (B, T, F) tensor alive)."""
+    C, n = state.s_buf.shape[1], s_open.shape[1]
+    W = None if state.W is None else (w0 + dW).to(state.W.dtype)
+    return TTTState(dW, pad(s_open, (0, 0, 0, C - n)), pad(h_open, (0, 0, 0, C - n)), pos, W)
+
+
 # -----------------------------------------------------------------------------
-# Targets and updates of complete chunks, shared by both paths and by decoding
+# Targets and updates of complete chunks, shared by every path
+
+
+def centre_tap(conv_w):
+    """conv_w (D, 1, K) with every tap but the centre one zeroed (ttt_lookahead=False).
+
+    A product with a fixed mask, so the masked taps also get zero gradient and stay unused.
+    """
+    mask = torch.zeros(conv_w.shape[-1], device=conv_w.device, dtype=conv_w.dtype)
+    mask[conv_w.shape[-1] // 2] = 1
+    return conv_w * mask  # (D, 1, K)
 
 
 def _targets(s, conv_w, proj_w, lr, dtype):
@@ -102,7 +179,7 @@ def _targets(s, conv_w, proj_w, lr, dtype):
 def _clip(dW, tau):
     """Rescale each sequence's ΔW (..., D, F) to Frobenius norm tau when it is larger."""
     norm = torch.linalg.matrix_norm(dW.to(torch.promote_types(dW.dtype, torch.float32)))  # (...,)
-    return dW * (tau / norm).clamp(max=1.0).to(dW.dtype)[..., None, None]  # a zero ΔW gives inf -> 1
+    return dW * (tau / norm).clamp(max=1.0).to(dW.dtype)[..., None, None]  # ΔW = 0: inf -> 1
 
 
 def _delta(v, h, clip_tau):
@@ -112,31 +189,29 @@ def _delta(v, h, clip_tau):
 
 
 def chunk_update(s_c, h_c, conv_w, proj_w, lr, clip_tau=None):
-    """ΔW of complete chunk(s): s_c (..., C, D), h_c (..., C, F) -> (..., D, F) in h_c's dtype.
-
-    The decode step buffers a chunk's tokens and calls this once the chunk completes at its
-    absolute position; `naive` does the same.
-    """
+    """ΔW of complete chunk(s): s_c (..., C, D), h_c (..., C, F) -> (..., D, F) in h_c's dtype."""
     return _delta(_targets(s_c, conv_w, proj_w, lr, h_c.dtype), h_c, clip_tau)
 
 
 # -----------------------------------------------------------------------------
-# The naive path: a token loop that reads like the paper (test oracle, decode rule)
+# The naive path: a token loop that reads like the paper (the test oracle)
 
 
 def naive(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=None, fp32_state=True):
     """Apply-then-update TTT, one token at a time, in fp32 (fp64 for fp64 inputs).
 
     h (B, T, F), s (B, T, D), w0 (D, F), conv_w (D, 1, 5), proj_w (D, D) or None.
-    Returns out (B, T, D) in h's dtype and the TTTState after these T tokens.
+    All rows start at one position. Returns out (B, T, D) in h's dtype and the state after.
     """
     B, T, F = h.shape
     D = s.shape[-1]
     f = torch.promote_types(h.dtype, torch.float32)
     sdtype = _state_dtype(h.dtype, fp32_state)
-    state = initial_state if initial_state is not None else TTTState.zeros(B, D, F, h.device, sdtype)
+    fresh = initial_state is None  # a sequence from position 0
+    state = init_state(w0, B, chunk, h.dtype, h.device, fp32_state) if fresh else initial_state
+    p = _common_position(state, chunk, "naive")
     S = state.dW.to(sdtype)  # (B, D, F) updates of the complete chunks so far
-    s_buf, h_buf = state.s_buf.to(f), state.h_buf.to(f)  # (B, n, D), (B, n, F) the chunk in progress
+    s_buf, h_buf = state.s_buf[:, :p % chunk].to(f), state.h_buf[:, :p % chunk].to(f)  # open chunk
     W = w0.to(f) + S.to(f)  # (B, D, F) the fast weight every token reads
     ys = []
     for t in range(T):
@@ -144,12 +219,12 @@ def naive(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=None
         ys.append(torch.einsum("bf,bdf->bd", h_t, W))  # (B, D) y_t = W h_t
         s_buf = torch.cat([s_buf, s[:, t, None].to(f)], dim=1)  # (B, n+1, D)
         h_buf = torch.cat([h_buf, h_t[:, None]], dim=1)  # (B, n+1, F)
-        if (state.pos + t + 1) % chunk == 0:  # token t completes a chunk: fold in its update
+        if (p + t + 1) % chunk == 0:  # token t completes a chunk: fold in its update
             S = (S + chunk_update(s_buf, h_buf, conv_w, proj_w, lr, clip_tau)).to(sdtype)
             W = w0.to(f) + S.to(f)
             s_buf, h_buf = s_buf[:, :0], h_buf[:, :0]
     out = torch.stack(ys, dim=1) if ys else h.new_zeros(B, 0, D, dtype=f)  # (B, T, D)
-    return out.to(h.dtype), TTTState(S, s_buf.to(s.dtype), h_buf.to(h.dtype), state.pos + T)
+    return out.to(h.dtype), _after(state, S, s_buf.to(s.dtype), h_buf.to(h.dtype), state.pos + T, w0)
 
 
 # -----------------------------------------------------------------------------
@@ -171,9 +246,9 @@ class _ChunkScan(torch.autograd.Function):
         S = S0.clone()  # (B, D, F) running S_i, updated in place
         for i in range(N):
             W = (w0 + S).to(h.dtype)  # (B, D, F) W0 + S_i, rounded to the compute dtype once
-            y[:, i] = torch.bmm(h[:, i], W.transpose(1, 2))  # (B, C, D) Y_i = H_i W_effᵀ
+            y[:, i] = torch.bmm(h[:, i], W.transpose(1, 2))  # (B, C, D) Y_i = H_i Wᵀ
             if i < n_fold:
-                S += _delta(v[:, i], h[:, i], clip_tau)  # (B, D, F) S_{i+1}, accumulated in S's dtype
+                S += _delta(v[:, i], h[:, i], clip_tau)  # (B, D, F) S_{i+1}, in S's dtype
         ctx.save_for_backward(h, v, w0, S)
         ctx.n_fold = n_fold
         return y, S
@@ -183,8 +258,8 @@ class _ChunkScan(torch.autograd.Function):
         h, v, w0, S = ctx.saved_tensors
         B, N, C, F = h.shape
         S = S.clone()  # walks back from S_N to S_0
-        A = gS.to(S.dtype, copy=True)  # (B, D, F) ∂L/∂S_{i+1}; the final state's own grad to start
-        dh, dv = torch.empty_like(h), torch.zeros_like(v)  # v of a chunk not folded in gets no grad
+        A = gS.to(S.dtype, copy=True)  # (B, D, F) ∂L/∂S_{i+1}; the final state's own grad first
+        dh, dv = torch.empty_like(h), torch.zeros_like(v)  # an unfolded chunk's v gets no grad
         for i in reversed(range(N)):
             h_i, v_i, g_i = h[:, i], v[:, i], gy[:, i]  # (B, C, F), (B, C, D), (B, C, D)
             through_update = 0
@@ -193,7 +268,7 @@ class _ChunkScan(torch.autograd.Function):
                 A_c = A.to(h.dtype)
                 dv[:, i] = torch.bmm(h_i, A_c.transpose(1, 2))  # (B, C, D) H_i A_{i+1}ᵀ
                 through_update = torch.bmm(v_i, A_c)  # (B, C, F) V̂_i A_{i+1}
-            W = (w0 + S).to(h.dtype)  # (B, D, F) the same W_eff as forward (up to fp32 rounding)
+            W = (w0 + S).to(h.dtype)  # (B, D, F) forward's W (up to fp32 rounding)
             dh[:, i] = torch.bmm(g_i, W) + through_update  # (B, C, F)
             A += torch.bmm(g_i.transpose(1, 2), h_i)  # (B, D, F) A_i = A_{i+1} + G_iᵀ H_i
         # W0 enters exactly where S_i does, in W0 + S_i, so its grad is the sum the loop added to A.
@@ -201,33 +276,67 @@ class _ChunkScan(torch.autograd.Function):
         return dh, dv, dw0.to(w0.dtype), A, None, None
 
 
-def chunked(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=None, fp32_state=True):
+def chunked(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=None,
+            fp32_state=True):
     """The same computation as `naive`, a chunk at a time: the path for training and prefill.
 
     h (B, T, F), s (B, T, D), w0 (D, F), conv_w (D, 1, 5), proj_w (D, D) or None.
-    Returns out (B, T, D) in h's dtype and the TTTState after these T tokens.
+    All rows start at one position. Returns out (B, T, D) in h's dtype and the state after.
     """
     B, T, F = h.shape
     D, C = s.shape[-1], chunk
     sdtype = _state_dtype(h.dtype, fp32_state)
-    state = initial_state if initial_state is not None else TTTState.zeros(B, D, F, h.device, sdtype)
+    fresh = initial_state is None  # a sequence from position 0 (training): no host sync below
+    state = init_state(w0, B, C, h.dtype, h.device, fp32_state) if fresh else initial_state
     if clip_tau is not None and torch.is_grad_enabled():
         leaves = (h, s, w0, conv_w, proj_w, state.dW, state.s_buf, state.h_buf)
         if any(t is not None and t.requires_grad for t in leaves):
-            raise NotImplementedError("chunked: clip_tau is inference-only; call it under torch.no_grad()")
-    n = state.s_buf.shape[1]  # tokens of the incomplete chunk, emitted by an earlier call
-    assert n == state.pos % C, f"state buffers {n} tokens, but pos {state.pos} is {state.pos % C} into a chunk"
-    # Re-run the buffered tokens so the grid starts at a chunk boundary, then pad to whole chunks.
+            raise NotImplementedError("chunked: clip_tau is inference-only; "
+                                      "call it under torch.no_grad()")
+    # Re-run the open chunk's buffered tokens so the grid starts at a chunk boundary, then pad to
+    # whole chunks.
+    n = 0 if fresh else _common_position(state, C, "chunked") % C
     if n:
-        s = torch.cat([state.s_buf.to(s.dtype), s], dim=1)  # (B, n+T, D)
-        h = torch.cat([state.h_buf.to(h.dtype), h], dim=1)  # (B, n+T, F)
+        s = torch.cat([state.s_buf[:, :n].to(s.dtype), s], dim=1)  # (B, n+T, D)
+        h = torch.cat([state.h_buf[:, :n].to(h.dtype), h], dim=1)  # (B, n+T, F)
     L = n + T
     N, n_fold = -(-L // C), L // C  # chunks touched, chunks complete (folded into S)
     s_p, h_p = (pad(s, (0, 0, 0, N * C - L)), pad(h, (0, 0, 0, N * C - L))) if N * C > L else (s, h)
-    v = _targets(s_p.reshape(B, N, C, D), conv_w, proj_w, lr, h.dtype)  # (B, N, C, D) ηV̂, all chunks at once
-    h_c = h_p.reshape(B, N, C, F)  # (B, N, C, F) a view when T is whole chunks; padded H rows add nothing
+    v = _targets(s_p.reshape(B, N, C, D), conv_w, proj_w, lr, h.dtype)  # (B, N, C, D) ηV̂, at once
+    h_c = h_p.reshape(B, N, C, F)  # (B, N, C, F) a view for whole chunks; padded rows add nothing
     y, S = _ChunkScan.apply(h_c, v, w0, state.dW.to(sdtype), n_fold, clip_tau)
-    out = y.view(B, N * C, D)[:, n:L]  # (B, T, D) outputs of the buffered tokens were emitted before
-    # Copies, so the state does not keep the whole (B, L, F) activation tensor alive.
-    tail = slice(n_fold * C, L)
-    return out, TTTState(S, s[:, tail].clone(), h[:, tail].clone(), state.pos + T)
+    out = y.view(B, N * C, D)[:, n:L]  # (B, T, D) the buffered tokens' outputs were emitted before
+    tail = slice(n_fold * C, L)  # the new open chunk, fewer than C tokens
+    return out, _after(state, S, s[:, tail], h[:, tail], state.pos + T, w0)
+
+
+# -----------------------------------------------------------------------------
+# Decoding: naive's loop body for one token per row, rows at their own positions
+
+
+def decode_step(h, s, state):
+    """Apply the fast weight to one token per row and buffer the token, in place.
+
+    h (B, 1, F), s (B, 1, D); state from init_state(..., decode=True), each row at its own pos.
+    Returns out (B, 1, D) in W's dtype. Shapes never change, so the step compiles to one graph.
+    Rows whose pos is now a multiple of C have completed a chunk: pass them to `fold` next.
+    """
+    out = torch.bmm(h, state.W.transpose(1, 2))  # (B, 1, F) @ (B, F, D) -> (B, 1, D): a plain MLP
+    rows, slot = torch.arange(h.shape[0], device=h.device), state.pos % state.s_buf.shape[1]
+    state.s_buf[rows, slot], state.h_buf[rows, slot] = s[:, 0], h[:, 0]  # (B, D), (B, F)
+    state.pos.add_(1)
+    return out
+
+
+@torch.compiler.disable  # which rows fold is data dependent: never part of a compiled graph
+@torch.no_grad()
+def fold(w0, conv_w, proj_w, lr, state, rows, clip_tau=None):
+    """Fold the completed chunk of each row in `rows` (an index tensor) into dW and W, in place.
+
+    Call it once, right after the decode step that completed the chunks (pos mod C == 0): a
+    second call would add the same chunk again.
+    """
+    dW = state.dW[rows] + chunk_update(state.s_buf[rows], state.h_buf[rows], conv_w, proj_w, lr,
+                                       clip_tau).to(state.dW.dtype)  # (R, D, F)
+    state.dW[rows] = dW
+    state.W[rows] = (w0 + dW).to(state.W.dtype)  # rounded once per fold, as chunked does per chunk
