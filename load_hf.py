@@ -45,9 +45,6 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json"]
 TTT_KEYS = ("ttt_mode", "ttt_layers", "ttt_chunk", "ttt_lr", "ttt_proj", "ttt_target",
             "ttt_lookahead")
-# ModelConfig.ttt_lookahead (False: the conv held to its centre tap, a study option) is newer than
-# some versions of model.py; it is read and written only where the field exists.
-HAS_LOOKAHEAD = "ttt_lookahead" in ModelConfig.__dataclass_fields__
 # transformers' Qwen3Config default: layers from this index on use the window, when one is on.
 QWEN3_MAX_WINDOW_LAYERS = 28
 # Fields of HF configs that model.py reads, or that describe features we refuse rather than
@@ -214,9 +211,6 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
     if lookahead is not True:
         if lookahead is not False:
             raise ValueError(f"{where}: ttt_lookahead={lookahead!r} must be true or false")
-        if not HAS_LOOKAHEAD:
-            raise ValueError(f"{where}: ttt_lookahead=false is not supported by this model.py "
-                             f"(ModelConfig has no ttt_lookahead field)")
         cfg = replace(cfg, ttt_lookahead=False)
     return cfg
 
@@ -281,7 +275,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         hf.update(ttt_mode=cfg.ttt_mode or "in_place", ttt_layers=list(cfg.ttt_layers),
                   ttt_chunk=cfg.ttt_chunk, ttt_lr=cfg.ttt_lr, ttt_proj=cfg.ttt_proj,
                   ttt_target=cfg.ttt_target)
-    if HAS_LOOKAHEAD and not cfg.ttt_lookahead:  # only when off: the release has no such key
+    if not cfg.ttt_lookahead:  # only when off: the release has no such key
         hf["ttt_lookahead"] = False
     return hf
 

@@ -149,7 +149,6 @@ PRESETS = {
         max_position_embeddings=8192, tie_word_embeddings=True, qk_norm=False, bos_token_id=1,
         eos_token_id=2),
 }
-TTT_RECIPE = dict(every=6, chunk=4096, lr=3.0, proj=True, target="hidden_states")
 
 
 # -----------------------------------------------------------------------------
