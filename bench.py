@@ -1,6 +1,6 @@
 """Benchmarks, one subcommand each. Results print as a markdown table; --append adds it to a file.
 
-    # TTT MLP (gate/up + chunked TTT down) vs a plain SwiGLU MLP, Qwen3-4B/8B shapes, on a GPU
+    # model.MLP with TTT (chunked fast-weight down_proj) vs without, Qwen3-4B/8B shapes, on a GPU
     python bench.py ttt --device cuda --append bench/RESULTS.md
     # the same at small sizes on a CPU (about two minutes)
     python bench.py ttt --small --device cpu --dtype fp32 --threads 1 --append bench/RESULTS.md
@@ -22,11 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as nnf
 
-import ttt
 from load_hf import parse_dtype
-from model import is_ttt_param
+from model import MLP, ModelConfig, is_ttt_param
 
 # -----------------------------------------------------------------------------
 # Timing and reporting helpers, shared by the subcommands
@@ -102,53 +100,48 @@ def parse_dims(text):
 
 
 # -----------------------------------------------------------------------------
-# ttt: one TTT MLP against a plain SwiGLU MLP of the same shape, batch 1
+# ttt: model.py's MLP with TTT against the same MLP without, batch 1
 
 # Default sizes: Qwen3-4B (2560x9728) and Qwen3-8B (4096x12288) MLPs; --small for a CPU.
 TTT_SIZES = {"dims": "2560x9728,4096x12288", "seqs": "8192,32768,131072", "chunks": "512,1024,4096"}
 TTT_SMALL = {"dims": "256x768", "seqs": "1024,4096", "chunks": "64,256,1024"}
+# Timings do not depend on eta; a small one keeps random weights' fast weights from growing large.
+TTT_BENCH_LR = 1e-3
 
 
-def make_mlp(D, F, device, dtype, generator):
-    def param(*shape, scale):
-        return (scale * torch.randn(*shape, generator=generator)).to(device, dtype).requires_grad_()
-
-    return {
-        "gate": param(F, D, scale=D**-0.5),
-        "up": param(F, D, scale=D**-0.5),
-        "down": param(D, F, scale=F**-0.5),
-        "conv": param(D, 1, 5, scale=0.1),
-        "proj": param(D, D, scale=D**-0.5),
-    }
-
-
-def swiglu_mlp(x, p):
-    return nnf.linear(nnf.silu(nnf.linear(x, p["gate"])) * nnf.linear(x, p["up"]), p["down"])
+def mlp_pair(D, F, C, device, dtype):
+    """(plain MLP, TTT MLP): model.MLP itself, of one shape, random weights (PyTorch's default init).
+    The target source is the MLP input, so a forward is mlp(x, x) (x also stands in for embeds)."""
+    cfg = ModelConfig(hidden_size=D, intermediate_size=F, ttt_chunk=C, ttt_lr=TTT_BENCH_LR,
+                      ttt_target="hidden_states")
+    torch.manual_seed(0)
+    with torch.device(device):  # built in place: an 8B-shape MLP never passes through host memory
+        plain, fast = MLP(cfg, use_ttt=False).to(dtype), MLP(cfg, use_ttt=True).to(dtype)
+    # Shared gate/up/down weights, so the two differ only by TTT (chunk 0, before any update, is equal).
+    fast.load_state_dict(plain.state_dict(), strict=False)
+    return plain, fast
 
 
-def ttt_mlp(x, p, chunk, lr=1e-3):
-    h = nnf.silu(nnf.linear(x, p["gate"])) * nnf.linear(x, p["up"])  # (B, T, F)
-    return ttt.chunked(h, x, p["down"], p["conv"], p["proj"], lr, chunk)[0]
-
-
-def measure(mlps, x, grad, params, device, repeats):
-    """Per mlp: (forward s, forward+backward s, forward+backward peak bytes or None), None if out of memory."""
+def measure(mlps, x, grad, device, repeats):
+    """Per mlp: (forward s, forward+backward s, forward+backward peak bytes or None off CUDA),
+    or None if it ran out of memory."""
 
     def forward(mlp):
         with torch.no_grad():
-            mlp(x)
+            mlp(x, x)
 
     def forward_backward(mlp):
-        mlp(x).backward(grad)
+        mlp(x, x).backward(grad)
 
     peaks = []
     for mlp in mlps:  # one trial run each: finds what fits, and records peak memory
-        for p in [x, *params.values()]:
+        for p in [x, *mlp.parameters()]:
             p.grad = None  # so each peak includes allocating its own grads
         try:
             peaks.append(peak_memory(lambda: forward_backward(mlp), device))
         except torch.OutOfMemoryError:
             peaks.append(False)
+            torch.cuda.empty_cache()
     fit = [mlp for mlp, peak in zip(mlps, peaks) if peak is not False]
     fwd = iter(median_times([lambda m=m: forward(m) for m in fit], device, repeats))
     fwd_bwd = iter(median_times([lambda m=m: forward_backward(m) for m in fit], device, repeats))
@@ -179,19 +172,21 @@ def bench_ttt(args):
     device, dtype = torch.device(args.device), args.dtype
     if args.threads:
         torch.set_num_threads(args.threads)
-    plain, fast = (torch.compile(swiglu_mlp), torch.compile(ttt_mlp)) if args.compile else (swiglu_mlp, ttt_mlp)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)  # drawn on the device: 128K x 4096 is quick there
     rows = []
     for D, F in dims:
-        params = make_mlp(D, F, device, dtype, generator)
         for T in seqs:
-            x = torch.randn(1, T, D, generator=generator).to(device, dtype).requires_grad_()  # as in a model
-            grad = torch.randn(1, T, D, generator=generator).to(device, dtype)
+            # A leaf that needs grad, as a layer's input does in a model; grad is dL/d(output).
+            x = torch.randn(1, T, D, generator=generator, device=device, dtype=dtype).requires_grad_()
+            grad = torch.randn(1, T, D, generator=generator, device=device, dtype=dtype)
             for C in chunks:  # the plain MLP is timed again next to each TTT run, taking turns
-                mlps = [lambda x: plain(x, params), lambda x, C=C: fast(x, params, C)]
-                base, got = measure(mlps, x, grad, params, device, args.repeats)
+                mlps = mlp_pair(D, F, C, device, dtype)
+                if args.compile:
+                    mlps = [torch.compile(m) for m in mlps]
+                base, got = measure(mlps, x, grad, device, args.repeats)
                 rows.append(ttt_row(D, F, T, C, base, got))
                 print(markdown_table(TTT_HEADER, rows[-1:]).splitlines()[-1], flush=True)
+                del mlps
             del x, grad
     table = markdown_table(TTT_HEADER, rows)
     print(f"\n{device_name(device)}, {args.dtype}, B=1, median of {args.repeats}\n\n{table}")
@@ -452,7 +447,7 @@ def main(argv=None):
                                                                "busy CPU)")
     common.add_argument("--append", help="markdown file to append the results to, e.g. bench/RESULTS.md")
 
-    p = commands.add_parser("ttt", parents=[common], help="TTT MLP vs plain SwiGLU MLP: time and peak memory")
+    p = commands.add_parser("ttt", parents=[common], help="model.MLP with TTT vs without: time and peak memory")
     # sizes (None: the GPU sizes in TTT_SIZES, or TTT_SMALL with --small)
     p.add_argument("--dims", help="DxF pairs, comma separated (default: Qwen3-4B and -8B MLP shapes)")
     p.add_argument("--seqs", help="sequence lengths T, comma separated")

@@ -1,6 +1,9 @@
 """bench.py runs end to end at toy sizes on a CPU and appends its tables (timings themselves are never checked)."""
 
+import torch
+
 import bench
+from model import MLP
 
 
 def test_every_subcommand_runs_and_appends_a_table(tmp_path, capsys):
@@ -15,3 +18,13 @@ def test_every_subcommand_runs_and_appends_a_table(tmp_path, capsys):
     assert "| 32×64 | 64 | 16 |" in text and "| 32×64 | 64 | 64 |" in text
     assert text.count("## ") == 3 and "`python bench.py train" in text
     assert "transformers" in text
+
+
+def test_ttt_bench_times_model_mlp_with_shared_weights():
+    plain, fast = bench.mlp_pair(16, 32, 8, torch.device("cpu"), torch.float64)
+    assert isinstance(plain, MLP) and isinstance(fast, MLP) and fast.use_ttt and not plain.use_ttt
+    x = torch.randn(1, 24, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain(x, x), fast(x, x)
+    torch.testing.assert_close(b[:, :8], a[:, :8])  # chunk 0 reads W0 alone
+    assert (b[:, 8:] - a[:, 8:]).abs().max() > 1e-6  # later chunks read W0 + the updates
