@@ -488,68 +488,154 @@ def read_jsonl(path: Path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             pass
-    return records
+    return [r for r in records if isinstance(r, dict)]
 
 
-def evaluate(args, cfg, tok, src: Sources, modes: list[str], combos: list[tuple[int, str]], preds_path: Path):
+# Files a checkpoint is read from (load_hf.HUB_FILES); up to this size they are identified by content.
+SMALL_FILE = 64 * 2**20
+
+
+def files_id(folder: Path) -> str:
+    """A cheap identity of the checkpoint (or tokenizer) files in a folder. Small files (config.json,
+    tokenizer files, a small model) are hashed whole; a big one (a safetensors shard of GBs) by name,
+    size and modification time, since reading it would take minutes. A new export into the same folder
+    rewrites the shards, so it gets new times and counts as new weights."""
+    import load_hf
+
+    h = hashlib.sha1()
+    files = sorted({f for pattern in load_hf.HUB_FILES for f in folder.glob(pattern) if f.is_file()})
+    for f in files:
+        st = f.stat()  # follows the hub cache's symlinks to the blobs
+        h.update(f"{f.name}|{st.st_size}|".encode())
+        h.update(f.read_bytes() if st.st_size <= SMALL_FILE else str(st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def run_settings(model_dir: Path, tokenizer_dir: Path, cfg, dtype, chat: bool) -> dict:
+    """Everything besides the prompt, the mode (TTT on / off) and the task's token budget that changes
+    a prediction. A finished prediction is reused only under equal settings. Device and batch size are
+    left out: they change rounding inside kernels, not what is computed."""
+    return {
+        "weights": files_id(model_dir),
+        "tokenizer": files_id(tokenizer_dir),
+        "dtype": str(dtype).removeprefix("torch."),
+        "rope_scaling": cfg.rope_scaling,  # the checkpoint's, or --rope-scaling's
+        "ttt": {"layers": list(cfg.ttt_layers), "chunk": cfg.ttt_chunk, "lr": cfg.ttt_lr,
+                "target": cfg.ttt_target, "proj": cfg.ttt_proj, "clip_tau": cfg.ttt_clip_tau,
+                "fp32_state": cfg.ttt_fp32_state},
+        "chat": chat,
+    }
+
+
+def settings_id(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def record_key(r: dict) -> tuple:
+    """What makes a prediction the same one: settings, mode, sample (task, length, index, prompt hash)
+    and token budget. Records of older versions have no settings and so are never reused."""
+    return tuple(r.get(k) for k in ("settings", "mode", "task", "length", "index", "id", "budget"))
+
+
+def evaluate(model_dir: Path, cfg, tok, src: Sources, modes: list[str], combos: list[tuple[int, str]],
+             preds_path: Path, *, samples: int, seed: int, chat: bool, batch_size: int, device: str,
+             dtype, settings: str) -> dict:
     """Run every sample not yet in preds_path, appending each prediction as soon as it exists; returns
-    {mode: {task: {length: score}}}. A record counts as finished for the same model, mode, task, length, index and
-    prompt (its hash), so changing the seed, haystack or tokenizer reruns rather than reuses."""
-    import torch
+    {mode: {task: {length: score}}}. A record is reused only for the same settings id (weights, dtype,
+    RoPE, TTT, chat: run_settings), mode, task, length, index, prompt hash and budget, so changing any
+    of them reruns the sample. Predictions made under other settings stay in the file, unused."""
     from tqdm import tqdm
 
     import load_hf
-    key = lambda mode, s: (args.model, mode, s["task"], s["length"], s["index"], s["id"])
-    done = {(r["model"], r["mode"], r["task"], r["length"], r["index"], r["id"]): r for r in read_jsonl(preds_path)}
-    finished = {k[:5] for k in done}  # for the progress bar's total; prompts are only known once generated
-    todo = sum((args.model, m, t, L, i) not in finished for m in modes for L, t in combos for i in range(args.samples))
-    print(f"{len(modes) * len(combos) * args.samples - todo} finished samples kept in {preds_path}, {todo} to run")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+
+    done = {record_key(r): r for r in read_jsonl(preds_path)}
+    other = sum(k[0] != settings for k in done)
+    if other:
+        print(f"{other} predictions in {preds_path} were made under other settings (weights, dtype, "
+              f"--rope-scaling, TTT, --chat or an older ruler.py): kept in the file, not reused")
+    # The progress bar's total: prompts (and so their hashes) are known only once generated.
+    finished = {k[1:5] for k in done if k[0] == settings}
+    todo = sum((m, t, L, i) not in finished for m in modes for L, t in combos for i in range(samples))
+    print(f"{len(modes) * len(combos) * samples - todo} finished samples kept in {preds_path}, "
+          f"{todo} to run")
     model, scores = None, {m: {t: {} for _, t in combos} for m in modes}
     with open(preds_path, "a") as f, tqdm(total=todo, desc="ruler") as bar:
         if preds_path.stat().st_size and not preds_path.read_text().endswith("\n"):
             f.write("\n")  # end the line a crash cut short, or the next record would be glued to it
         for L, t in combos:
-            samples, metric = generate_samples(t, L, args.samples, tok, args.seed, args.chat, src), TASKS[t].metric
+            batch_samples = generate_samples(t, L, samples, tok, seed, chat, src)
+            metric, budget = TASKS[t].metric, TASKS[t].budget
             for mode in modes:
-                pending = [s for s in samples if key(mode, s) not in done]
-                for b in range(0, len(pending), args.batch_size):
-                    batch = pending[b:b + args.batch_size]
+                key = lambda s: (settings, mode, t, L, s["index"], s["id"], budget)
+                pending = [s for s in batch_samples if key(s) not in done]
+                for b in range(0, len(pending), batch_size):
+                    batch = pending[b:b + batch_size]
                     if model is None:  # loaded only when something is left to run
-                        model = load_hf.load_model(args.model, device, dtype, config=cfg)
+                        model = load_hf.load_model(model_dir, device, dtype, config=cfg)
                     model.ttt_enabled = mode != "no-ttt"
-                    preds = generate_batch(model, tok, [encode(tok, s["prompt"], args.chat) for s in batch],
-                                           TASKS[t].budget)
-                    for s, pred in zip(batch, preds):
+                    prompts = [encode(tok, s["prompt"], chat) for s in batch]
+                    for s, pred in zip(batch, generate_batch(model, tok, prompts, budget)):
                         pred = postprocess(pred)
-                        done[key(mode, s)] = rec = {
-                            "model": args.model, "mode": mode, "task": t, "length": L, "index": s["index"],
-                            "id": s["id"], "tokens": s["tokens"], "pred": pred, "refs": s["refs"],
+                        done[key(s)] = rec = {
+                            "settings": settings, "model": str(model_dir), "mode": mode, "task": t,
+                            "length": L, "index": s["index"], "id": s["id"], "budget": budget,
+                            "tokens": s["tokens"], "pred": pred, "refs": s["refs"],
                             "score": METRICS[metric]([pred], [s["refs"]])}
                         f.write(json.dumps(rec) + "\n")
                         f.flush()  # a long sweep survives an interruption sample by sample
                         bar.update(1)
-                recs = [done[key(mode, s)] for s in samples]
+                recs = [done[key(s)] for s in batch_samples]
                 scores[mode][t][L] = METRICS[metric]([r["pred"] for r in recs], [r["refs"] for r in recs])
     return scores
 
 
-def parse_length(s: str) -> int:
-    s = s.strip().lower()
-    return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
+# -----------------------------------------------------------------------------
+# Command line: flags checked where they enter, before any file is written or weights read
+
+# Shortest length every task fits in with the Qwen3 and Llama-3 tokenizers (cwe's worked example and
+# list need about 700 tokens); RULER's own lengths start at 4K.
+MIN_LENGTH = 1024
 
 
-def main(argv=None):
+def parse_lengths(text: str) -> list[int]:
+    """argparse `type=` for --lengths: comma-separated token counts, k meaning x1024; sorted, unique."""
+    lengths = []
+    for item in text.split(","):
+        m = re.fullmatch(r"(\d+)(k?)", item.strip().lower())
+        if m is None:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not a context length: use whole numbers of tokens, k meaning x1024, "
+                f"e.g. 4k,8k,131072")
+        n = int(m[1]) * (1024 if m[2] else 1)
+        if n < MIN_LENGTH:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is {n} tokens; lengths start at {MIN_LENGTH} (1k), the shortest every task fits in")
+        lengths.append(n)
+    return sorted(set(lengths))
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts that must be at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return n
+
+
+def build_parser():
     import load_hf  # torch and the model, imported only by the commands that run one
 
-    ap = argparse.ArgumentParser(description="RULER long-context evaluation (13 tasks).")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to evaluate
     ap.add_argument("--model", help="checkpoint directory or hub id (not needed with --generate-only)")
     ap.add_argument("--tokenizer", help="tokenizer source; default: the model's")
-    ap.add_argument("--lengths", default="4k,8k,16k", help="comma-separated context lengths, e.g. 4k,8k,131072")
+    ap.add_argument("--lengths", default="4k,8k,16k", type=parse_lengths,
+                    help=f"comma-separated context lengths, at least {MIN_LENGTH}, e.g. 4k,8k,131072")
     ap.add_argument("--tasks", default="all", help=f"'all' or comma-separated ids from: {', '.join(TASKS)}")
-    ap.add_argument("--samples", type=int, default=100, help="samples per task and length")
+    ap.add_argument("--samples", type=positive_int, default=100, help="samples per task and length")
     ap.add_argument("--seed", type=int, default=42, help="mixed with the task id and length into each RNG")
     # how prompts are made
     ap.add_argument("--chat", action="store_true", help="wrap the task in the checkpoint's chat format")
@@ -561,41 +647,67 @@ def main(argv=None):
     ap.add_argument("--no-ttt", action="store_true", help="evaluate with TTT updates off (model.ttt_enabled=False)")
     ap.add_argument("--compare-ttt", action="store_true", help="evaluate with TTT on and off: both rows")
     # running
-    ap.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (memory permitting)")
+    ap.add_argument("--batch-size", type=positive_int, default=1, help="prompts decoded together (memory permitting)")
     ap.add_argument("--rope-scaling", type=load_hf.parse_rope_scaling, metavar="JSON",
                     help="HF rope_scaling dict for lengths past the checkpoint's context, e.g. Qwen3's YaRN: "
                          '\'{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}\'')
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", type=load_hf.parse_dtype, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--out", help="output directory; default: out/ruler/<model or tokenizer name>. A rerun with "
-                                  "the same --out skips the samples already in its predictions.jsonl")
+                                  "the same --out and settings skips the samples already in its predictions.jsonl")
     ap.add_argument("--generate-only", action="store_true", help="write samples.jsonl and stop (no model)")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def main(argv=None):
+    import torch
+
+    import load_hf
+
+    ap = build_parser()
+    args = ap.parse_args(argv)
     if not (args.model or (args.generate_only and args.tokenizer)):
         ap.error("--model is required (or --tokenizer with --generate-only)")
-    lengths = sorted(parse_length(s) for s in args.lengths.split(","))
+    lengths = args.lengths
     tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
     if unknown := [t for t in tasks if t not in TASKS]:
         ap.error(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        ap.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     out = Path(args.out or Path("out/ruler") / Path(args.model or args.tokenizer).name)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = load_hf.load_tokenizer(args.tokenizer or args.model)
     src = Sources(args.haystack, args.squad, args.hotpotqa)
     combos = [(L, t) for L in lengths for t in tasks]  # shortest lengths first: early results on a long sweep
 
+    # Everything the flags point at is read and checked before any file is written or weights loaded.
+    try:
+        tok_dir = load_hf.resolve(args.tokenizer or args.model)
+        tok = load_hf.load_tokenizer(tok_dir)
+        if not args.generate_only:
+            model_dir = load_hf.resolve(args.model)
+            cfg = load_hf.load_config(model_dir)
+            if args.rope_scaling:
+                cfg = load_hf.with_rope_scaling(cfg, args.rope_scaling)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+
     if args.generate_only:
         from tqdm import tqdm
-        with open(out / "samples.jsonl", "w") as f:
-            for L, t in tqdm(combos, desc="generating"):
-                samples = generate_samples(t, L, args.samples, tok, args.seed, args.chat, src)
-                f.writelines(json.dumps(s) + "\n" for s in samples)
-        print(f"wrote {len(combos) * args.samples} samples to {out / 'samples.jsonl'}")
+        rows = []
+        for L, t in tqdm(combos, desc="generating"):
+            try:
+                rows += generate_samples(t, L, args.samples, tok, args.seed, args.chat, src)
+            except ValueError as e:  # a length too short for this task with this tokenizer
+                ap.error(f"--lengths {length_name(L)}: {e}")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "samples.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(s) + "\n" for s in rows))
+        tmp.replace(out / "samples.jsonl")  # whole or not at all: an earlier samples.jsonl survives a crash
+        print(f"wrote {len(rows)} samples to {out / 'samples.jsonl'}")
         return
 
-    cfg = load_hf.load_config(args.model)
-    if args.rope_scaling:
-        cfg = load_hf.with_rope_scaling(cfg, args.rope_scaling)
     if lengths[-1] > cfg.max_position_embeddings:
         ap.error(f"{length_name(lengths[-1])} is past the model's context ({cfg.max_position_embeddings} tokens); "
                  f"extend it with --rope-scaling")
@@ -603,7 +715,16 @@ def main(argv=None):
         ap.error(f"{args.model} has no TTT layers: --no-ttt / --compare-ttt need an In-Place TTT checkpoint")
     modes = (["ttt", "no-ttt"] if args.compare_ttt else ["no-ttt"] if args.no_ttt
              else ["ttt" if cfg.ttt_layers else "base"])
-    scores = evaluate(args, cfg, tok, src, modes, combos, out / "predictions.jsonl")
+    settings = run_settings(model_dir, tok_dir, cfg, dtype, args.chat)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        scores = evaluate(model_dir, cfg, tok, src, modes, combos, out / "predictions.jsonl",
+                          samples=args.samples, seed=args.seed, chat=args.chat, batch_size=args.batch_size,
+                          device=device, dtype=dtype, settings=settings_id(settings))
+    except ValueError as e:  # a sample that does not fit its length, or weights that do not fit the config
+        ap.error(str(e))
+    except KeyError as e:  # load_model: missing or unexpected weights (str() of a KeyError adds quotes)
+        ap.error(e.args[0])
 
     synthetic = [f"qa_{h}" for h, path in ((1, args.squad), (2, args.hotpotqa)) if not path and f"qa_{h}" in tasks]
     note = f"{', '.join(synthetic)}: synthetic documents about invented entities." if synthetic else ""
@@ -612,7 +733,9 @@ def main(argv=None):
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({
         "model": args.model, "lengths": lengths, "samples": args.samples, "seed": args.seed, "chat": args.chat,
-        "haystack": args.haystack, "note": note, "results": results}, indent=1))
+        "haystack": args.haystack, "settings_id": settings_id(settings), "settings": settings,
+        "budgets": {t: TASKS[t].budget for t in tasks}, "device": str(device), "batch_size": args.batch_size,
+        "note": note, "results": results}, indent=1))
     print(table)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'predictions.jsonl'}")
 

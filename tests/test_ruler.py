@@ -1,8 +1,10 @@
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -326,3 +328,78 @@ def test_end_to_end_on_a_tiny_model_resumes(tiny_ttt_dir, tmp_path, monkeypatch)
                         ["x"] * len(prompts))
     ruler.main(argv)
     assert calls == [1] and len(ruler.read_jsonl(out / "predictions.jsonl")) == 12
+
+
+def test_a_dtype_change_reruns_the_samples_and_bf16_runs_end_to_end(tiny_ttt_dir, tmp_path, monkeypatch):
+    out = tmp_path / "ruler"
+    argv = ["--model", str(tiny_ttt_dir[1]), "--lengths", "1k", "--tasks", "vt", "--samples", "2", "--out", str(out)]
+    calls, real = [], ruler.generate_batch
+    monkeypatch.setattr(ruler, "generate_batch", lambda *a: calls.append(len(a[2])) or real(*a))
+    ruler.main(argv + ["--dtype", "fp32"])
+    ruler.main(argv + ["--dtype", "bf16"])
+    assert calls == [1, 1, 1, 1]  # every sample ran again: none of the fp32 predictions was kept
+    records = ruler.read_jsonl(out / "predictions.jsonl")
+    assert len(records) == 4 and len({r["settings"] for r in records}) == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["dtype"] == "bfloat16" and results["settings"]["ttt"]["chunk"] == 256
+    assert results["settings_id"] == records[-1]["settings"] and set(results["results"]) == {"ttt"}
+    for dtype in ("fp32", "bf16"):  # both runs' predictions are still there to resume from
+        ruler.main(argv + ["--dtype", dtype])
+    assert calls == [1, 1, 1, 1]
+
+
+def test_settings_change_with_everything_that_changes_a_prediction(tiny_ttt_dir, tmp_path, monkeypatch):
+    import load_hf
+    import torch
+    ckpt = tiny_ttt_dir[1]
+    cfg = load_hf.load_config(ckpt)
+    settings = lambda folder=ckpt, c=cfg, dtype=torch.float32, chat=False: ruler.settings_id(
+        ruler.run_settings(folder, folder, c, dtype, chat))
+    base = settings()
+    moved = shutil.copytree(ckpt, tmp_path / "moved")
+    assert settings(moved) == base  # the same files elsewhere: predictions are reused
+    faster = {**cfg.rope_scaling, "factor": 16.0}  # the checkpoint's llama3 scaling, changed
+    variants = [settings(dtype=torch.bfloat16), settings(chat=True), settings(c=cfg.with_ttt(chunk=128)),
+                settings(c=cfg.with_ttt(lr=1.0)), settings(c=cfg.with_ttt(layers=(0, 1))),
+                settings(c=cfg.with_ttt(target="input_embed")), settings(c=replace(cfg, rope_scaling=faster))]
+    assert len({base, *variants}) == 1 + len(variants)
+    weights = moved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(data)
+    assert settings(moved) != base
+    monkeypatch.setattr(ruler, "SMALL_FILE", 0)  # big files are known by name, size and time, not content
+    before = settings(moved)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert settings(moved) != before
+
+
+BAD_ARGS = {
+    "length-1q": (["--lengths", "1q"], "argument --lengths: '1q' is not a context length"),
+    "length-0": (["--lengths", "0"], "argument --lengths: '0' is 0 tokens; lengths start at 1024"),
+    "length-negative": (["--lengths", "-5"], "argument --lengths: '-5' is not a context length"),
+    "length-fraction": (["--lengths", "4k,1.5k"], "argument --lengths: '1.5k' is not a context length"),
+    "samples-0": (["--samples", "0"], "argument --samples: '0' is not a whole number >= 1"),
+    "batch-size-0": (["--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
+    "batch-size-text": (["--batch-size", "two"], "argument --batch-size: 'two' is not a whole number >= 1"),
+    "unknown-task": (["--tasks", "vt,niah"], "unknown tasks ['niah']"),
+    "dtype": (["--dtype", "fp8"], "argument --dtype: unknown dtype 'fp8'"),
+    "device": (["--device", "gpu"], "--device 'gpu' is not a torch device"),
+    "rope-scaling": (["--rope-scaling", '{"rope_type": "yarn"}'], "argument --rope-scaling"),
+    "past-context": (["--lengths", "8k"], "8K is past the model's context (4096 tokens)"),
+    "no-model": (["--model", "{tmp}/nope"], "no checkpoint directory at"),
+    "corrupt-tokenizer": (["--model", "{tmp}/badtok"], "badtok/tokenizer.json is not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_bad_input_is_a_clear_error_before_anything_is_written(tiny_ttt_dir, tmp_path, capsys, case):
+    shutil.copytree(tiny_ttt_dir[1], tmp_path / "badtok", ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "badtok" / "tokenizer.json").write_text('{"model": ')
+    extra, message = BAD_ARGS[case]
+    argv = ["--model", str(tiny_ttt_dir[1]), "--lengths", "1k", "--samples", "1", "--out", str(tmp_path / "out"),
+            *[a.replace("{tmp}", str(tmp_path)) for a in extra]]
+    with pytest.raises(SystemExit) as e:
+        ruler.main(argv)
+    assert e.value.code != 0 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
