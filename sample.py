@@ -27,6 +27,7 @@ of the decode rate.
 
 import argparse
 import json
+import math
 import resource
 import sys
 import time
@@ -301,10 +302,14 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("max_new_tokens", "prompt_tokens", "prefill_chunk", "top_k"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
-        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    # float() accepts nan and inf; both would poison the softmax (nan) or silently make it uniform (inf).
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        parser.error(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # nan fails this comparison too
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.chat and args.prompt_tokens is not None:
         parser.error("--chat wraps text prompts; it cannot be used with --prompt-tokens")
 

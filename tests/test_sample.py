@@ -194,6 +194,16 @@ BAD = {
     "malformed-rope-scaling": (["--model", "{ckpt}", "--rope-scaling", '{"rope_type": "yarn"}'], "is malformed"),
     "rope-scaling-not-json": (["--model", "{ckpt}", "--rope-scaling", "yarn"], "not JSON"),
     "zero-new-tokens": (["--model", "{ckpt}", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    "zero-top-k": (["--model", "{ckpt}", "--top-k", "0"], "--top-k must be at least 1, got 0"),
+    "nan-temperature": (["--model", "{ckpt}", "--temperature", "nan"], "--temperature must be a finite number >= 0 "
+                                                                       "(0: greedy), got nan"),
+    "inf-temperature": (["--model", "{ckpt}", "--temperature", "inf"], "--temperature must be a finite number >= 0 "
+                                                                       "(0: greedy), got inf"),
+    "negative-temperature": (["--model", "{ckpt}", "--temperature", "-0.5"], "got -0.5"),
+    "zero-top-p": (["--model", "{ckpt}", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    "large-top-p": (["--model", "{ckpt}", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    "nan-top-p": (["--model", "{ckpt}", "--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
+    "corrupt-tokenizer": (["--model", "{tmp}/badtok"], "badtok/tokenizer.json is not JSON"),
     "chat-random-prompt": (["--model", "{ckpt}", "--prompt-tokens", "8", "--chat"], "cannot be used with"),
     "two-prompts": (["--model", "{ckpt}", "--prompt", "a", "--prompt-file", "x"], "not allowed with argument"),
     "missing-weights": (["--model", "{ckpt}", "--max-new-tokens", "2"], "no model.safetensors"),
@@ -207,6 +217,8 @@ def test_bad_input_is_a_clear_error(case, weightless, tmp_path, monkeypatch, cap
     (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{"text": "no prompt key"}\n')
     (tmp_path / "empty.jsonl").write_text('{"prompt": "fine"}\n{"prompt": ""}\n')
     (tmp_path / "long.jsonl").write_text('{"prompt": "short"}\n' + json.dumps({"prompt": "word " * 32}) + "\n")
+    shutil.copytree(weightless, tmp_path / "badtok")
+    (tmp_path / "badtok" / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {')  # cut short
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         sample.main([a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(weightless)) for a in argv])
