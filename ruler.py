@@ -404,7 +404,8 @@ def generate_samples(task: str, length: int, num: int, tok, seed: int = 42, chat
                 break
             s = nxt
         if best is None:
-            raise ValueError(f"{task}: no sample fits in {length} tokens")
+            raise ValueError(f"{task}: no sample fits in {length} tokens with this tokenizer; "
+                             f"leave this length out of --lengths or the task out of --tasks")
         prompt, refs, count, end = best
         rng.setstate(end)
         samples.append({"task": task, "length": length, "index": index, "tokens": count, "budget": spec.budget,

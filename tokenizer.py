@@ -1,6 +1,7 @@
 """Byte-level BPE tokenizer on tiktoken, loaded from a Hugging Face tokenizer.json or a Llama-3 tokenizer.model.
 
     tok = Tokenizer.from_dir("path/to/checkpoint")      # tokenizer.json preferred, else tokenizer.model
+    write_byte_tokenizer("out/bytes")                   # or make one: 256 byte ids + <|endoftext|>, no download
     ids = tok.encode("Hello world")                     # special-token text is NOT parsed unless allow_special=True
     prompt = tok.apply_chat([{"role": "user", "content": "Hi"}])
     ids = tok.encode(prompt, allow_special=True)
@@ -16,6 +17,7 @@ and special tokens. tiktoken takes exactly those three, so a Hugging Face tokeni
     the same in both), or GPT-2's regex when ByteLevel splits by itself.
   - normalizer: NFC (Qwen3) is applied with unicodedata to the text between the special tokens, as HF does.
   - added_tokens: become tiktoken special tokens, with the ids `tokenizers` gives them.
+The command line prints ids: `python tokenizer.py DIR "some text"` (`--decode` for the reverse).
 Known differences from HF: SmolLM2 has no token for a few control bytes ("\x04", ...); both drop them, but HF may then
 merge the neighbours of a dropped byte and we do not. vocab_size is the largest id + 1 (the embedding rows needed),
 not HF's count of tokens.
@@ -136,6 +138,41 @@ def _read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
     return value
+
+
+# A byte-level tokenizer made by code (for from-scratch runs that need no downloaded vocabulary): ids 0..255
+# are the byte values and BYTE_EOS, id 256, ends (separates) documents. 257 ids in all. No separate BOS: the
+# separator is what precedes every document in training (train.py writes EOS after each), so it doubles as BOS,
+# as in GPT-2; an extra token that training never shows would give a prompt an untrained embedding.
+BYTE_EOS = "<|endoftext|>"
+
+
+def byte_tokenizer_json() -> dict:
+    """tokenizer.json of the byte-level tokenizer: a BPE with no merges over GPT-2's byte alphabet, so both this
+    module and `tokenizers` give one token per UTF-8 byte, id = the byte's value."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
+    eos = {"id": 256, "content": BYTE_EOS, "single_word": False, "lstrip": False, "rstrip": False,
+           "normalized": False, "special": True}
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}  # ids 0..255 = the byte values
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [eos], "normalizer": None,
+            "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": vocab, "merges": []}}
+
+
+def write_byte_tokenizer(out_dir) -> Path:
+    """Write tokenizer.json and tokenizer_config.json (BYTE_EOS as bos and eos) into out_dir; returns it.
+    Loads with Tokenizer.from_dir and with transformers' AutoTokenizer.from_pretrained, with equal ids."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(), ensure_ascii=False, indent=1),
+                                        encoding="utf-8")
+    # clean_up_tokenization_spaces off: HF would otherwise drop the space before "." and "," on decode.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BYTE_EOS, "eos_token": BYTE_EOS,
+              "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return out
 
 
 class Tokenizer:

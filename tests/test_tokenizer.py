@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from conftest import package_dir
 from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
 
-from tokenizer import LLAMA3_SPECIALS, Tokenizer
+from tokenizer import BYTE_EOS, LLAMA3_SPECIALS, Tokenizer, byte_tokenizer_json, write_byte_tokenizer
 from tokenizer import main as tokenizer_main
 
 
@@ -348,3 +348,34 @@ def test_command_line_errors_name_the_input(tmp_path, capsys, argv, message):
 def test_help_is_printed_by_the_script():
     run = subprocess.run([sys.executable, "tokenizer.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.startswith("usage: tokenizer.py")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the byte-level tokenizer made by code
+
+
+@pytest.fixture(scope="module")
+def byte_pair(tmp_path_factory):
+    path = write_byte_tokenizer(tmp_path_factory.mktemp("bytes"))
+    return Tokenizer.from_dir(path), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("text_name", TEXTS)
+def test_byte_tokenizer_ids_are_the_utf8_bytes_as_in_transformers(byte_pair, text_name):
+    ours, hf = byte_pair
+    text = TEXTS[text_name]
+    ids = ours.encode(text)
+    assert ids == hf(text)["input_ids"] == list(text.encode("utf-8"))
+    assert ours.decode(ids) == hf.decode(ids) == text
+
+
+def test_byte_tokenizer_specials(byte_pair):
+    ours, hf = byte_pair
+    assert (ours.vocab_size, len(hf)) == (257, 257)
+    assert (ours.bos_id, ours.eos_id, ours.eos_ids) == (256, 256, {256}) and ours.special_tokens == {BYTE_EOS: 256}
+    assert (hf.bos_token_id, hf.eos_token_id) == (256, 256)
+    text = f"one{BYTE_EOS}two"
+    assert ours.encode(text, allow_special=True) == hf(text)["input_ids"] == [*b"one", 256, *b"two"]
+    assert ours.encode(text) == list(text.encode()) and ours.encode("x", bos=True) == [256, 120]
+    assert ours.decode(list(range(128))) == bytes(range(128)).decode() and ours.decode([256]) == BYTE_EOS
+    assert sorted(byte_tokenizer_json()["model"]["vocab"].values()) == list(range(256))
