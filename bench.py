@@ -75,6 +75,17 @@ def device_name(device):
     return f"cpu (threads: {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f})"
 
 
+def attention_backend(device, dtype):
+    """The attention kernel model.py runs: flash-attn when installed (CUDA, 16-bit), else PyTorch SDPA."""
+    import model
+
+    if model.flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        import flash_attn
+
+        return f"flash-attn {flash_attn.__version__}"
+    return "PyTorch SDPA"
+
+
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
@@ -365,7 +376,8 @@ def bench_sample(args):
                 peak = "OOM" if r is None else show(r[1] and r[1] / 2**30, ".2f", "-")
                 ratio = f"{r[0] / theirs[0]:.2f}" if r and theirs else "-"
                 prefill_rows.append([name, T, impl, "on" if on else "off", show(r and r[0], ".0f"), peak, ratio])
-    note = (f"{device_name(device)}, {args.dtype}, B=1, {args.new_tokens} new tokens; roofline = copy bandwidth "
+    note = (f"{device_name(device)}, {args.dtype}, B=1, {args.new_tokens} new tokens, attention: "
+            f"{attention_backend(device, dtype)}; roofline = copy bandwidth "
             f"({bandwidth / 1e9:.0f} GB/s) / bytes of weights and KV cache read per token")
     tables = f"{note}\n\n{markdown_table(DECODE_HEADER, decode_rows)}\n\n{markdown_table(PREFILL_HEADER, prefill_rows)}"
     print(f"\n{tables}")

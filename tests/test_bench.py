@@ -17,7 +17,7 @@ def test_every_subcommand_runs_and_appends_a_table(tmp_path, capsys):
     text = out.read_text()
     assert "| 32×64 | 64 | 16 |" in text and "| 32×64 | 64 | 64 |" in text
     assert text.count("## ") == 3 and "`python bench.py train" in text
-    assert "transformers" in text
+    assert "transformers" in text and "attention: PyTorch SDPA" in text
 
 
 def test_ttt_bench_times_model_mlp_with_shared_weights():

@@ -238,10 +238,3 @@ def test_smollm2_greedy_chat_answer_equals_transformers(smollm2_dir, capsys):
     ref = load_hf_reference(smollm2_dir).generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
     assert ours == [t for t in ref if t not in tok.eos_ids]
     assert "Paris" in capsys.readouterr().out
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled decode with CUDA graphs needs a GPU")
-def test_compiled_decode_equals_eager_on_cuda():
-    model = tiny_model(chunk=4).double().cuda()
-    prompts = [random_prompt(n, seed=n) for n in (9, 14)]
-    assert generate(model, prompts, 20, compile=True) == generate(model, prompts, 20)
