@@ -121,14 +121,16 @@ TTT_BENCH_LR = 1e-3
 
 
 def mlp_pair(D, F, C, device, dtype):
-    """(plain MLP, TTT MLP): model.MLP itself, of one shape, random weights (PyTorch's default init).
-    The target source is the MLP input, so a forward is mlp(x, x) (x also stands in for embeds)."""
+    """(plain MLP, TTT MLP): model.MLP itself, of one shape, random weights (PyTorch's default
+    init). The target source is the MLP input, so a forward is mlp(x, x) (x also stands in for
+    embeds)."""
     cfg = ModelConfig(hidden_size=D, intermediate_size=F, ttt_chunk=C, ttt_lr=TTT_BENCH_LR,
                       ttt_target="hidden_states")
     torch.manual_seed(0)
     with torch.device(device):  # built in place: an 8B-shape MLP never passes through host memory
         plain, fast = MLP(cfg, use_ttt=False).to(dtype), MLP(cfg, use_ttt=True).to(dtype)
-    # Shared gate/up/down weights, so the two differ only by TTT (chunk 0, before any update, is equal).
+    # Shared gate/up/down weights, so the two differ only by TTT (chunk 0, before any update, is
+    # equal).
     fast.load_state_dict(plain.state_dict(), strict=False)
     return plain, fast
 
@@ -206,9 +208,11 @@ def bench_ttt(args):
 
 
 # -----------------------------------------------------------------------------
-# sample: the whole model generating (sample.generate), TTT on and off, eager and compiled, against transformers
+# sample: the whole model generating (sample.generate), TTT on and off, eager and compiled, against
+# transformers
 
-# Default shapes and lengths: decode at 4K/32K context, prefill of 8K/32K/128K tokens; --small for a CPU.
+# Default shapes and lengths: decode at 4K/32K context, prefill of 8K/32K/128K tokens; --small for a
+# CPU.
 SAMPLE_SIZES = {"shapes": "qwen3-0.6b,qwen3-4b", "contexts": "4096,32768", "prefills": "8192,32768,131072"}
 SAMPLE_SMALL = {"shapes": "tiny", "contexts": "256,1024", "prefills": "1024,4096"}
 DECODE_HEADER = ["shape", "context", "impl", "TTT", "compile", "decode tok/s", "roofline tok/s", "of roofline"]
@@ -246,8 +250,9 @@ def hf_random_model(cfg, device, dtype):
 
 
 def decode_bytes(base, context):
-    """Bytes one decode step must read at batch 1: every weight (an untied embedding: one row) and the KV cache.
-    A TTT layer reads its per-sequence W0 + ΣΔW instead of down_proj, the same size."""
+    """Bytes one decode step must read at batch 1: every weight (an untied embedding: one row) and
+    the KV cache. A TTT layer reads its per-sequence W0 + ΣΔW instead of down_proj, the same
+    size."""
     c, size = base.config, base.lm_head.weight.element_size()
     weights = sum(p.numel() for p in base.parameters())
     if not c.tie_word_embeddings:
@@ -273,8 +278,8 @@ def run_generate(model, T, new_tokens, compile=False):
 
 
 def ours_decode(model, context, new_tokens, compile):
-    """Decode tokens/s after a prompt of `context` tokens. A first, untimed run compiles and records CUDA graphs
-    (the same shapes, so the timed run reuses them), or warms up the eager kernels."""
+    """Decode tokens/s after a prompt of `context` tokens. A first, untimed run compiles and records
+    CUDA graphs (the same shapes, so the timed run reuses them), or warms up the eager kernels."""
     if compile:
         torch._dynamo.reset()  # each model and cache shape compiles afresh, never hitting the recompile limit
     run_generate(model, context, new_tokens, compile)
@@ -338,7 +343,8 @@ def bench_sample(args):
     compiles = (False, True) if args.compile else (False,)
     decode_rows, prefill_rows = [], []
     for name in shapes:
-        # Ours first, prefill before decode (compiled decode keeps CUDA-graph memory), then transformers alone.
+        # Ours first, prefill before decode (compiled decode keeps CUDA-graph memory), then
+        # transformers alone.
         model, base = random_models(name, device, dtype)
         cfg, roofline = model.config, {ctx: bandwidth / decode_bytes(base, ctx) for ctx in contexts}
         pre = {(T, on): attempt(ours_prefill, m, T, device, args.repeats)
@@ -386,7 +392,8 @@ def bench_sample(args):
 
 
 # -----------------------------------------------------------------------------
-# train: train.py's optimizer step (FSDP2 on a world of one, bf16 mixed precision on a GPU), TTT on and off
+# train: train.py's optimizer step (FSDP2 on a world of one, bf16 mixed precision on a GPU), TTT on
+# and off
 
 TRAIN_SIZES = {"shapes": "qwen3-0.6b,qwen3-1.7b", "seqs": "8192,32768"}
 TRAIN_SMALL = {"shapes": "tiny", "seqs": "256,1024"}

