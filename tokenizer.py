@@ -1,11 +1,11 @@
 """Byte-level BPE tokenizer on tiktoken, loaded from a Hugging Face tokenizer.json or a Llama-3
 tokenizer.model.
 
-    tok = Tokenizer.from_dir("path/to/checkpoint")      # tokenizer.json preferred, else tokenizer.model
-    write_byte_tokenizer("out/bytes")                   # or make one: 256 byte ids + <|endoftext|>, no download
-    ids = tok.encode("Hello world")                     # special-token text is NOT parsed unless allow_special=True
+    tok = Tokenizer.from_dir("path/to/checkpoint")   # tokenizer.json, else tokenizer.model
+    ids = tok.encode("Hello world")                  # special-token text is plain text unless...
     prompt = tok.apply_chat([{"role": "user", "content": "Hi"}])
-    ids = tok.encode(prompt, allow_special=True)
+    ids = tok.encode(prompt, allow_special=True)     # ...allow_special=True
+    write_byte_tokenizer("out/bytes")                # or make one: 256 byte ids + <|endoftext|>
 
 A byte-level BPE tokenizer is three things: ranked byte strings, a regex that splits text into
 pieces before BPE, and special tokens. tiktoken takes exactly those three, so a Hugging Face
@@ -43,19 +43,23 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # HF's Digits(individual_digits=True) followed by ByteLevel(use_regex=True) (SmolLM2, StarCoder), as
 # one regex: every digit is its own piece, and a whitespace run ends before a digit as it would at
 # the end of Digits' stretch.
-GPT2_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+GPT2_DIGITS_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
+                       r"""|\s+(?![^\s\p{N}])|\s+""")
 # Llama-3's regex (from Meta's llama_models/llama3/tokenizer.py); numbers split into runs of at most
 # three digits.
-LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                  r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # Llama-3's 256 special tokens after the 128000 BPE tokens, in the order of Meta's llama_models
 # (3.1+ names). Ids 128000/128001 (text), 128006/128007 (header) and 128009 (eot) are the same in
 # every Llama-3 release.
 LLAMA3_SPECIALS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|begin_of_text|>", "<|end_of_text|>",
+    "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
     "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>",
 ]  # fmt: skip
-LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>"
+                    for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
 
 
 class UnsupportedTokenizer(ValueError, NotImplementedError):
@@ -76,8 +80,9 @@ def package_dir(name: str, what: str = "data") -> Path:
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's table: printable Latin-1 bytes stand for themselves, the other 68 bytes become chr(256 + k)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """GPT-2's table: printable Latin-1 bytes stand for themselves, the other 68 are chr(256+k)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     table, k = {}, 0
     for b in range(256):
         if b in printable:
@@ -89,21 +94,27 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _pattern_from(pre_tokenizer: dict | None) -> str:
-    """The single regex that splits text like HF's pre_tokenizer, for the step sequences byte-level BPEs use."""
-    steps = pre_tokenizer["pretokenizers"] if pre_tokenizer and pre_tokenizer["type"] == "Sequence" else [pre_tokenizer]
+    """The single regex that splits text like HF's pre_tokenizer, for the step sequences that
+    byte-level BPEs use."""
+    sequence = pre_tokenizer and pre_tokenizer["type"] == "Sequence"
+    steps = pre_tokenizer["pretokenizers"] if sequence else [pre_tokenizer]
     kinds = [s["type"] if s else None for s in steps]
     if kinds[-1:] != ["ByteLevel"] or steps[-1].get("add_prefix_space"):
-        raise UnsupportedTokenizer(f"pre_tokenizer {kinds} is not byte-level BPE without add_prefix_space")
+        raise UnsupportedTokenizer(f"pre_tokenizer {kinds} is not byte-level BPE without "
+                                   f"add_prefix_space")
     uses_regex = steps[-1].get("use_regex", True)
     if kinds == ["ByteLevel"] and uses_regex:
         return GPT2_PATTERN
     if kinds == ["Digits", "ByteLevel"] and steps[0]["individual_digits"] and uses_regex:
         return GPT2_DIGITS_PATTERN
     split = steps[0]
-    if kinds == ["Split", "ByteLevel"] and not uses_regex and split["behavior"] == "Isolated" and not split["invert"]:
+    # Split(Regex, Isolated) then ByteLevel(use_regex=False): Qwen3's and Llama-3's layout.
+    isolated = split and split.get("behavior") == "Isolated" and not split.get("invert")
+    if kinds == ["Split", "ByteLevel"] and not uses_regex and isolated:
         if "Regex" in split["pattern"]:
             return split["pattern"]["Regex"]
-    raise UnsupportedTokenizer(f"unsupported pre_tokenizer steps {kinds}: {json.dumps(pre_tokenizer)[:300]}")
+    shown = json.dumps(pre_tokenizer)[:300]
+    raise UnsupportedTokenizer(f"unsupported pre_tokenizer steps {kinds}: {shown}")
 
 
 def _check_merge_order(vocab: dict[str, int], merges: list) -> None:
@@ -111,9 +122,10 @@ def _check_merge_order(vocab: dict[str, int], merges: list) -> None:
     list (a token may have several merges, as in Llama-3's converted file)."""
     last = -1
     for merge in merges:
-        a, b = merge.split(" ") if isinstance(merge, str) else merge  # tokenizers < 0.20 wrote "a b" strings
+        a, b = merge.split(" ") if isinstance(merge, str) else merge  # tokenizers < 0.20: "a b"
         if vocab[a + b] < last:
-            raise UnsupportedTokenizer(f"merge {a!r}+{b!r} is out of id order; tiktoken ranks cannot express it")
+            raise UnsupportedTokenizer(f"merge {a!r}+{b!r} is out of id order; tiktoken ranks "
+                                       f"cannot express it")
         last = vocab[a + b]
 
 
@@ -126,19 +138,23 @@ def _hf_added_token_ids(added_tokens: list[dict], vocab: dict[str, int]) -> dict
         top = max(ids.values(), default=-1)
         ids[name] = vocab[name] if name in vocab else top + 1 if top >= len(vocab) else len(vocab)
         if name not in vocab and ids[name] in taken:
-            raise UnsupportedTokenizer(f"added token {name!r} gets id {ids[name]}, which a vocab token already has")
+            raise UnsupportedTokenizer(f"added token {name!r} gets id {ids[name]}, which a vocab "
+                                       f"token already has")
     return ids
 
 
 def _splitter(names) -> re.Pattern | None:
-    """A regex that splits text at the given special tokens and keeps them (longest first, as tiktoken matches)."""
+    """A regex that splits text at the given special tokens and keeps them (longest first, as
+    tiktoken matches)."""
     if not names:
         return None
-    return re.compile("(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + ")")
+    longest_first = sorted(names, key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(n) for n in longest_first) + ")")  # (): keep them
 
 
 def _read_json(path: Path) -> dict:
-    """A JSON object from path ({} when there is no such file); anything else is an error naming it."""
+    """A JSON object from path ({} when there is no such file); anything else is an error naming
+    the file."""
     if not path.is_file():
         return {}
     try:
@@ -161,15 +177,21 @@ BYTE_EOS = "<|endoftext|>"
 def byte_tokenizer_json() -> dict:
     """tokenizer.json of the byte-level tokenizer: a BPE with no merges over GPT-2's byte alphabet,
     so both this module and `tokenizers` give one token per UTF-8 byte, id = the byte's value."""
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
+    # GPT-2's regex split is harmless with no merges (every byte ends up alone) and is what
+    # _pattern_from reads for a lone ByteLevel step.
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                  "use_regex": True}
     eos = {"id": 256, "content": BYTE_EOS, "single_word": False, "lstrip": False, "rstrip": False,
            "normalized": False, "special": True}
-    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}  # ids 0..255 = the byte values
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [eos], "normalizer": None,
-            "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": False, "vocab": vocab, "merges": []}}
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}  # ids 0..255 = byte values
+    # post_processor None: HF adds no BOS on its own, as Tokenizer.encode does not.
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [eos],
+            "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                      "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": []}}
 
 
 def write_byte_tokenizer(out_dir) -> Path:
@@ -178,18 +200,20 @@ def write_byte_tokenizer(out_dir) -> Path:
     with equal ids."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(), ensure_ascii=False, indent=1),
-                                        encoding="utf-8")
-    # clean_up_tokenization_spaces off: HF would otherwise drop the space before "." and "," on
-    # decode.
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BYTE_EOS, "eos_token": BYTE_EOS,
-              "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
+    spec = json.dumps(byte_tokenizer_json(), ensure_ascii=False, indent=1)
+    (out / "tokenizer.json").write_text(spec, encoding="utf-8")  # the byte alphabet is not ASCII
+    # clean_up_tokenization_spaces off: HF would otherwise drop the space before "." and "," when
+    # decoding, and decode(encode(x)) would no longer be x.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BYTE_EOS,
+              "eos_token": BYTE_EOS, "clean_up_tokenization_spaces": False,
+              "model_max_length": 1 << 30}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     return out
 
 
 class Tokenizer:
-    """encode/decode text, plus the ids a model needs: bos_id, eos_id, eos_ids, special_tokens, vocab_size."""
+    """encode/decode text, plus the ids a model needs: bos_id, eos_id, eos_ids, special_tokens,
+    vocab_size."""
 
     def __init__(
         self,
@@ -202,9 +226,12 @@ class Tokenizer:
         name: str = "tokenizer",
     ):
         self.special_tokens = dict(special_tokens)  # every added token, special or not: name -> id
-        self.vocab_size = max([*mergeable_ranks.values(), *special_tokens.values()]) + 1  # ids are < vocab_size
+        # Every id is < vocab_size: the embedding rows needed, not a count of tokens (ids have
+        # holes).
+        self.vocab_size = max([*mergeable_ranks.values(), *special_tokens.values()]) + 1
         self.nfc = nfc
-        self.parsed_by_default = parsed_by_default  # HF always parses non-special added tokens (Qwen3's <think>)
+        # HF always parses non-special added tokens (Qwen3's <think>), allow_special or not.
+        self.parsed_by_default = parsed_by_default
         self.bos_id: int | None = None
         self.eos_id: int | None = None  # the main stop token; eos_ids holds every stop token
         self.eos_ids: set[int] = set()
@@ -219,10 +246,10 @@ class Tokenizer:
         # allow_special (True).
         self._splitters = {False: _splitter(parsed_by_default), True: _splitter(special_tokens)}
         self._all_special = frozenset(special_tokens)
-        self._enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
+        self._enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks,
+                                      special_tokens=special_tokens)
 
-    # ---------------------------------------------------------------------------------------------------------------
-    # loading
+    # ---- loading
 
     @classmethod
     def from_tokenizer_json(cls, path: str | Path) -> "Tokenizer":
@@ -237,14 +264,16 @@ class Tokenizer:
             return cls._from_spec(spec, name=str(path))
         except UnsupportedTokenizer as e:
             raise UnsupportedTokenizer(f"{path}: {e}") from None
-        except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field missing or of the wrong type
-            raise ValueError(f"{path} is not a tokenizer.json this module reads: {type(e).__name__}: {e}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field missing, mistyped
+            raise ValueError(f"{path} is not a tokenizer.json this module reads: "
+                             f"{type(e).__name__}: {e}") from None
 
     @classmethod
     def _from_spec(cls, spec: dict, name: str) -> "Tokenizer":
         model = spec["model"]
         if model["type"] != "BPE" or model.get("byte_fallback"):
-            raise UnsupportedTokenizer(f"only byte-level BPE is supported, not {model['type']}/byte_fallback")
+            raise UnsupportedTokenizer(f"only byte-level BPE is supported, not "
+                                       f"{model['type']}/byte_fallback")
         normalizer = (spec.get("normalizer") or {}).get("type")
         if normalizer not in (None, "NFC"):
             raise UnsupportedTokenizer(f"unsupported normalizer {normalizer}")
@@ -252,37 +281,45 @@ class Tokenizer:
         _check_merge_order(model["vocab"], model["merges"])
         added = _hf_added_token_ids(spec.get("added_tokens", []), model["vocab"])
         char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
-        if bad := next((t for t in model["vocab"] if t not in added and set(t) - char_to_byte.keys()), None):
-            raise UnsupportedTokenizer(f"vocab token {bad!r} is not written in GPT-2's byte alphabet: "
-                                       f"not a byte-level BPE")
+        # A token outside GPT-2's byte alphabet (SentencePiece's "▁word") would fail below.
+        foreign = (t for t in model["vocab"] if t not in added and set(t) - char_to_byte.keys())
+        if bad := next(foreign, None):
+            raise UnsupportedTokenizer(f"vocab token {bad!r} is not written in GPT-2's byte "
+                                       f"alphabet: not a byte-level BPE")
         # An added token may also sit in the vocab (GPT-2's <|endoftext|>); keep it only as a
         # special token.
-        ranks = {bytes(char_to_byte[c] for c in tok): i for tok, i in model["vocab"].items() if tok not in added}
+        ranks = {bytes(char_to_byte[c] for c in tok): i
+                 for tok, i in model["vocab"].items() if tok not in added}
         always = frozenset(t["content"] for t in spec.get("added_tokens", []) if not t["special"])
-        return cls(ranks, pattern, added, nfc=normalizer == "NFC", parsed_by_default=always, name=name)
+        return cls(ranks, pattern, added, nfc=normalizer == "NFC", parsed_by_default=always,
+                   name=name)
 
     @classmethod
     def from_tiktoken_model(cls, path: str | Path) -> "Tokenizer":
-        """Meta's Llama-3 tokenizer.model: one "base64(token) rank" line per BPE token; special tokens are implied."""
+        """Meta's Llama-3 tokenizer.model: one "base64(token) rank" line per BPE token; the special
+        tokens are implied."""
         path = Path(path)
         try:
             lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line]
             ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in lines}
         except ValueError as e:  # also UnicodeDecodeError, e.g. a sentencepiece (Llama-2) protobuf
-            raise ValueError(f"{path} is not a tiktoken BPE file (base64 token, rank per line)") from e
-        if len(ranks) != 128000:  # the special-token layout below is Llama-3's (Llama-4's file has 200000 tokens)
-            raise UnsupportedTokenizer(f"{path} has {len(ranks)} tokens; only Llama-3's 128000-token file is "
-                                       f"supported")
+            raise ValueError(f"{path} is not a tiktoken BPE file (base64 token, rank per line)") \
+                from e
+        # The special-token layout below is Llama-3's (Llama-4's file has 200000 tokens).
+        if len(ranks) != 128000:
+            raise UnsupportedTokenizer(f"{path} has {len(ranks)} tokens; only Llama-3's "
+                                       f"128000-token file is supported")
         specials = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIALS)}
         tok = cls(ranks, LLAMA3_PATTERN, specials, name=str(path))
         tok.bos_id = specials["<|begin_of_text|>"]
         tok.eos_id = specials["<|end_of_text|>"]
-        tok.eos_ids = {tok.eos_id, specials["<|eom_id|>"], specials["<|eot_id|>"]}  # Meta's stop tokens
+        tok.eos_ids = {tok.eos_id, specials["<|eom_id|>"], specials["<|eot_id|>"]}  # Meta's stops
         return tok
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
-        """tokenizer.json (preferred) or tokenizer.model, with bos/eos from the HF config files next to it."""
+        """tokenizer.json (preferred) or tokenizer.model, with bos/eos from the HF config files next
+        to it."""
         path = Path(path)
         if (path / "tokenizer.json").is_file():
             tok = cls.from_tokenizer_json(path / "tokenizer.json")
@@ -306,13 +343,15 @@ class Tokenizer:
             try:
                 return self.token_id(name)
             except (KeyError, TypeError, AttributeError):  # unknown, or not a name at all
-                raise ValueError(f"{path / 'tokenizer_config.json'} names {token!r} as bos or eos token, "
-                                 f"which is not a token of this tokenizer") from None
+                raise ValueError(f"{path / 'tokenizer_config.json'} names {token!r} as bos or eos "
+                                 f"token, which is not a token of this tokenizer") from None
 
-        if "bos_token" in tok_cfg:  # null means "no BOS" (Qwen3), even where config.json has a bos_token_id
+        # A null bos_token means "no BOS" (Qwen3), even where config.json has a bos_token_id.
+        if "bos_token" in tok_cfg:
             self.bos_id = name_to_id(tok_cfg["bos_token"])
         else:
-            self.bos_id = next((c["bos_token_id"] for c in configs if c.get("bos_token_id") is not None), self.bos_id)
+            ids = (c["bos_token_id"] for c in configs if c.get("bos_token_id") is not None)
+            self.bos_id = next(ids, self.bos_id)
         eos = [name_to_id(tok_cfg.get("eos_token"))]
         for cfg in configs:
             ids = cfg.get("eos_token_id")
@@ -322,8 +361,7 @@ class Tokenizer:
             self.eos_id = eos[0]
         self.eos_ids = self.eos_ids | set(eos)
 
-    # ---------------------------------------------------------------------------------------------------------------
-    # encoding and decoding
+    # ---- encoding and decoding
 
     def encode(self, text: str, bos: bool = False, allow_special: bool = False) -> list[int]:
         """Token ids of text. Special-token text like "<|im_end|>" is encoded as plain text unless
@@ -372,11 +410,11 @@ class Tokenizer:
             i = self.vocab_size
         if i >= self.vocab_size:
             known = ", ".join(sorted(self.special_tokens, key=self.special_tokens.get)[:8])
-            raise KeyError(f"{name!r} is not a token of this tokenizer (special tokens include {known}, ...)")
+            raise KeyError(f"{name!r} is not a token of this tokenizer (special tokens include "
+                           f"{known}, ...)")
         return i
 
-    # ---------------------------------------------------------------------------------------------------------------
-    # chat
+    # ---- chat
 
     def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """A minimal chat prompt; encode it with allow_special=True (and bos=False: the Llama-3 one
@@ -394,34 +432,40 @@ class Tokenizer:
         if "<|start_header_id|>" in self.special_tokens:
             head = "<|start_header_id|>{}<|end_header_id|>\n\n"
             turns = [head.format(m["role"]) + m["content"].strip() + "<|eot_id|>" for m in messages]
-            return "<|begin_of_text|>" + "".join(turns) + (head.format("assistant") if add_generation_prompt else "")
-        raise ValueError("no chat format for this vocabulary: it has neither <|im_start|> nor <|start_header_id|>")
+            tail = head.format("assistant") if add_generation_prompt else ""
+            return "<|begin_of_text|>" + "".join(turns) + tail
+        raise ValueError("no chat format for this vocabulary: it has neither <|im_start|> nor "
+                         "<|start_header_id|>")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Command line: a quick look at how a checkpoint's tokenizer splits text
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Print the token ids of TEXT under the tokenizer in DIR (tokenizer.json or tokenizer.model), "
-                    "or with --decode the text of space-separated ids.",
+        description="Print the token ids of TEXT under the tokenizer in DIR (tokenizer.json or "
+                    "tokenizer.model), or with --decode the text of space-separated ids.",
         epilog='example: python tokenizer.py out/tiny/hf "Hello world"')
     parser.add_argument("dir", help="checkpoint or tokenizer directory (a local path)")
     parser.add_argument("text", help="text to encode (or ids to decode)")
-    parser.add_argument("--allow-special", action="store_true", help="parse special-token text such as <|im_end|>")
-    parser.add_argument("--bos", action="store_true", help="prepend the BOS id, when the tokenizer has one")
-    parser.add_argument("--decode", action="store_true", help="TEXT is ids, e.g. '9707 1879': print their text")
+    parser.add_argument("--allow-special", action="store_true",
+                        help="parse special-token text such as <|im_end|>")
+    parser.add_argument("--bos", action="store_true",
+                        help="prepend the BOS id, when the tokenizer has one")
+    parser.add_argument("--decode", action="store_true",
+                        help="TEXT is ids, e.g. '9707 1879': print their text")
     args = parser.parse_args(argv)
     try:
         tok = Tokenizer.from_dir(args.dir)
         ids = [int(i) for i in args.text.split()] if args.decode else None
-    except (OSError, ValueError) as e:  # a missing or unreadable tokenizer, or ids that are not integers
+    except (OSError, ValueError) as e:  # a missing or unreadable tokenizer, or non-integer ids
         parser.error(str(e))
     if args.decode:
         print(tok.decode(ids))
     else:
-        print(" ".join(map(str, tok.encode(args.text, bos=args.bos, allow_special=args.allow_special))))
+        ids = tok.encode(args.text, bos=args.bos, allow_special=args.allow_special)
+        print(" ".join(map(str, ids)))
 
 
 if __name__ == "__main__":
