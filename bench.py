@@ -37,7 +37,7 @@ def median_times(fns, device, repeats, warmup=2):
 
     The functions take turns, so a busy machine (other jobs on a shared CPU) slows all alike.
     """
-    for _ in range(warmup):
+    for _ in range(warmup):  # first calls pay for kernel selection, allocation, lazy init
         for fn in fns:
             fn()
     times = [[] for _ in fns]
@@ -90,6 +90,7 @@ def attention_backend(device, dtype):
 
 
 def markdown_table(header, rows):
+    # GitHub markdown, so RESULTS.md renders as tables.
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
@@ -108,6 +109,7 @@ def append_results(args, title, device, table):
 
 
 def parse_list(text, item=int):
+    # "8192,32768" -> [8192, 32768]; no k suffix here, the commands spell lengths out.
     return [item(x) for x in text.split(",")]
 
 
@@ -174,7 +176,7 @@ def measure(mlps, x, grad, device, repeats):
         except torch.OutOfMemoryError:
             peaks.append(False)
             torch.cuda.empty_cache()
-    fit = [mlp for mlp, peak in zip(mlps, peaks) if peak is not False]
+    fit = [mlp for mlp, peak in zip(mlps, peaks) if peak is not False]  # only these are timed
     fwd = iter(median_times([lambda m=m: forward(m) for m in fit], device, repeats))
     fwd_bwd = iter(median_times([lambda m=m: forward_backward(m) for m in fit], device, repeats))
     return [None if peak is False else (next(fwd), next(fwd_bwd), peak) for peak in peaks]
@@ -201,7 +203,7 @@ def bench_ttt(args):
     seqs = parse_list(args.seqs or sizes["seqs"])
     chunks = parse_list(args.chunks or sizes["chunks"])
     device, dtype = torch.device(args.device), args.dtype
-    if args.threads:
+    if args.threads:  # fewer threads than cores: steadier timings on a shared machine
         torch.set_num_threads(args.threads)
     generator = torch.Generator(device).manual_seed(0)  # drawn on the device: 128K x 4096 is quick
     rows = []
@@ -212,7 +214,7 @@ def bench_ttt(args):
             x, grad = draw().requires_grad_(), draw()
             for C in chunks:  # the plain MLP is timed again next to each TTT run, taking turns
                 mlps = mlp_pair(D, F, C, device, dtype)
-                if args.compile:
+                if args.compile:  # both or neither, so the ratio compares like with like
                     mlps = [torch.compile(m) for m in mlps]
                 base, got = measure(mlps, x, grad, device, args.repeats)
                 rows.append(ttt_row(D, F, T, C, base, got))
@@ -286,7 +288,7 @@ def copy_bandwidth(device, nbytes):
     """Measured bytes/s of a device-to-device copy (read + write), the practical memory roofline."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / median_times([lambda: dst.copy_(src)], device, 10)[0]
+    return 2 * nbytes / median_times([lambda: dst.copy_(src)], device, 10)[0]  # read + write
 
 
 def random_prompt(vocab_size, T):
@@ -310,7 +312,7 @@ def ours_decode(model, context, new_tokens, compile):
     if compile:
         torch._dynamo.reset()  # each model and cache shape compiles afresh, below the recompile cap
     run_generate(model, context, new_tokens, compile)
-    steps = run_generate(model, context, new_tokens, compile)["step_s"]
+    steps = run_generate(model, context, new_tokens, compile)["step_s"]  # per-token times only
     return len(steps) / sum(steps)
 
 
@@ -318,7 +320,7 @@ def ours_prefill(model, T, device, repeats):
     """(tokens/s, peak bytes or None): a T-token prompt to the first new token, after a warm-up."""
     run_generate(model, min(T, 2 * model.config.ttt_chunk), 1)  # a prefill and a continuation: warm
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(device)  # the peak of the timed runs, not the warm-up's
     seconds = statistics.median(run_generate(model, T, 1)["prefill_s"] for _ in range(repeats))
     return T / seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
@@ -337,7 +339,7 @@ def hf_generate(model, T, new_tokens, device):
     int(token)  # the host waits for the device, as sample.generate does once per token
     t1 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    for _ in range(new_tokens):
+    for _ in range(new_tokens):  # plain eager decoding, HF's default without generate()'s extras
         out = model(token, past_key_values=out.past_key_values, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         int(token)
@@ -371,6 +373,7 @@ def sample_rows(name, contexts, prefills, args, device, dtype, bandwidth, with_h
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
+    # Tables: our TTT on and off, then transformers (no TTT), for each length.
     decode_rows, prefill_rows = [], []
     onoff = lambda on: "on" if on else "off"
     for ctx in contexts:
@@ -404,6 +407,7 @@ def bench_sample(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     with_hf = importlib.util.find_spec("transformers") is not None  # its rows only when installed
+    # 1 GiB on a GPU (well past its caches), 128 MiB on a CPU (past its caches, quick to copy).
     bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**27)
     decode_rows, prefill_rows = [], []
     for name in shapes:
@@ -556,7 +560,7 @@ def main(argv=None):
                    help="torch.compile each block, as train.py --compile")
     p.set_defaults(func=bench_train)
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else argv  # tests pass argv; the shell, sys.argv
     args = parser.parse_args(argv)
     args.argv = argv  # recorded with the results, so every row says how to reproduce it
     args.func(args)

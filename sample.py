@@ -136,14 +136,16 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     if max_new_tokens < 1:
         return [[] for _ in prompts]
+    # One stop id or several (Llama-3 instruct stops at <|eot_id|> and <|eom_id|> too).
     stop = set() if eos_ids is None else {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
     device = model.lm_head.weight.device
+    # A generator of its own: the same seed gives the same text whatever ran before.
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     pick = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)
     # Sized once for the longest row: decoding never reallocates, which compiled steps rely on.
     cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
     step = decode_one_token
-    if compile:
+    if compile:  # the compiled step updates the cache in place, at fixed addresses
         mark_static(cache)
         step = compiled_decode_step(device)
 
@@ -161,7 +163,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
             if on_token is not None:
                 on_token(b, t)
         times.append(time.perf_counter())  # tolist() waited for the device, so this time is real
-        if all(finished) or i == max_new_tokens - 1:
+        if all(finished) or i == max_new_tokens - 1:  # no step whose token would be thrown away
             break
         # Finished rows keep stepping (their tokens are dropped); the batch shape stays fixed.
         tokens = pick(step(model, cache, tokens[:, None]))
@@ -212,6 +214,8 @@ def read_prompts(tok, vocab_size: int, add_bos: bool, *, prompt=None, prompt_fil
     """Token ids of each prompt, from the one source given (the --prompt* flags); raises
     ValueError with a message for the user."""
     if prompt_tokens is not None:  # random ordinary tokens, for speed runs
+        # Ids both the model and the tokenizer have, never a special token (a random EOS or chat
+        # marker would make the prompt unlike any text).
         allowed = torch.ones(min(vocab_size, tok.vocab_size), dtype=torch.bool)
         allowed[[i for i in tok.special_tokens.values() if i < len(allowed)]] = False
         pool = allowed.nonzero()[:, 0]
@@ -239,13 +243,14 @@ def read_prompts(tok, vocab_size: int, add_bos: bool, *, prompt=None, prompt_fil
             ids = tok.encode(wrapped, allow_special=True)
         else:
             ids = tok.encode(text, bos=add_bos)
-        if not text.strip() or not ids:
+        if not text.strip() or not ids:  # a prompt of only spaces, or of bytes the tokenizer drops
             raise ValueError("the prompt is empty" if len(texts) == 1 else f"prompt {n} is empty")
         prompts.append(ids)
     return prompts
 
 
 def read_text(path) -> str:
+    """A UTF-8 file's text; unreadable or not UTF-8 is a ValueError that names the file."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -270,6 +275,7 @@ def summary(stats, device, compiled: bool) -> str:
     """One line: prefill and decode rates, peak memory (CUDA allocator, or the process's RSS)."""
     steps = stats["step_s"][COMPILE_WARMUP_STEPS:] if compiled else stats["step_s"]
     rate = stats["prompt_tokens"] / stats["prefill_s"]
+    # Decode counts tokens of every row: a batch's rate is what the batch produces per second.
     line = (f"prompt tokens {stats['prompt_tokens']} | prefill {rate:.0f} tok/s "
             f"({stats['prefill_s']:.2f} s)")
     if steps:
@@ -345,7 +351,7 @@ def main(argv=None):
                      f"got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:  # nan fails this comparison too
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.chat and args.prompt_tokens is not None:
+    if args.chat and args.prompt_tokens is not None:  # random ids have no text to wrap
         parser.error("--chat wraps text prompts; it cannot be used with --prompt-tokens")
 
     # Everything that can be wrong with the input is checked before the weights are read.
@@ -360,7 +366,7 @@ def main(argv=None):
                                prompt_tokens=args.prompt_tokens, chat=args.chat, seed=args.seed)
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    limit = cfg.max_position_embeddings
+    limit = cfg.max_position_embeddings  # past it RoPE positions were never trained
     for n, p in enumerate(prompts):
         if len(p) + args.max_new_tokens > limit and not args.allow_long:
             which = "the prompt" if len(prompts) == 1 else f"prompt {n + 1}"
@@ -369,6 +375,7 @@ def main(argv=None):
                          f"shorten it, extend the context with --rope-scaling, or pass --allow-long")
 
     device = torch.device(args.device)
+    # bf16 on a GPU; fp32 on a CPU, where bf16 is rarely faster and always less exact.
     dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         model = load_model(path, device=device, dtype=dtype, config=cfg).eval()
@@ -383,7 +390,8 @@ def main(argv=None):
     outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                     eos_ids=None if args.ignore_eos else tok.eos_ids,
-                    prefill_chunk=args.prefill_chunk, on_token=stream, compile=args.compile, stats=stats)
+                    prefill_chunk=args.prefill_chunk, on_token=stream, compile=args.compile,
+                    stats=stats)
     if stream is None:
         for n, out in enumerate(outs, 1):
             print(f"### {n}\n{tok.decode(out)}\n")

@@ -102,7 +102,7 @@ def _pattern_from(pre_tokenizer: dict | None) -> str:
     if kinds[-1:] != ["ByteLevel"] or steps[-1].get("add_prefix_space"):
         raise UnsupportedTokenizer(f"pre_tokenizer {kinds} is not byte-level BPE without "
                                    f"add_prefix_space")
-    uses_regex = steps[-1].get("use_regex", True)
+    uses_regex = steps[-1].get("use_regex", True)  # ByteLevel's own GPT-2 split, on by default
     if kinds == ["ByteLevel"] and uses_regex:
         return GPT2_PATTERN
     if kinds == ["Digits", "ByteLevel"] and steps[0]["individual_digits"] and uses_regex:
@@ -134,7 +134,7 @@ def _hf_added_token_ids(added_tokens: list[dict], vocab: dict[str, int]) -> dict
     keeps its vocab id, any other gets len(vocab), or the largest added id + 1 once that is past
     len(vocab). Saved files agree with this."""
     ids, taken = {}, set(vocab.values())
-    for name in (t["content"] for t in added_tokens):
+    for name in (t["content"] for t in added_tokens):  # in file order: each id depends on the last
         top = max(ids.values(), default=-1)
         ids[name] = vocab[name] if name in vocab else top + 1 if top >= len(vocab) else len(vocab)
         if name not in vocab and ids[name] in taken:
@@ -240,12 +240,14 @@ class Tokenizer:
         # vocab_size; encode drops them.
         ranks = dict(mergeable_ranks)
         missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+        # Ranks past every real token: BPE never merges into them, so neighbours are unaffected.
         ranks.update({b: self.vocab_size + k for k, b in enumerate(missing)})
         self._has_placeholders = bool(missing)
         # Regexes that split text at the special tokens parsed by default (False) or with
         # allow_special (True).
         self._splitters = {False: _splitter(parsed_by_default), True: _splitter(special_tokens)}
         self._all_special = frozenset(special_tokens)
+        # tiktoken does the BPE itself (Rust): fast enough to tokenise a corpus or a 128K prompt.
         self._enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks,
                                       special_tokens=special_tokens)
 
@@ -299,7 +301,7 @@ class Tokenizer:
         """Meta's Llama-3 tokenizer.model: one "base64(token) rank" line per BPE token; the special
         tokens are implied."""
         path = Path(path)
-        try:
+        try:  # any malformed line (not two fields, bad base64, no int) lands in the except
             lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line]
             ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in lines}
         except ValueError as e:  # also UnicodeDecodeError, e.g. a sentencepiece (Llama-2) protobuf
@@ -309,7 +311,7 @@ class Tokenizer:
         if len(ranks) != 128000:
             raise UnsupportedTokenizer(f"{path} has {len(ranks)} tokens; only Llama-3's "
                                        f"128000-token file is supported")
-        specials = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIALS)}
+        specials = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIALS)}  # 128000 on
         tok = cls(ranks, LLAMA3_PATTERN, specials, name=str(path))
         tok.bos_id = specials["<|begin_of_text|>"]
         tok.eos_id = specials["<|end_of_text|>"]
@@ -321,6 +323,7 @@ class Tokenizer:
         """tokenizer.json (preferred) or tokenizer.model, with bos/eos from the HF config files next
         to it."""
         path = Path(path)
+        # tokenizer.json first: it carries the added tokens and the split exactly as HF uses them.
         if (path / "tokenizer.json").is_file():
             tok = cls.from_tokenizer_json(path / "tokenizer.json")
         elif (path / "tokenizer.model").is_file():
@@ -352,14 +355,14 @@ class Tokenizer:
         else:
             ids = (c["bos_token_id"] for c in configs if c.get("bos_token_id") is not None)
             self.bos_id = next(ids, self.bos_id)
-        eos = [name_to_id(tok_cfg.get("eos_token"))]
+        eos = [name_to_id(tok_cfg.get("eos_token"))]  # first: the main stop token
         for cfg in configs:
             ids = cfg.get("eos_token_id")
             eos += ids if isinstance(ids, list) else [ids]
         eos = [i for i in eos if i is not None]
         if eos:
             self.eos_id = eos[0]
-        self.eos_ids = self.eos_ids | set(eos)
+        self.eos_ids = self.eos_ids | set(eos)  # added to, not replaced: Meta's own stops stay
 
     # ---- encoding and decoding
 
@@ -370,8 +373,10 @@ class Tokenizer:
         allowed = self._all_special if allow_special else self.parsed_by_default
         if self.nfc:
             text = self._nfc_between(text, allow_special)
+        # disallowed_special=(): special-token text outside `allowed` is encoded as plain text,
+        # where tiktoken would otherwise raise.
         ids = self._enc.encode(text, allowed_special=allowed, disallowed_special=())
-        if self._has_placeholders:
+        if self._has_placeholders:  # drop the bytes that have no token, as HF does
             ids = [i for i in ids if i < self.vocab_size]
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
 
@@ -390,7 +395,7 @@ class Tokenizer:
         with no token (holes in the id range, padded embedding rows) decode to nothing, as in HF."""
         try:
             data = self._enc.decode_bytes(ids)
-        except KeyError:
+        except KeyError:  # an id with no token somewhere: filter (the slow path, rarely taken)
             data = self._enc.decode_bytes([i for i in ids if self._is_token(i)])
         return data.decode("utf-8", errors="replace")
 
@@ -407,8 +412,8 @@ class Tokenizer:
         try:
             i = self._enc.encode_single_token(name.encode("utf-8"))
         except KeyError:
-            i = self.vocab_size
-        if i >= self.vocab_size:
+            i = self.vocab_size  # no such token: reported below, like a placeholder byte
+        if i >= self.vocab_size:  # placeholder ranks (bytes with no token) are not tokens either
             known = ", ".join(sorted(self.special_tokens, key=self.special_tokens.get)[:8])
             raise KeyError(f"{name!r} is not a token of this tokenizer (special tokens include "
                            f"{known}, ...)")
@@ -456,7 +461,7 @@ def main(argv=None):
     parser.add_argument("--decode", action="store_true",
                         help="TEXT is ids, e.g. '9707 1879': print their text")
     args = parser.parse_args(argv)
-    try:
+    try:  # both checked before anything is printed
         tok = Tokenizer.from_dir(args.dir)
         ids = [int(i) for i in args.text.split()] if args.decode else None
     except (OSError, ValueError) as e:  # a missing or unreadable tokenizer, or non-integer ids
