@@ -699,6 +699,23 @@ def positive_int(text: str) -> int:
     return n
 
 
+def write_samples(path: Path, combos, samples: int, tok, seed: int, chat: bool, src: Sources):
+    """--generate-only: every sample as one jsonl line, written whole or not at all."""
+    from tqdm import tqdm
+
+    rows = []
+    for L, t in tqdm(combos, desc="generating"):
+        try:
+            rows += generate_samples(t, L, samples, tok, seed, chat, src)
+        except ValueError as e:
+            raise ValueError(f"--lengths {length_name(L)}: {e}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(s) + "\n" for s in rows))
+    tmp.replace(path)  # all or nothing: a crash leaves an earlier file intact
+    print(f"wrote {len(rows)} samples to {path}")
+
+
 def build_parser():
     import load_hf  # torch and the model, imported only by the commands that run one
 
@@ -779,18 +796,10 @@ def main(argv=None):
         ap.error(str(e))
 
     if args.generate_only:
-        from tqdm import tqdm
-        rows = []
-        for L, t in tqdm(combos, desc="generating"):
-            try:
-                rows += generate_samples(t, L, args.samples, tok, args.seed, args.chat, src)
-            except ValueError as e:  # a length too short for this task with this tokenizer
-                ap.error(f"--lengths {length_name(L)}: {e}")
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "samples.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(s) + "\n" for s in rows))
-        tmp.replace(out / "samples.jsonl")  # all or nothing: a crash leaves the old file intact
-        print(f"wrote {len(rows)} samples to {out / 'samples.jsonl'}")
+        try:
+            write_samples(out / "samples.jsonl", combos, args.samples, tok, args.seed, args.chat, src)
+        except ValueError as e:  # a length too short for a task with this tokenizer
+            ap.error(str(e))
         return
 
     if lengths[-1] > cfg.max_position_embeddings:
