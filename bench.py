@@ -243,11 +243,11 @@ PREFILL_HEADER = ["shape", "T", "impl", "TTT", "prefill tok/s", "peak GiB", "× 
 
 def random_models(name, device, dtype):
     """(TTT model, base model) of a preset's shape with random weights. The base shares every tensor but the TTT
-    parameters, so its cache holds no fast-weight state. TTT layers follow the official recipe (every 6th layer,
-    C = 4096, η = 3) unless the preset names its own (tiny)."""
-    from model import PRESETS, Transformer
+    parameters, so its cache holds no fast-weight state. TTT layers follow the official recipe
+    (model.TTT_RECIPE) unless the preset names its own."""
+    from model import PRESETS, TTT_RECIPE, Transformer
 
-    cfg = PRESETS[name] if PRESETS[name].ttt_layers else PRESETS[name].with_ttt(every=6)
+    cfg = PRESETS[name] if PRESETS[name].ttt_layers else PRESETS[name].with_ttt(**TTT_RECIPE)
     with torch.device("meta"):
         model, base = Transformer(cfg).to(dtype), Transformer(cfg.with_ttt(layers=())).to(dtype)
     model.to_empty(device=device)
@@ -452,7 +452,7 @@ def train_throughput(cfg, T, device, args, checkpointing):
 
 def bench_train(args):
     import train
-    from model import PRESETS
+    from model import PRESETS, TTT_RECIPE
 
     sizes = TRAIN_SMALL if args.small else TRAIN_SIZES
     shapes, seqs = (args.shapes or sizes["shapes"]).split(","), parse_list(args.seqs or sizes["seqs"])
@@ -462,7 +462,9 @@ def bench_train(args):
     rows = []
     for name in shapes:
         base = PRESETS[name]
-        on = base if base.ttt_layers else base.with_ttt(every=6, chunk=args.chunk, lr=3.0, target="hidden_states")
+        # The official recipe; --chunk, when given, sets the C to measure.
+        recipe = {**TTT_RECIPE, "chunk": args.chunk or TTT_RECIPE["chunk"]}
+        on = base if base.ttt_layers else base.with_ttt(**recipe)
         for T in seqs:
             results = {}
             for ttt_on, cfg in ((True, on), (False, on.with_ttt(layers=()))):
@@ -544,9 +546,9 @@ def main(argv=None):
     p.add_argument("--shapes",
                    help="model.py presets, comma separated (default: qwen3-0.6b,qwen3-1.7b)")
     p.add_argument("--seqs", help="tokens per sequence, comma separated (default: 8192,32768)")
-    p.add_argument("--chunk", type=int, default=1024,
-                   help="TTT chunk C where a preset has no TTT of its own (those get every 6th "
-                        "layer, eta=3)")
+    p.add_argument("--chunk", type=int,
+                   help="TTT chunk C where a preset has no TTT of its own (those get "
+                        "model.TTT_RECIPE; default: its C, 4096)")
     p.add_argument("--small", action="store_true",
                    help="CPU-sized defaults: the tiny preset (own TTT), T 256, 1024")
     # run
