@@ -547,8 +547,9 @@ CKPT_NAME = re.compile(r"step_(\d{6,})")
 
 def checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a half-written one is still a .tmp directory)."""
-    found = [p for p in ckpt_dir.iterdir() if CKPT_NAME.fullmatch(p.name)] if ckpt_dir.is_dir() else []
-    return sorted(found, key=lambda p: int(CKPT_NAME.fullmatch(p.name)[1]))
+    found = [p for p in ckpt_dir.iterdir() if CKPT_NAME.fullmatch(p.name)] if ckpt_dir.is_dir() \
+        else []
+    return sorted(found, key=lambda p: int(p.name[5:]))  # by number: step_1000000 is 7 digits
 
 
 def over_ranks(fn, names) -> list:

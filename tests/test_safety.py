@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import CORPUS, make_hf, metrics, rewrite_weights, small_args, without_timing
 
 import load_hf
 import train
+from model import ModelConfig
 
 
 def listing(root):
@@ -189,15 +191,38 @@ def test_non_finite_loss_names_the_last_good_checkpoint_and_resume_is_clean(run_
     good = run_copy / "ckpt" / "step_000002"
     named = f"not finite.*The newest checkpoint whose weights gave a finite loss is {good}"
     with pytest.raises(SystemExit, match=named):
-        resume(byte_tokenizer, cache, run_copy, "--lr", "1e30", "--grad-clip", "0", steps=6)
+        resume(byte_tokenizer, cache, run_copy, "--lr", "1e30", "--grad-clip", "0", steps=4)
     ckpts = [p.name for p in train.checkpoints(run_copy / "ckpt")]
     assert ckpts == ["step_000001", "step_000002"]  # step 3's weights gave NaN: never saved
-    resume(byte_tokenizer, cache, run_copy, steps=6)  # the first run's lr again
+    resume(byte_tokenizer, cache, run_copy, steps=4)  # the first run's lr again
     rows = metrics(run_copy)
-    assert [r["step"] for r in rows] == list(range(7))
+    assert [r["step"] for r in rows] == list(range(5))
     assert all(math.isfinite(r["loss"]) for r in rows[1:])
     recorded = load_hf.read_train_meta(good)["loss"]  # what these weights gave on step 3's batch
     assert recorded == pytest.approx(rows[3]["loss"], rel=1e-5)
+
+
+def test_resumed_weights_that_give_a_non_finite_loss_are_set_aside(run_copy, byte_tokenizer,
+                                                                    cache):
+    ckpt = run_copy / "ckpt"
+    meta = load_hf.read_train_meta(ckpt / "step_000002")
+    meta = {k: meta[k] for k in ("config", "tokenizer", "world_size", "args")}
+    try:  # NaN weights saved without a loss, as an older train.py saved them after step N
+        _, _, device = train.setup_distributed("cpu")
+        model = train.build_model(ModelConfig(**meta["config"]), device)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+        optimizer = train.make_optimizer(model, 1e-3, 0.1, device)
+        train.save_checkpoint(ckpt, 3, model, optimizer, meta, keep=10, rank=0, loss=None)
+    finally:
+        dist.destroy_process_group()
+    named = f"step 4: loss nan.*finite loss is {ckpt / 'step_000002'}: --resume continues from it"
+    with pytest.raises(SystemExit, match=named):
+        resume(byte_tokenizer, cache, run_copy, steps=4)
+    assert [p.name.split("-")[0] for p in ckpt.glob("step_000003*")] == ["step_000003.nonfinite"]
+    resume(byte_tokenizer, cache, run_copy, steps=4)
+    assert [r["step"] for r in metrics(run_copy)] == list(range(5))
 
 
 # ---- 6. every bad value is named where it enters, before anything is written

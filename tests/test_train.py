@@ -67,6 +67,13 @@ def test_two_ranks_learn_with_sharded_params_and_ttt_grads(two_ranks):
     assert weights["model.layers.1.mlp.ttt_conv.weight"].abs().sum() > 0  # starts at zero: it learned
 
 
+def test_two_rank_checkpoint_records_every_file_of_both_ranks(two_ranks):
+    ckpt = two_ranks / "ckpt" / f"step_{STEPS:06d}"
+    record = load_hf.read_train_meta(ckpt)["files"]
+    assert set(record) == {p.name for p in ckpt.iterdir()} - {"train.json"} >= {"__0_0.distcp", "__1_0.distcp"}
+    assert load_hf.verify_checkpoint(ckpt)["step"] == STEPS
+
+
 def test_no_ttt_is_a_plain_model_transformers_loads(tmp_path, byte_tokenizer, cache):
     train.main(small_args(byte_tokenizer, cache, tmp_path, "--no-ttt", "--val-data", str(SPEECHES / "1800-Adams-1.txt"),
                           steps=2))
