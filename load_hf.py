@@ -525,9 +525,10 @@ def check_export_target(out, overwrite=False, protect=()):
     except (OSError, ValueError, KeyError, TypeError):  # no mark, or not ours to read
         ours = set()
     if entries and not set(entries) <= ours and not overwrite:
-        raise FileExistsError(f"{out} exists and is not an export of ours ({len(entries)} "
-                              f"entries, e.g. {entries[0]}): choose another directory, or pass "
-                              f"--overwrite to replace it")
+        more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+        raise FileExistsError(f"{out} exists and is not an export of ours (it holds {entries[0]}"
+                              f"{more}): choose another directory, or pass --overwrite to replace "
+                              f"it")
 
 
 # -----------------------------------------------------------------------------
