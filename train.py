@@ -15,6 +15,11 @@ on the meta device, sharded with FSDP2 block by block, then filled from a full C
 weights) or from a checkpoint -> the loop: micro-batches, one AdamW step per global batch,
 validation, checkpoints (torch.distributed.checkpoint) -> HF export (load_hf.export_checkpoint).
 
+Nothing a run did not write is replaced: a rerun into an --out holding a run needs --resume or
+--overwrite, an export replaces only an earlier export, rotation deletes only step_NNNNNN. A
+checkpoint is saved only once its weights gave a finite loss (on the next step's batch), with the
+sizes and sha256 of its files in train.json; --resume takes the newest one that still matches.
+
 A single process is a world of one: the same FSDP2 code runs on a one-rank group, so there is one
 code path. Training windows are a pure function of (seed, step), so a resumed run sees exactly the
 data the uninterrupted run would have seen, whatever the number of ranks. Rank 0 writes the token
@@ -26,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -83,9 +89,14 @@ def override_item(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a ModelConfig "
                                          f"field ({names})")
     try:
-        return key, json.loads(value)
+        value = json.loads(value)
     except json.JSONDecodeError:  # not JSON: a bare string such as llama or hidden_states
-        return key, value
+        pass
+    try:  # the field's own rule (load_hf.RULES): hidden_size=abc or =64.5 is named here
+        load_hf.check_field(key, value, key)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return key, value
 
 
 def layer_list(text: str) -> tuple[int, ...]:
@@ -177,8 +188,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the latest complete checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that holds checkpoints, deleting them (without "
-                        "it: an error)")
+                   help="start afresh in an --out that holds a run (checkpoints, metrics.jsonl, "
+                        "its export), replacing it, and let --export-hf replace a directory that "
+                        "is not an earlier export (never a file, a checkpoint or a run directory); "
+                        "without it: an error")
     p.add_argument("--export-hf", help="HF export of the final model (default: <out>/hf)")
     p.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
     p.add_argument("--val-every", type=int, default=25,
@@ -191,11 +204,18 @@ def parse_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
 
-    # Combinations argparse cannot check, refused before anything is read or written.
-    if min(args.keep, args.save_every, args.val_every, args.seq_len, args.batch_tokens) < 1:
-        p.error("--keep, --save-every, --val-every, --seq-len and --batch-tokens must be >= 1")
-    if args.warmup is not None and args.warmup < 0:
-        p.error(f"--warmup {args.warmup}: must be 0 or more steps")
+    # Values and combinations argparse cannot check, refused before anything is read or written.
+    # None: a default resolved below. NaN fails every comparison, so it is refused too.
+    lows = {"--steps": 1, "--keep": 1, "--save-every": 1, "--val-every": 1, "--seq-len": 1,
+            "--batch-tokens": 1, "--micro-batch": 1, "--ttt-chunk": 1, "--warmup": 0,
+            "--val-windows": 0, "--min-lr": 0, "--ttt-lr": 0, "--weight-decay": 0,
+            "--grad-clip": 0}
+    for flag, low in lows.items():
+        v = getattr(args, flag[2:].replace("-", "_"))
+        if v is not None and not low <= v < math.inf:
+            p.error(f"{flag} {v}: must be {'a finite number ' * isinstance(v, float)}>= {low}")
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        p.error(f"--lr {args.lr}: must be a finite number > 0")
     if args.init and args.override:
         p.error("--override changes a preset's shape; with --init the checkpoint fixes the shape")
     if args.train_only == "ttt" and args.no_ttt:
@@ -230,7 +250,10 @@ def model_config(preset="tiny", init=None, override=None, ttt_layers=None, ttt_c
     given here layered on its own or, where it has none, on model.TTT_RECIPE. None leaves a setting
     as it is; no_ttt removes every TTT layer (the baseline)."""
     if init:  # the checkpoint fixes the shape (parse_args refuses --override with --init)
-        cfg = load_hf.load_config(init)
+        try:
+            cfg = load_hf.load_config(init)
+        except (OSError, ValueError) as e:  # the file and field are in the message
+            raise SystemExit(f"--init {init}: {e}") from None
     else:
         try:  # all fields at once: __post_init__ checks the combination, not each step
             cfg = replace(PRESETS[preset], **(override or {}))
@@ -244,6 +267,11 @@ def model_config(preset="tiny", init=None, override=None, ttt_layers=None, ttt_c
         cfg = cfg.with_ttt(**recipe)
     flags = dict(chunk=ttt_chunk, lr=ttt_lr, target=ttt_target)
     layers = () if no_ttt else ttt_layers  # None keeps the layers chosen above
+    # From a flag an index past the last layer is a mistake: an error, not model.py's warning
+    # (meant for official config.json files, which list index 36 for 36-layer models).
+    if layers and max(layers) >= cfg.num_layers:
+        raise SystemExit(f"--ttt-layers {','.join(map(str, layers))}: the model has "
+                         f"{cfg.num_layers} layers, so indices must be 0..{cfg.num_layers - 1}")
     return cfg.with_ttt(layers=layers, **{k: v for k, v in flags.items() if v is not None})
 
 
@@ -328,11 +356,13 @@ def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int) -> np.ndar
     for f in files:
         key.update(f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n".encode())
     path = Path(cache_dir) / f"{key.hexdigest()[:16]}.bin"
+    if rank == 0:  # half-written caches of killed runs, whatever data they were for
+        load_hf.remove_orphans(cache_dir)
     if rank == 0 and not path.exists():  # one writer; the other ranks wait at the barrier below
         tok = Tokenizer.from_dir(tok_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         # a per-process name: two runs tokenising the same data never write one file
-        tmp, skipped, n_docs = path.with_suffix(f".tmp{os.getpid()}"), {}, 0
+        tmp, skipped, n_docs = load_hf.tmp_sibling(path), {}, 0
         total = sum(f.stat().st_size for f in files)
         with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True,
                                          desc=f"tokenising {len(files)} files") as bar:
@@ -449,7 +479,10 @@ def full_model(cfg, init, seed) -> Transformer:
     host memory while the shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
     torch.manual_seed(seed)  # the random diagonal of new ttt_proj weights draws from it
     if init:  # fp32: master weights, whatever dtype the checkpoint was stored in
-        return load_hf.load_model(init, "cpu", torch.float32, config=cfg, init_missing_ttt=True)
+        try:
+            return load_hf.load_model(init, "cpu", torch.float32, config=cfg, init_missing_ttt=True)
+        except (OSError, ValueError, KeyError) as e:  # a flawed file: its name and flaw, no trace
+            raise SystemExit(f"--init {init}: {e}") from None
     with torch.device("meta"):  # no memory until to_empty, and no init work thrown away
         model = Transformer(cfg)
     model.to_empty(device="cpu")
@@ -523,9 +556,27 @@ def lr_at(step, lr, min_lr, warmup, steps) -> float:
 # renamed when complete. load_hf.export_checkpoint turns one into an HF checkpoint.
 
 
+# The names save_checkpoint writes, and only those: a user's step_000004_best is never taken for
+# a checkpoint, resumed from or rotated away.
+CKPT_NAME = re.compile(r"step_(\d{6,})")
+
+
 def checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a half-written one is still a .tmp directory)."""
-    return sorted(ckpt_dir.glob("step_*")) if ckpt_dir.is_dir() else []
+    found = [p for p in ckpt_dir.iterdir() if CKPT_NAME.fullmatch(p.name)] if ckpt_dir.is_dir() \
+        else []
+    return sorted(found, key=lambda p: int(p.name[5:]))  # by number: step_1000000 is 7 digits
+
+
+def over_ranks(fn, names) -> list:
+    """fn(this rank's share of the checkpoint files `names`) on every rank, gathered in rank
+    order. A rank takes the files its rank number wrote (DCP's __RANK_i.distcp, still in that
+    node's page cache), rank 0 the rest: hashing a checkpoint takes 1/world of the time."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    owner = lambda n: int(m[1]) % world if (m := re.fullmatch(r"__(\d+)_\d+\.distcp", n)) else 0
+    parts = [None] * world
+    dist.all_gather_object(parts, fn([n for n in names if owner(n) == rank]))
+    return parts
 
 
 def train_state(model, optimizer) -> dict:
@@ -538,20 +589,23 @@ def train_state(model, optimizer) -> dict:
             "optim": get_optimizer_state_dict(model, optimizer), "rng": rng}
 
 
-def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank):
-    """Every rank writes its shards into .tmp_step_N; then rank 0 adds train.json and renames it
-    step_N, so a directory named step_N is always complete. Keeps the newest `keep`."""
+def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank, loss):
+    """Every rank writes its shards into .tmp_step_N and hashes its own; then rank 0 adds
+    train.json (the run's meta, the step, `loss` -- what these weights gave on the next step's
+    batch -- and the integrity record: size and sha256 of every file) and renames it step_N, so a
+    directory named step_N is always complete. Keeps the newest `keep`."""
     final = ckpt_dir / f"step_{step:06d}"
-    if final.exists():  # a resumed run that ends where it started: nothing new to write
-        return final
     tmp = ckpt_dir / f".tmp_step_{step:06d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
     dist.barrier()  # no rank writes into tmp before rank 0 has cleared it
     dcp.save(train_state(model, optimizer), checkpoint_id=tmp)
     dist.barrier()  # every rank's shards are on disk
+    parts = over_ranks(partial(load_hf.file_record, tmp), sorted(os.listdir(tmp)))
     if rank == 0:
-        (tmp / load_hf.TRAIN_META).write_text(json.dumps({**meta, "step": step}, indent=2))
+        files = {name: r for part in parts for name, r in part.items()}
+        record = {**meta, "step": step, "loss": loss, "files": files}
+        (tmp / load_hf.TRAIN_META).write_text(json.dumps(record, indent=2))
         os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
         for old in checkpoints(ckpt_dir)[:-keep]:
             gone = ckpt_dir / f".tmp_{old.name}"  # renamed first: a kill mid-delete leaves no half
@@ -559,6 +613,33 @@ def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank):
             shutil.rmtree(gone)
     dist.barrier()  # no rank runs ahead and saves again before the rename
     return final
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename checkpoint step_N to step_N.WHY-TIME: kept for a look, under a name no run reads,
+    resumes or rotates away."""
+    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    return aside
+
+
+def newest_intact(ckpt_dir: Path, log) -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint whose files match their integrity record (all ranks check, each its
+    share), and the newer ones that do not, each logged with what is wrong."""
+    damaged = []
+    for path in reversed(checkpoints(ckpt_dir)):
+        try:  # a checkpoint of an older train.py has no record: taken as it is
+            record = load_hf.read_train_meta(path).get("files", {})
+        except (OSError, ValueError) as e:  # train.json missing or torn: the same on every rank
+            problems = [str(e)]
+        else:
+            check = lambda names: load_hf.damaged_files(path, {n: record[n] for n in names})
+            problems = [p for part in over_ranks(check, list(record)) for p in part]
+        if not problems:
+            return path, damaged
+        log(f"warning: checkpoint {path} is damaged: {'; '.join(problems)}")
+        damaged.append(path)
+    return None, damaged
 
 
 def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
@@ -688,11 +769,25 @@ def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_para
     return loss, grad_norm, ttt_norm
 
 
-def prepare_out(out: Path, start: int):
+@torch.no_grad()
+def batch_loss(model, batches, device, world) -> float:
+    """The mean loss the current weights give on this rank's micro-batches `batches`, over all
+    ranks: train_step's loss without the gradient or the update."""
+    loss_sum = torch.zeros((), device=device)
+    for x, y in batches:
+        loss_sum += model.loss(x.to(device), y.to(device))
+    model.reshard()  # a no-grad forward leaves the root unsharded
+    dist.all_reduce(loss_sum)
+    return loss_sum.item() / (len(batches) * world)
+
+
+def prepare_out(out: Path, start: int, damaged=()):
     """Rank 0: metrics.jsonl keeps one trajectory (rows up to the resumed step), half-written
-    checkpoints go, and a fresh run (start 0, only with --overwrite when there were any) replaces
-    the previous run's checkpoints."""
+    checkpoints and temporary files of killed runs go, damaged checkpoints newer than the resumed
+    one move aside (kept for a look, under a name no run reads), and a fresh run (start 0, only with
+    --overwrite when there were any) replaces the previous run's checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
+    load_hf.remove_orphans(out)  # e.g. the hf/ export of a run killed while writing it
     metrics, kept = out / "metrics.jsonl", []  # a fresh start keeps no rows
     for line in metrics.read_text().splitlines() if start and metrics.exists() else []:
         try:
@@ -701,8 +796,11 @@ def prepare_out(out: Path, start: int):
         except json.JSONDecodeError:  # a line torn by a kill
             pass
     metrics.write_text("".join(kept))
+    for path in damaged:  # step N is written again: its name must be free
+        print(f"moved the damaged {path} aside to {set_aside(path, 'damaged').name}")
     stale = checkpoints(out / "ckpt") if start == 0 else []
-    for old in [*(out / "ckpt").glob(".tmp_step_*"), *stale]:
+    half = [p for p in (out / "ckpt").glob(".tmp_step_*") if CKPT_NAME.fullmatch(p.name[5:])]
+    for old in half + stale:
         shutil.rmtree(old)
 
 
@@ -724,6 +822,7 @@ class Run:
     ttt_params: list  # the trainable TTT parameters, for their own gradient norm
     probe: "UpdateProbe"
     resume_from: Path | None  # the checkpoint to continue, None for a fresh start
+    damaged: list  # checkpoints newer than resume_from that failed their integrity check
 
     def log(self, *a):
         if self.rank == 0:  # one line per event, not one per rank
@@ -739,7 +838,9 @@ def setup_run(args) -> Run | None:
     """Flags -> process group, config, tokenizer, data, model and optimizer; None after
     --prepare-only. Bad flags and an --out holding another run fail here, before weights load."""
     rank, world, device = setup_distributed(args.device)
-    # Cheap checks first (config, batch split, tokenizer), then the data, then the weights.
+    log = print if rank == 0 else (lambda *a: None)
+    # Cheap checks first (config, batch split, tokenizer, what --out holds), then the data, then
+    # the checkpoints' integrity, then the weights.
     cfg = model_config(args.preset, args.init, dict(args.override), args.ttt_layers, args.ttt_chunk,
                        args.ttt_lr, args.ttt_target, args.no_ttt)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, world)
@@ -749,24 +850,24 @@ def setup_run(args) -> Run | None:
         except ValueError as e:
             raise SystemExit(f"{e}; or pass --no-export") from None
     tok_dir, sep = load_tokenizer(args.tokenizer, args.init, cfg)
+    out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
+    existing = check_out(out, export, args.resume, args.overwrite)
     tokens, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
                              args.cache, rank)
     if args.prepare_only:  # e.g. tokenise on a CPU node before a GPU job
         return None
-    log = print if rank == 0 else (lambda *a: None)
     if cfg.ttt_layers and cfg.ttt_chunk >= args.seq_len:  # legal, but almost surely a mistake
         log(f"warning: ttt_chunk {cfg.ttt_chunk} >= seq_len {args.seq_len}: no chunk completes "
             f"inside a window, so the fast weight never updates and the TTT parameters get no "
             f"gradient")
-    out = Path(args.out)
-    existing = checkpoints(out / "ckpt")
-    if existing and not (args.resume or args.overwrite):  # never lose a run by rerunning a command
-        raise SystemExit(f"{out / 'ckpt'} already holds checkpoints ({existing[-1].name}): pass "
-                         f"--resume to continue that run, or --overwrite to delete them and start "
-                         f"again")
-    resume_from = existing[-1] if args.resume and existing else None  # the newest complete one
+    resume_from, damaged = newest_intact(out / "ckpt", log) if args.resume else (None, [])
+    if existing and args.resume and resume_from is None and not args.overwrite:
+        raise SystemExit(f"--resume: no checkpoint in {out / 'ckpt'} is intact (see above); pass "
+                         f"--overwrite to start again at step 0")
     if args.resume and resume_from is None:
-        log(f"--resume: no checkpoint in {out / 'ckpt'}, starting at step 0")
+        log(f"--resume: no intact checkpoint in {out / 'ckpt'}, starting at step 0")
+    elif damaged:
+        log(f"falling back to {resume_from}, the newest checkpoint that is intact")
     model = build_model(cfg, device, init=args.init, seed=args.seed, fill=resume_from is None,
                         train_only=args.train_only, compile=args.compile,
                         activation_checkpointing=args.activation_checkpointing,
@@ -778,7 +879,28 @@ def setup_run(args) -> Run | None:
     meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir),
             "world_size": world, "args": json.loads(json.dumps(vars(args)))}
     return Run(rank, world, device, cfg, tokens, val, layout, out, meta, model, optimizer,
-               ttt_params, UpdateProbe(model), resume_from)
+               ttt_params, UpdateProbe(model), resume_from, damaged if resume_from else [])
+
+
+def check_out(out: Path, export: Path | None, resume, overwrite) -> list[Path]:
+    """Refuse a run that would replace what it did not write: an --export-hf onto this run's own
+    checkpoints or metrics, or onto what is not an earlier export (without --overwrite); and a
+    fresh start (no --resume, or nothing to resume) into an --out holding a previous run's
+    checkpoints, metrics.jsonl or export (without --overwrite). Returns the checkpoints found."""
+    if export is not None:
+        try:
+            load_hf.check_export_target(export, overwrite, (out / "ckpt", out / "metrics.jsonl"))
+        except OSError as e:
+            raise SystemExit(f"--export-hf {export}: {e}") from None
+    existing = checkpoints(out / "ckpt")
+    found = [f"checkpoints ({existing[-1].name})"] if existing else []
+    found += ["metrics.jsonl"] if (out / "metrics.jsonl").exists() else []
+    found += [f"an HF export ({export})"] if export is not None and export.exists() else []
+    if found and not overwrite and not (resume and existing):  # never lose a run by rerunning
+        raise SystemExit(f"{out} already holds {', '.join(found)}: pass --resume to continue that "
+                         f"run (from a checkpoint in {out / 'ckpt'}), or --overwrite to replace "
+                         f"it")
+    return existing
 
 
 def resume_or_start(run: Run) -> int:
@@ -798,7 +920,7 @@ def resume_or_start(run: Run) -> int:
             run.log(f"warning: --{', --'.join(changed)} differ from the checkpoint's run, so this "
                     f"run will not retrace the one it continues")
     if run.rank == 0:
-        prepare_out(run.out, start)
+        prepare_out(run.out, start, run.damaged)
     dist.barrier()  # no rank writes into --out before rank 0 has tidied it
     return start
 
@@ -819,9 +941,16 @@ def run_loop(run: Run, start: int, args) -> Path:
                        run.probe, run.rank, run.world, run.device)
     save = partial(save_checkpoint, ckpt_dir, model=model, optimizer=run.optimizer, meta=run.meta,
                    keep=args.keep, rank=run.rank)
+
+    def stop(what, good):  # non-finite: the same on every rank, so all stop; rank 0 says why
+        tail = (f"The newest checkpoint whose weights gave a finite loss is {good}: --resume "
+                f"continues from it" if good else "No checkpoint holds weights that gave a finite "
+                                                  "loss")
+        raise SystemExit(f"{what} {tail} (try a lower --lr or --ttt-lr)" if run.rank == 0 else 1)
+
     if start == 0 and run.val is not None:  # the untrained model's loss: the curve's first point
         run.write({"step": 0, **evaluate()})
-    final = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else None  # none after a fresh start
+    good = run.resume_from  # the newest checkpoint whose weights gave a finite loss (None: none)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=run.rank != 0,
                desc="train")
     for step in bar:  # `step` steps done so far; the row written is step + 1
@@ -830,11 +959,12 @@ def run_loop(run: Run, start: int, args) -> Path:
         lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
         loss, grad_norm, ttt_norm = train_step(model, run.optimizer, batches, lr, args.grad_clip,
                                                run.device, run.world, run.ttt_params)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank
-            raise SystemExit(f"step {step + 1}: loss {loss}, grad norm {grad_norm} is not finite; "
-                             f"stopped before updating the weights. The last checkpoint is intact: "
-                             f"{final or 'none'} (try a lower --lr or --ttt-lr)"
-                             if run.rank == 0 else 1)  # one message, from rank 0
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if step == start and good is not None and run.rank == 0:  # the resumed weights did it
+                set_aside(good, "nonfinite")  # (a checkpoint of an older train.py, or other data)
+                good = (checkpoints(ckpt_dir) or [None])[-1]
+            stop(f"step {step + 1}: loss {loss}, grad norm {grad_norm} is not finite; stopped "
+                 f"before updating the weights.", good)
         dt = time.perf_counter() - t0  # .item() in train_step synchronised the device
         row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tok_s": round(args.batch_tokens / dt, 1), "tokens": (step + 1) * args.batch_tokens}
@@ -850,11 +980,18 @@ def run_loop(run: Run, start: int, args) -> Path:
         run.write(row)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tok_s']:.0f}")
         if (step + 1) % args.save_every == 0 or last:
-            final = save(step + 1)
+            # Saved only once these weights gave a finite loss, on the batch the next step trains
+            # on (one forward more, a third of a step): saved unchecked, a checkpoint could hold
+            # the very weights that make the next step non-finite.
+            after = step_batches(run.tokens, args.seed, step + 1, args.seq_len, run.layout,
+                                 run.rank)
+            next_loss = batch_loss(model, after, run.device, run.world)
+            if not math.isfinite(next_loss):
+                stop(f"step {step + 1}: the updated weights give loss {next_loss} on the next "
+                     f"batch, which is not finite; stopped without saving them.", good)
+            good = save(step + 1, loss=next_loss)
     bar.close()
-    if final is None:  # --resume of a finished run with nothing to do still ends in a checkpoint
-        final = save(start)
-    return final
+    return good  # the resumed checkpoint when there was nothing left to do
 
 
 def train(args):
@@ -865,7 +1002,12 @@ def train(args):
         return None
     final = run_loop(run, resume_or_start(run), args)
     if run.rank == 0 and not args.no_export:  # one process reads every rank's shards
-        run.log(f"exported {load_hf.export_checkpoint(final, args.export_hf)} (from {final})")
+        # Checked at setup too; again here, since the target may have changed during the run.
+        # verify=False: the run has just written (or verified) this checkpoint.
+        out = load_hf.export_checkpoint(final, args.export_hf, overwrite=args.overwrite,
+                                        protect=(run.out / "ckpt", run.out / "metrics.jsonl"),
+                                        verify=False)
+        run.log(f"exported {out} (from {final})")
     return run.model
 
 

