@@ -5,16 +5,15 @@ same paths are in tests/test_gpu.py and bench/gpu.sh."""
 import pytest
 import torch
 import torch.distributed as dist
-import test_train
-from test_train import SMALL, finish, metrics, small_args, torchrun, without_timing
+from conftest import SMALL, metrics, small_args, without_timing
+from test_train import finish, torchrun
 from torch._dynamo.utils import counters
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+import load_hf
 import train
 from model import Transformer
 
-# test_train's fixtures, shared by name: the byte-level tokenizer and the token cache
-byte_tokenizer, cache = test_train.byte_tokenizer, test_train.cache
 STEPS = 8  # the loss falls by > 1 nat in 8 steps at these settings; 24 would take a minute
 BF16 = ["--precision", "bf16", "--micro-batch", "4", "--no-export"]  # 4: half the forwards
 
@@ -114,6 +113,8 @@ def test_bf16_run_learns_and_resumes_exactly(tmp_path, bf16_run, byte_tokenizer,
     assert rows[-1]["loss"] < rows[1]["loss"] - 1.0
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 1.0
     assert all(r["ttt_grad_norm"] > 0 for r in rows[1:])
+    ckpt = train.checkpoints(bf16_run / "ckpt")[-1]
+    assert load_hf.read_train_meta(ckpt)["args"]["precision"] == "bf16"  # recorded with the run
     saved = train.save_checkpoint
 
     def save_then_stop(*a, **k):
