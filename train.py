@@ -1014,7 +1014,10 @@ def train(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return train(args)
+        model = train(args)
+        if dist.is_initialized():  # ranks that skip the export wait for rank 0: all leave together
+            dist.barrier()
+        return model
     finally:  # also after an error: tests call main() again in the same process
         if dist.is_initialized():
             dist.destroy_process_group()
