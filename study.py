@@ -183,8 +183,9 @@ RECALL_ARMS = {
 TEXT_ARMS = {
     "full": ("full attention, no TTT", [], ["--no-ttt"]),
     "swa": ("SWA, no TTT", ["sliding_window={W}"], ["--no-ttt"]),
-    "swa+ttt": ("SWA + TTT (bytes preset: layers 1, 3, C 128, eta 1)", ["sliding_window={W}"], []),
-    "full+ttt": ("full attention + TTT (the bytes preset as is)", [], []),
+    "swa+ttt": ("SWA + TTT (the bytes preset's: layers 1, 3, eta 1; C = W)",
+                ["sliding_window={W}"], []),
+    "full+ttt": ("full attention + TTT (as swa+ttt, without the window)", [], []),
 }
 
 
@@ -286,13 +287,17 @@ def run_job(job: Job, sizes: Sizes, out: Path) -> dict:
 
 
 def prepare_recall_data(sizes: Sizes, out: Path):
-    """The three pools every recall arm shares: training windows, train.py's validation windows,
-    and the fresh sequences study.py scores (seeds 1, 2, 3: none overlaps a run's --seed use)."""
+    """The three pools every recall arm shares, each from its own generator seed: training windows,
+    train.py's validation windows, and the fresh sequences study.py scores. Kept while they match
+    the task and size asked for."""
     for name, n, seed in (("train", sizes.train_seqs, 1), ("val", 64, 2),
                           ("eval", sizes.eval_seqs, 3)):
         path = out / "data" / f"recall_{name}.npz"
-        if not path.exists() or json.loads(str(np.load(path)["task"])) != asdict(sizes.task):
-            write_recall(path, sizes.task, n, seed)
+        if path.exists():
+            with np.load(path) as f:
+                if json.loads(str(f["task"])) == asdict(sizes.task) and len(f["starts"]) == n:
+                    continue
+        write_recall(path, sizes.task, n, seed)
 
 
 # -----------------------------------------------------------------------------
@@ -322,8 +327,11 @@ def results_markdown(results, sizes: Sizes, wall) -> str:
     n_seeds = len(sizes.recall_seeds)
     lines += [f"### Recall beyond the window (T={task.T}, W={task.W}, {task.n_live} bindings of "
               f"{task.K} keys to {task.V} values; chance {1 / task.V:.3f})", "",
-              f"Answer accuracy on {sizes.eval_seqs} fresh sequences, mean ± sd over "
-              f"{n_seeds} seed(s), {sizes.recall_steps} steps of {sizes.recall_batch} sequences.",
+              f"Answer accuracy (argmax) on {sizes.eval_seqs} fresh sequences, mean ± sd over "
+              f"{n_seeds} seed(s), {sizes.recall_steps} steps of {sizes.recall_batch} sequences. "
+              f"d is the distance back to the key's earlier occurrence; guessing among the "
+              f"sequence's own {task.n_live} values scores about {1 / task.n_live:.3f}. val loss: "
+              f"train.py's, on the answers; s/run: wall seconds per run, runs sharing the cores.",
               "", "| arm | what | " + " | ".join(buckets) + " | val loss | s/run |",
               "|---|---|" + "---|" * (len(buckets) + 2)]
     for arm, rs in by_arm(results, "recall").items():
@@ -374,10 +382,13 @@ def plot(results, sizes: Sizes, path: Path) -> bool:
     except ImportError:
         return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    fine = [(label, lo, hi) for label, lo, hi in distance_buckets(sizes.task)[2:]]
-    for arm, rs in by_arm(results, "recall").items():
-        ys = np.array([[r["acc"].get(label, np.nan) for label, _, _ in fine] for r in rs])
-        a.errorbar(range(len(fine)), ys.mean(0), yerr=ys.std(0), marker="o", capsize=3, label=arm)
+    fine = distance_buckets(sizes.task)[2:]  # [1, W), [W, 2W), ...: without the two summaries
+    for part, style in (("recall", "-"), ("long", "--")):  # mean and spread over seeds
+        for arm, rs in by_arm(results, part).items():
+            ys = np.array([[r["acc"].get(label, np.nan) for label, _, _ in fine] for r in rs])
+            label = arm if part == "recall" else f"{arm}, {sizes.long_steps} steps"
+            a.errorbar(range(len(fine)), ys.mean(0), yerr=ys.std(0), marker="o", capsize=3,
+                       ls=style, label=label)
     a.axhline(1 / sizes.task.V, color="grey", ls=":", label="chance")
     a.axvline(0.5, color="grey", ls="--", lw=0.8)  # the window's edge: d = W
     a.set(xticks=range(len(fine)), xticklabels=[label for label, _, _ in fine],
@@ -391,7 +402,8 @@ def plot(results, sizes: Sizes, path: Path) -> bool:
         b.set(xticks=range(len(pos)), xticklabels=pos)
     b.set(xlabel="position in the window", ylabel="validation loss (nats / byte)",
           title="real text, bytes preset")
-    b.legend(fontsize=8)
+    if b.lines:
+        b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
