@@ -357,6 +357,9 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     else:  # every layer windowed, as in model.py: transformers' Qwen3 computes the same logits
         hf.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0,
                   layer_types=["sliding_attention"] * cfg.num_layers)
+    if cfg.qk_norm != (cfg.arch == "qwen3"):  # the architecture fixes it: no config key says it
+        raise ValueError(f"qk_norm={cfg.qk_norm} cannot be exported for arch={cfg.arch!r}: "
+                         f"transformers' Qwen3 always has q/k norms, LLaMA never")
     if cfg.ttt_layers:  # the official release's keys, so its code reads our checkpoints too
         hf.update(ttt_mode=cfg.ttt_mode or "in_place", ttt_layers=list(cfg.ttt_layers),
                   ttt_chunk=cfg.ttt_chunk, ttt_lr=cfg.ttt_lr, ttt_proj=cfg.ttt_proj,

@@ -12,8 +12,8 @@ per step, each row folding its TTT chunk updates at its own absolute chunk bound
 position ever reaches attention or a TTT update.
 
     from model import PRESETS, Transformer
-    model = Transformer(PRESETS["tiny"])
-    logits = model(torch.randint(0, 1000, (2, 64)))           # (B, T, V)
+    model = Transformer(PRESETS["bytes"])                     # train.py's default: byte-level
+    logits = model(torch.randint(0, 257, (2, 64)))            # (B, T, V)
 """
 
 import math
@@ -108,7 +108,21 @@ def _llama3_rope(factor):
 
 
 PRESETS = {
-    # Tests and CPU demos: Qwen3 layout and tokenizer, a few million parameters plus embeddings.
+    # The CPU demo and study.py (train.py's default): byte-level, tokenizer.write_byte_tokenizer's
+    # 257 ids (not padded: on a CPU a round size buys no speed, and padding rows would be ids the
+    # sampler could draw but training never shows). 0.85M parameters besides the 33K embedding,
+    # about 5,000 tokens/s through loss, backward and AdamW on one core at context 1024. TTT in
+    # layers 1 and 3, after an attention layer has mixed context into the MLP input (H then says
+    # where in the text we are); C = 1024 / 8, the recipe's 4096-of-32K ratio; from-scratch targets
+    # from the token embeddings, as train.py defaults; eta 1.0, what study.py's recall task uses.
+    "bytes": ModelConfig(
+        arch="qwen3", vocab_size=257, hidden_size=128, intermediate_size=384, num_layers=4,
+        num_heads=4, num_kv_heads=4, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e4,
+        max_position_embeddings=1024, tie_word_embeddings=True, qk_norm=True,
+        bos_token_id=256, eos_token_id=256,
+        ttt_layers=(1, 3), ttt_chunk=128, ttt_lr=1.0, ttt_target="input_embed"),
+    # Tests and bench.py --small: Qwen3 layout and tokenizer, a few million parameters plus the
+    # 151,936-row embedding (which is 96% of its FLOPs: too slow a demo, see "bytes").
     "tiny": ModelConfig(
         arch="qwen3", vocab_size=151936, hidden_size=128, intermediate_size=384, num_layers=4,
         num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e4,
@@ -419,20 +433,26 @@ class Transformer(nn.Module):
         h = self.hidden(idx, cache)
         return self.lm_head(h[:, -1:] if last_only else h)
 
-    def loss(self, idx, targets, ignore_index=-100, tokens_per_slice=1024):
-        """Mean cross-entropy. Logits are made one slice of tokens at a time and recomputed in
-        backward, so at most tokens_per_slice x V fp32 logits exist at once."""
+    def loss(self, idx, targets, ignore_index=-100, tokens_per_slice=1024, reduction="mean"):
+        """Cross-entropy: the mean over targets != ignore_index, or with reduction="none" each
+        token's (B, T) fp32, 0 at ignored targets (validation's loss by position). Logits are made
+        one slice of tokens at a time and recomputed in backward, so at most tokens_per_slice x V
+        fp32 logits exist at once."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         h = self.hidden(idx).flatten(0, 1)  # (B*T, D)
         t = targets.flatten()
-        total = h.new_zeros((), dtype=torch.float32)
-        for i in range(0, t.numel(), tokens_per_slice):
-            total = total + checkpoint(self._ce_sum, h[i:i + tokens_per_slice],
-                                       t[i:i + tokens_per_slice], ignore_index, use_reentrant=False)
-        return total / (t != ignore_index).sum().clamp(min=1)
+        per_slice = "sum" if reduction == "mean" else "none"  # a mean: one number per slice
+        parts = [checkpoint(self._ce, h[i:i + tokens_per_slice], t[i:i + tokens_per_slice],
+                            ignore_index, per_slice, use_reentrant=False)
+                 for i in range(0, t.numel(), tokens_per_slice)]
+        if reduction == "none":
+            return torch.cat(parts).view(targets.shape)  # (B, T)
+        return sum(parts) / (t != ignore_index).sum().clamp(min=1)
 
-    def _ce_sum(self, h, t, ignore_index):
+    def _ce(self, h, t, ignore_index, reduction):
         return F.cross_entropy(self.lm_head(h).float(), t, ignore_index=ignore_index,
-                               reduction="sum")
+                               reduction=reduction)
 
     # ---- initialisation (from scratch, after meta-device construction, or for new TTT parameters)
 
@@ -468,17 +488,30 @@ def is_ttt_param(name: str) -> bool:
     return ".mlp.ttt_" in name or name.startswith("mlp.ttt_")
 
 
+# Where the TTT parameters start (init_ttt_params, train.py --ttt-init). The conv's 5 taps are
+# positions t-2..t+2, so tap 3 reads s_{t+1} and tap 2 reads s_t.
+TTT_INITS = {"paper": None, "next-token": 3, "centre": 2}
+
+
 @torch.no_grad()
-def init_ttt_params(model: Transformer, generator=None):
-    """New TTT parameters: conv zero (so V_hat = 0 and the model is exactly the base model), P
-    diagonal N(0, 0.02^2). Selected by name, never by shape (o_proj is square too)."""
+def init_ttt_params(model: Transformer, generator=None, mode="paper"):
+    """TTT parameters, selected by name, never by shape (o_proj is square too). "paper": conv zero
+    (so V_hat = 0 and the model is exactly the base model), P diagonal N(0, 0.02^2). The others
+    change the model from the first token on, with P = I: "next-token" sets the conv to tap t+1
+    (V_hat_t = s_{t+1}, a memory of what follows each context), "centre" to tap t (V_hat_t = s_t,
+    the reconstruction target's natural start); study.py's matched starts for the two targets."""
+    if mode not in TTT_INITS:
+        raise ValueError(f"TTT init {mode!r}: expected one of {', '.join(TTT_INITS)}")
+    tap = TTT_INITS[mode]
     for name, p in model.named_parameters():
         if not is_ttt_param(name):
             continue
-        if name.endswith("ttt_conv.weight"):
-            p.zero_()
+        p.zero_()
+        if name.endswith("ttt_conv.weight") and tap is not None:
+            p[:, :, tap] = 1.0  # (D, 1, 5): every channel reads the same position
+        elif name.endswith("ttt_proj.weight") and tap is not None:
+            p.diagonal().fill_(1.0)
         elif name.endswith("ttt_proj.weight"):
-            p.zero_()
             d = torch.randn(p.shape[0], generator=generator, dtype=torch.float32) * 0.02
             p.diagonal().copy_(d.to(p.device, p.dtype))
 

@@ -1,6 +1,6 @@
 """Generate text: a chunked prefill builds the KV cache and fast weights, then one token per step.
 
-    python sample.py                                  # the tiny model `python train.py` wrote
+    python sample.py                                  # the byte-level model `python train.py` wrote
     python sample.py --model HuggingFaceTB/SmolLM2-135M-Instruct --chat \
         --prompt "What is the capital of France?"
     python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --max-new-tokens 200
@@ -41,7 +41,7 @@ import torch
 from load_hf import (load_config, load_model, load_tokenizer, parse_dtype, parse_rope_scaling,
                      resolve, with_rope_scaling)
 
-DEFAULT_CHECKPOINT = "out/tiny/hf"  # where `python train.py` (no flags) exports its model
+DEFAULT_CHECKPOINT = "out/bytes/hf"  # where `python train.py` (no flags) exports its model
 # Default prefill piece: the multiple of C nearest above this. Big forwards are fast (64-token
 # pieces are 3x slower per token than 4096-token ones, even on a CPU), and pieces bound the memory
 # a long prompt needs.

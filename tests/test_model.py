@@ -61,3 +61,21 @@ def test_ragged_decode_rows_at_different_positions():
     torch.testing.assert_close(step[0, 0], model(a)[0, -1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step[1, 0], model(b)[0, -1], atol=1e-5, rtol=1e-5)
     assert cache.pos.tolist() == [12, 7]
+
+
+def test_loss_without_reduction_is_each_tokens_cross_entropy_and_zero_where_ignored():
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"].with_ttt(layers=(1,), chunk=8)
+    cfg.vocab_size = 300
+    model = Transformer(cfg)
+    model.init_weights()
+    idx, tgt = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
+    tgt[1, 4:9] = -100
+    ref = F.cross_entropy(model(idx).flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="none")
+    per_token = model.loss(idx, tgt, tokens_per_slice=7, reduction="none")
+    assert per_token.shape == (3, 20) and per_token.dtype == torch.float32
+    torch.testing.assert_close(per_token, ref.view(3, 20))
+    assert (per_token[1, 4:9] == 0).all() and (per_token[0] > 0).all()
+    torch.testing.assert_close(per_token.sum() / (tgt != -100).sum(), model.loss(idx, tgt))
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'none', got 'sum'"):
+        model.loss(idx, tgt, reduction="sum")

@@ -194,3 +194,35 @@ def test_keep_state_leaves_the_forwards_final_state_equal_to_token_by_token_deco
         state = model.model.layers[i].mlp.last_state
         assert not state.dW.requires_grad and torch.equal(state.pos, torch.tensor([14, 14]))
         torch.testing.assert_close(state.dW, cache.ttt[i].dW, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode, shift", [("next-token", 1), ("centre", 0)])
+def test_tap_inits_make_the_target_the_next_or_the_current_embedding(mode, shift):
+    from model import init_ttt_params
+
+    model, C = ttt_model("input_embed", chunk=6, layers=(1,)), 6
+    init_ttt_params(model, mode=mode)
+    mlp = model.model.layers[1].mlp
+    x, s = torch.randn(2, 2 * C, 128, dtype=torch.float64), torch.randn(2, 2 * C, 128, dtype=torch.float64)
+    with torch.no_grad():
+        out = mlp(x, s)
+        h = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)  # (B, T, F)
+        v = torch.zeros(2, C, 128, dtype=torch.float64)  # V_hat of chunk 0: s_{t+shift}, 0 past the chunk
+        v[:, :C - shift] = s[:, shift:C]
+        w = mlp.down_proj.weight + mlp.cfg.ttt_lr * v.transpose(1, 2) @ h[:, :C]  # (B, D, F)
+    torch.testing.assert_close(out[:, :C], h[:, :C] @ mlp.down_proj.weight.T)
+    torch.testing.assert_close(out[:, C:], h[:, C:] @ w.transpose(1, 2))
+
+
+def test_paper_init_leaves_the_model_exactly_the_base_model_and_unknown_inits_are_refused():
+    from model import init_ttt_params
+
+    model = ttt_model("hidden_states")
+    init_ttt_params(model, torch.Generator().manual_seed(0))
+    idx = torch.randint(0, 300, (2, 23))
+    with torch.no_grad():
+        with_ttt = model(idx)
+        model.ttt_enabled = False
+        assert torch.equal(with_ttt, model(idx))
+    with pytest.raises(ValueError, match="TTT init 'zero': expected one of paper, next-token, centre"):
+        init_ttt_params(model, mode="zero")

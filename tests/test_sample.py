@@ -174,8 +174,8 @@ def test_prompts_file_runs_one_batch_equal_to_each_prompt(tiny_ckpt, tmp_path, c
 
 
 def test_no_flags_use_the_train_py_checkpoint(tiny_ckpt, tmp_path, monkeypatch, capsys):
-    (tmp_path / "out" / "tiny").mkdir(parents=True)
-    os.symlink(tiny_ckpt / "hf", tmp_path / "out" / "tiny" / "hf")
+    (tmp_path / "out" / "bytes").mkdir(parents=True)
+    os.symlink(tiny_ckpt / "hf", tmp_path / "out" / "bytes" / "hf")
     monkeypatch.chdir(tmp_path)
     out = sample.main(["--max-new-tokens", "5"])
     assert 0 < len(out[0]) <= 5
@@ -198,7 +198,7 @@ BAD = {
     "not-a-checkpoint": (["--model", "{tmp}", "--prompt", "hi"],
                          "neither config.json nor hf/config.json"),
     "no-default-checkpoint": (["--prompt", "hi"],
-                              "no --model given and no checkpoint at out/tiny/hf"),
+                              "no --model given and no checkpoint at out/bytes/hf"),
     "empty-prompt": (["--model", "{ckpt}", "--prompt", ""], "the prompt is empty"),
     "blank-prompt-file": (["--model", "{ckpt}", "--prompt-file", "{tmp}/blank.txt"],
                           "the prompt is empty"),

@@ -265,7 +265,7 @@ def test_update_probe_reads_the_forward_state_and_matches_the_naive_loop(target,
             if ".mlp.ttt_" in name:
                 p.normal_(0.0, 0.3)
     seq_len, windows = 40, 3
-    val = np.random.default_rng(0).integers(0, 256, windows * seq_len + 1).astype(np.uint32)
+    val = train.TokenStream(np.random.default_rng(0).integers(0, 256, windows * seq_len + 1).astype(np.uint32))
     try:
         rank, world, device = train.setup_distributed("cpu")
         model = train.build_model(cfg, device, fill=False)
