@@ -151,8 +151,8 @@ class Sizes:
     train_seqs: int = 8192  # the pool training windows are drawn from
     eval_seqs: int = 512  # fresh sequences (another seed) for scoring
     sweep: tuple = ((0.3, 4), (0.3, 8), (3.0, 4), (3.0, 8))  # (ttt_lr, C) for swa+ttt, seed 0
-    long_arms: tuple = ("full", "swa+ttt")  # ... and these with 4x the steps, seed 0: does more
-    long_steps: int = 1200  # training fix them? (full: no; the paper's init: it starts to)
+    long_arms: tuple = ("full", "swa+ttt")  # these again with 4x the steps, seed 0: is the
+    long_steps: int = 1200  # budget what holds them back (full's induction, the paper's init)?
     text_steps: int = 400  # 4 x 1024 tokens each
     text_seeds: tuple = (0,)
     text_seq_len: int = 1024
