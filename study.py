@@ -25,8 +25,11 @@ half-trained one resumes from its last checkpoint. Writes <out>/RESULTS.md (the 
    plus a short sweep of the TTT lr and chunk for swa+ttt. Scored by study.py on fresh sequences
    (another seed) from each run's HF export: argmax accuracy at the answers, by distance.
 2. Real text: the bytes preset on the State of the Union speeches at context 1024, full
-   attention, SWA, SWA + TTT and TTT on full attention; loss by position from train.py's
-   validation (later positions can gain from earlier context; a fast weight should show there).
+   attention, SWA, SWA + TTT and TTT on full attention (full+ttt is `python train.py` as is);
+   loss by position from train.py's validation (later positions can gain from earlier context; a
+   fast weight should show there), and for the TTT arms the same loss with the fast-weight updates
+   switched off at evaluation, which separates the fast weight's memory of the window from what
+   training with TTT did to the weights.
 """
 
 import argparse
@@ -148,8 +151,8 @@ class Sizes:
     train_seqs: int = 8192  # the pool training windows are drawn from
     eval_seqs: int = 512  # fresh sequences (another seed) for scoring
     sweep: tuple = ((0.3, 4), (0.3, 8), (3.0, 4), (3.0, 8))  # (ttt_lr, C) for swa+ttt, seed 0
-    long_arms: tuple = ("full", "swa+ttt")  # ... and these with 4x the steps, seed 0: does more
-    long_steps: int = 1200  # training fix them? (full: no; the paper's init: it starts to)
+    long_arms: tuple = ("full", "swa+ttt")  # these again with 4x the steps, seed 0: is the
+    long_steps: int = 1200  # budget what holds them back (full's induction, the paper's init)?
     text_steps: int = 400  # 4 x 1024 tokens each
     text_seeds: tuple = (0,)
     text_seq_len: int = 1024
@@ -282,8 +285,31 @@ def run_job(job: Job, sizes: Sizes, out: Path) -> dict:
     if job.part != "text":
         result.update(recall_accuracy(job.out / "hf", out / "data" / "recall_eval.npz",
                                       sizes.task))
+    elif "--no-ttt" not in job.argv:
+        result["val_loss_pos_no_updates"] = text_loss_by_position(job.out / "hf", job.argv,
+                                                                  updates=False)
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+@torch.no_grad()
+def text_loss_by_position(hf_dir, argv, updates=True, batch=4) -> dict:
+    """Validation loss per position bucket of the HF export in hf_dir, on the windows train.py
+    validated the run on (its flags `argv`, its token cache). updates=False switches the fast-weight
+    updates off (TTT layers apply W0 alone), same weights: the difference from train.py's numbers
+    is what the fast weight's memory of the window is worth, apart from how TTT shaped training."""
+    args = train.parse_args(argv)
+    model = load_hf.load_model(hf_dir).eval()
+    model.ttt_enabled = updates
+    tok_dir = train.byte_tokenizer(args.cache, rank=0)  # what the run used (it wrote it)
+    _, sep = train.load_tokenizer(tok_dir, None, model.config)
+    _, val = train.split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir,
+                              sep, args.cache, 0, model.config.vocab_size)
+    x, y = train.window_batch(val, np.arange(args.val_windows) * args.seq_len, args.seq_len)
+    per_token = torch.cat([model.loss(x[i:i + batch], y[i:i + batch], reduction="none")
+                           for i in range(0, len(x), batch)])  # (windows, seq_len)
+    return {f"{lo}-{hi}": per_token[:, lo:hi].mean().item()
+            for lo, hi in train.position_buckets(args.seq_len)}
 
 
 def prepare_recall_data(sizes: Sizes, out: Path):
@@ -368,6 +394,14 @@ def results_markdown(results, sizes: Sizes, wall) -> str:
             wall_s = sum(r["wall_s"] for r in rs) / len(rs)
             lines.append(f"| {arm} | {TEXT_ARMS[arm][0]} | {mean_sd([r['val_loss'] for r in rs])}"
                          f" | " + " | ".join(cells) + f" | {wall_s:.0f} |")
+        lines += ["", "The TTT arms again, same weights, with the fast-weight updates switched off "
+                      "at evaluation (every TTT layer applies W0 alone): how much of each number "
+                      "above is the memory of the window. Chunk 0 reads W0 alone either way.", "",
+                  "| arm, updates off | " + " | ".join(pos) + " |", "|---|" + "---|" * len(pos)]
+        for arm, rs in text.items():
+            if "val_loss_pos_no_updates" in rs[0]:
+                cells = [mean_sd([r["val_loss_pos_no_updates"][p] for r in rs]) for p in pos]
+                lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", f"`python study.py` took {wall / 60:.1f} min here (skipped arms excluded)."]
     return "\n".join(lines) + "\n"
 
@@ -397,8 +431,11 @@ def plot(results, sizes: Sizes, path: Path) -> bool:
     a.legend(fontsize=8)
     for arm, rs in by_arm(results, "text").items():
         pos = list(rs[0]["val_loss_pos"])
-        ys = np.array([[r["val_loss_pos"][p] for p in pos] for r in rs])
-        b.plot(range(len(pos)), ys.mean(0), marker="o", label=arm)
+        for key, style, label in (("val_loss_pos", "-", arm),
+                                  ("val_loss_pos_no_updates", ":", f"{arm}, updates off")):
+            if key in rs[0]:
+                ys = np.array([[r[key][p] for p in pos] for r in rs])
+                b.plot(range(len(pos)), ys.mean(0), marker="o", ls=style, label=label)
         b.set(xticks=range(len(pos)), xticklabels=pos)
     b.set(xlabel="position in the window", ylabel="validation loss (nats / byte)",
           title="real text, bytes preset")

@@ -64,7 +64,7 @@ from tokenizer import Tokenizer, package_dir, write_byte_tokenizer
 # defaults, shared with from-scratch runs).
 INIT_LR, INIT_WARMUP_FRACTION = 5e-6, 0.02
 # From scratch differs on purpose: a small random model needs a far higher lr to learn anything in
-# the CPU demo's 300 steps (on the bytes preset, 150 steps: 3e-3 reaches loss 2.25, 1e-2 stalls at
+# the CPU demo's 400 steps (on the bytes preset, 150 steps: 3e-3 reaches loss 2.25, 1e-2 stalls at
 # 3.0), and 2% of a short run is a warmup of a few steps, too short for Adam's second-moment
 # estimates to settle.
 SCRATCH_LR, SCRATCH_WARMUP = 3e-3, 5
@@ -175,7 +175,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int,
                    help="windows per forward per rank (default: a rank's whole share; fewer means "
                         "gradient accumulation)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps")
     p.add_argument("--lr", type=float,
                    help=f"peak learning rate (default: {INIT_LR:g} with --init, {SCRATCH_LR:g} from "
                         f"scratch)")

@@ -244,6 +244,12 @@ def test_quick_study_runs_every_arm_writes_the_table_and_resumes(tmp_path, monke
         assert cfg.sliding_window == (W.get(job.part, study.QUICK.task.W) if "swa" in arm else None)
         assert bool(cfg.ttt_layers) == ("ttt" in arm or "recon" in arm)
         assert cfg.ttt_lookahead == ("recon" not in arm)
+    text = {r["arm"]: r for r in results if r["part"] == "text"}
+    assert "val_loss_pos_no_updates" not in text["full"]
+    run = jobs[[j.name for j in jobs].index("text/full+ttt/seed0")]
+    again = study.text_loss_by_position(run.out / "hf", run.argv)  # the windows train.py used
+    assert again == pytest.approx(text["full+ttt"]["val_loss_pos"], rel=1e-5)
+    assert text["full+ttt"]["val_loss_pos_no_updates"].keys() == again.keys()
     recall = [r for r in results if r["part"] == "recall"]
     buckets = {"d<W", "d>=W", "[1,4)", "[4,8)", "[8,16)", "[16,32)"}
     assert all(set(r["acc"]) == buckets for r in recall)
