@@ -255,10 +255,27 @@ def plan(sizes: Sizes, out: Path) -> list[Job]:
 
 def run_job(job: Job, sizes: Sizes, out: Path) -> dict:
     """Train (or resume) one arm with train.py in a subprocess, then score it; writes and returns
-    <run>/result.json. A run directory left by other flags is started afresh."""
-    done, spec = job.out / "result.json", job.out / "study_argv.json"
-    if done.exists() and json.loads(done.read_text())["argv"] == job.argv:
-        return json.loads(done.read_text())
+    <run>/result.json. A finished arm is only scored where its result lacks a score (one written
+    by an older study.py); a run directory left by other flags is started afresh."""
+    done = job.out / "result.json"
+    result = json.loads(done.read_text()) if done.exists() else None
+    if result is None or result["argv"] != job.argv:
+        result = train_arm(job)
+    ttt_text = job.part == "text" and "--no-ttt" not in job.argv
+    if job.part != "text" and "acc" not in result:
+        result.update(recall_accuracy(job.out / "hf", out / "data" / "recall_eval.npz",
+                                      sizes.task))
+    elif ttt_text and "val_loss_pos_no_updates" not in result:
+        result["val_loss_pos_no_updates"] = text_loss_by_position(job.out / "hf", job.argv,
+                                                                  updates=False)
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def train_arm(job: Job) -> dict:
+    """Run train.py with the arm's flags (--resume: a killed run continues from its last
+    checkpoint) and read its last metrics row."""
+    spec = job.out / "study_argv.json"
     if spec.exists() and json.loads(spec.read_text()) != job.argv:  # a different study's leftovers
         shutil.rmtree(job.out)
     job.out.mkdir(parents=True, exist_ok=True)
@@ -277,19 +294,11 @@ def run_job(job: Job, sizes: Sizes, out: Path) -> dict:
                          f"{job.out / 'train.log'}:\n{tail}")
     rows = [json.loads(line) for line in (job.out / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
-    result = {"part": job.part, "arm": job.arm, "seed": job.seed, "argv": job.argv,
-              "wall_s": round(wall, 1), "steps": last["step"], "tokens": last["tokens"],
-              "loss": last["loss"], "val_loss": last["val_loss"],
-              "val_loss_pos": {k.split(".", 1)[1]: v for k, v in last.items()
-                               if k.startswith("val_loss_pos.")}}
-    if job.part != "text":
-        result.update(recall_accuracy(job.out / "hf", out / "data" / "recall_eval.npz",
-                                      sizes.task))
-    elif "--no-ttt" not in job.argv:
-        result["val_loss_pos_no_updates"] = text_loss_by_position(job.out / "hf", job.argv,
-                                                                  updates=False)
-    done.write_text(json.dumps(result, indent=1))
-    return result
+    return {"part": job.part, "arm": job.arm, "seed": job.seed, "argv": job.argv,
+            "wall_s": round(wall, 1), "steps": last["step"], "tokens": last["tokens"],
+            "loss": last["loss"], "val_loss": last["val_loss"],
+            "val_loss_pos": {k.split(".", 1)[1]: v for k, v in last.items()
+                             if k.startswith("val_loss_pos.")}}
 
 
 @torch.no_grad()

@@ -258,4 +258,8 @@ def test_quick_study_runs_every_arm_writes_the_table_and_resumes(tmp_path, monke
     monkeypatch.setattr(study.subprocess, "call",
                         lambda *a, **k: pytest.fail("a finished arm ran again"))
     assert study.main(["--quick", "--out", str(tmp_path)]) == results
+    older = json.loads((run.out / "result.json").read_text())  # as an older study.py wrote it
+    del older["val_loss_pos_no_updates"]
+    (run.out / "result.json").write_text(json.dumps(older))
+    assert study.main(["--quick", "--out", str(tmp_path)]) == results  # scored, not trained again
 
