@@ -662,7 +662,9 @@ def load_train_checkpoint(ckpt_dir) -> tuple[Transformer, dict]:
     meta = read_train_meta(ckpt_dir)
     with torch.device("meta"):  # asdict(cfg) as train.py wrote it: the fields are the keywords
         model = Transformer(ModelConfig(**meta["config"]))
-    model.to_empty(device="cpu")  # keeps the lm_head / embedding tie
+    model.to_empty(device="cpu")  # new tensors per module: to_empty unties lm_head and embedding,
+    if model.config.tie_word_embeddings:  # so tie them again (the checkpoint holds one tensor)
+        model.lm_head.weight = model.model.embed_tokens.weight
     with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point
         warnings.simplefilter("ignore", UserWarning)
         # Only the "model" entry: the optimizer state is as large again and not needed here.
@@ -700,7 +702,7 @@ def main(argv=None):
     export = sub.add_parser("export",
                             help="convert a train.py checkpoint (ckpt/step_N) to an HF checkpoint")
     export.add_argument("ckpt", help="checkpoint directory written by train.py, e.g. "
-                                     "out/tiny/ckpt/step_000100")
+                                     "out/bytes/ckpt/step_000400")
     export.add_argument("out", help="output directory for config.json, safetensors and tokenizer "
                                     "files")
     export.add_argument("--tokenizer", help="copy tokenizer files from here (default: the training "

@@ -451,7 +451,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Print the token ids of TEXT under the tokenizer in DIR (tokenizer.json or "
                     "tokenizer.model), or with --decode the text of space-separated ids.",
-        epilog='example: python tokenizer.py out/tiny/hf "Hello world"')
+        epilog='example: python tokenizer.py out/bytes/hf "Hello world"')
     parser.add_argument("dir", help="checkpoint or tokenizer directory (a local path)")
     parser.add_argument("text", help="text to encode (or ids to decode)")
     parser.add_argument("--allow-special", action="store_true",
