@@ -1,6 +1,6 @@
-"""Every checkpoint format in one place: Hugging Face in, Hugging Face out, and train.py's DCP
-checkpoints -> Hugging Face. config.json is read field by field, safetensors shard by shard, with
-strict keys.
+"""The Hugging Face format, both ways: config.json read field by field, safetensors shard by shard
+with strict keys, and written back; and train.py's checkpoints exported to it (checkpoint.py reads
+their DCP side).
 
     from load_hf import load_model, load_tokenizer, save_model
     model = load_model("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)  # or a dir
@@ -17,26 +17,25 @@ layers and `ttt_*` keys in config.json.
 
 An export replaces only an earlier export (its EXPORT_MARK lists the files it wrote), or, with
 --overwrite, another directory; never a file, a train.py checkpoint or run directory. A train.py
-checkpoint's train.json carries sizes and sha256 of its files, checked before a resume or export.
+checkpoint's train.json carries sizes and sha256 of its files, checked before an export.
 
-train.py imports this module for its checkpoint layout (TRAIN_META, export_checkpoint, the
-integrity record); this module never imports train.py.
+The flags every script shares (--device and --dtype defaults, --rope-scaling, counts >= 1, help
+that shows defaults) are parsed here too. This module never imports train.py or data.py.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import shutil
-import socket
-import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from checkpoint import (RUN_FILES, load_train_checkpoint, read_train_meta, remove_orphans,
+                        tmp_sibling, verify_checkpoint)
 from model import ModelConfig, Transformer, init_ttt_params, is_ttt_param, rope_inv_freq
 from tokenizer import Tokenizer
 
@@ -48,9 +47,6 @@ HUB_FILES = ["config.json", "generation_config.json", "*.safetensors",
 # Copied beside an export, so the result is a complete checkpoint for transformers and sample.py.
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json"]
-TRAIN_META = "train.json"  # written last into a train.py checkpoint: its presence marks a whole one
-# What train.py writes into a checkpoint or a run directory: never replaced by an export.
-RUN_FILES = (TRAIN_META, "ckpt", "metrics.jsonl")
 # In every export: the names save_model wrote, so a later export knows what it may replace.
 EXPORT_MARK = ".inplace-ttt-export.json"
 TTT_KEYS = ("ttt_mode", "ttt_layers", "ttt_chunk", "ttt_lr", "ttt_proj", "ttt_target",
@@ -131,7 +127,48 @@ def check_field(name: str, value, where: str):
 
 
 # -----------------------------------------------------------------------------
-# Flags every script shares: the compute dtype and RoPE scaling (parsed and checked once, here)
+# Flags every script shares: device and dtype defaults, counts, RoPE scaling, help with defaults
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the module docstring as written and "(default: X)" after each flag that has a
+    default (not after None, off switches, empty lists, or a help that names its own default)."""
+
+    def _get_help_string(self, action):
+        none = action.default is None or action.default is False or action.default == []
+        if none or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class AtLeast(argparse.Action):
+    """argparse action for a number that must be finite and >= low (> low with strict=True), set
+    where the flag is declared: add_argument("--steps", type=int, action=AtLeast, low=1). The error
+    names flag and value: "--steps 0: must be >= 1"."""
+
+    def __init__(self, *args, low=1, strict=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.low, self.strict = low, strict
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        above = self.low < value if self.strict else self.low <= value  # NaN fails both
+        if not (above and value < math.inf):
+            finite = "a finite number " if isinstance(value, float) else ""
+            parser.error(f"{option_string} {value}: must be {finite}{'>' if self.strict else '>='} "
+                         f"{self.low}")
+        setattr(namespace, self.dest, value)
+
+
+def default_device(name: str | None = None) -> str:
+    """--device as given, else "cuda" when a GPU is available, else "cpu"."""
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device) -> torch.dtype:
+    """The compute dtype without --dtype / --precision: bf16 on a GPU (tensor-core matmuls at
+    several times fp32's rate, half the memory), fp32 on a CPU, which gains little from bf16."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
 
 # Short names first (what the help text shows); torch's own names are accepted too.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
@@ -217,7 +254,11 @@ def resolve(src) -> Path:
 
 def load_config(src) -> ModelConfig:
     """The ModelConfig of a checkpoint directory or hub id, from its config.json."""
-    path = resolve(src) / "config.json"
+    return _read_config(resolve(src))
+
+
+def _read_config(directory: Path) -> ModelConfig:
+    path = directory / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: not a Hugging Face checkpoint directory")
     try:
@@ -397,7 +438,7 @@ def load_model(src, device="cpu", dtype=torch.float32, config: ModelConfig | Non
     from safetensors import safe_open  # where used: scripts import this module for its flags too
 
     path = resolve(src)
-    cfg = config or load_config(path)  # a given config must still match the files' shapes
+    cfg = config or _read_config(path)  # a given config must still match the files' shapes
     with torch.device("meta"):  # shapes only; each parameter gets real memory as it is read
         model = Transformer(cfg)
     params = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
@@ -458,41 +499,7 @@ def load_tokenizer(src) -> Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# Writing without losing anything: temporary names, what a killed run left, export targets
-
-
-def tmp_sibling(path) -> Path:
-    """The name beside `path` under which it is written in full before a rename:
-    .NAME.tmp-HOST-PID, unique to this process, so two runs never write one file and a leftover
-    names its writer."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def remove_orphans(directory) -> list[Path]:
-    """Delete what tmp_sibling() named in `directory` for writers of this host that are gone (a
-    run killed mid-write); return them. Another host's are left alone: its pids mean nothing
-    here, and its next run there removes them."""
-    gone = []
-    for p in Path(directory).glob(".*.tmp-*") if Path(directory).is_dir() else []:
-        host, _, pid = p.name.rpartition(".tmp-")[2].rpartition("-")
-        if host != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
-            continue
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        gone.append(p)
-    return gone
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():  # our own pid on a leftover: a killed process that had it before us
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
+# Export targets: what an export may replace
 
 
 def check_export_target(out, overwrite=False, protect=()):
@@ -538,8 +545,6 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
     the tokenizer files of tokenizer_src. Written to a temporary directory first and swapped in when
     complete, so a failure never leaves a half-written checkpoint where a good one was.
     check_export_target(out_dir, overwrite, protect) says what may be replaced."""
-    from safetensors.torch import save_file
-
     # A config transformers cannot express, or a target not ours to replace, fails here, before
     # anything is written.
     dtype = next(model.parameters()).dtype  # one dtype throughout: the model's
@@ -552,31 +557,7 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
     tmp = tmp_sibling(out)
     tmp.mkdir()
     try:
-        # contiguous: safetensors stores raw buffers; a transposed view would be refused
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:  # HF stores a tied head once, as the embedding
-            state.pop("lm_head.weight", None)
-        # Greedy shards in state-dict order: none past max_shard_bytes unless one tensor is.
-        shards, size = [[]], 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(k)
-            size += nbytes
-        meta = {"format": "pt"}  # transformers refuses safetensors files without it
-        if len(shards) == 1:
-            save_file(state, str(tmp / "model.safetensors"), metadata=meta)
-        else:
-            weight_map = {}
-            for i, keys in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file({k: state[k] for k in keys}, str(tmp / name), metadata=meta)
-                weight_map.update(dict.fromkeys(keys, name))
-            total = sum(v.numel() * v.element_size() for v in state.values())  # the index's field
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        _write_weights(model, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if tokenizer_src is not None:  # a failure here still leaves the old checkpoint intact
             src = resolve(tokenizer_src)
@@ -597,79 +578,40 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
     return out
 
 
+def _write_weights(model: Transformer, directory: Path, max_shard_bytes: int):
+    """model.safetensors, or shards of at most max_shard_bytes (unless one tensor is larger) and
+    model.safetensors.index.json, as transformers writes them."""
+    from safetensors.torch import save_file
+
+    # contiguous: safetensors stores raw buffers; a transposed view would be refused
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:  # HF stores a tied head once, as the embedding
+        state.pop("lm_head.weight", None)
+    # Greedy shards in state-dict order: none past max_shard_bytes unless one tensor is.
+    shards, size = [[]], 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(state, str(directory / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: state[k] for k in keys}, str(directory / name), metadata=meta)
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(v.numel() * v.element_size() for v in state.values())  # the index's field
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
 # -----------------------------------------------------------------------------
-# train.py checkpoints: DCP shards of {"model", "optim", "rng"} plus train.json -> HF
-
-
-
-def read_train_meta(ckpt_dir) -> dict:
-    """train.json of a train.py checkpoint: the ModelConfig as a dict, the tokenizer, the run's
-    flags, its step, the loss its weights gave and the integrity record of its files."""
-    path = Path(ckpt_dir) / TRAIN_META
-    if not path.is_file():
-        raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint of train.py (no "
-                                f"{TRAIN_META})")
-    try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is damaged (not JSON: {e})") from None
-
-
-def file_record(directory, names) -> dict:
-    """{name: {"size", "sha256"}} of the files `names` in `directory`: a checkpoint's integrity
-    record. It costs one read of every byte (sha256 runs at about 1-2 GB/s per core with the CPU's
-    SHA instructions: a minute for an 8B model's 96 GB of weights and AdamW moments on one core),
-    so train.py shares the files out among its ranks."""
-    record = {}
-    for name in names:
-        with open(Path(directory) / name, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()  # streamed, never all in memory
-            record[name] = {"size": os.fstat(f.fileno()).st_size, "sha256": digest}
-    return record
-
-
-def damaged_files(directory, record: dict) -> list[str]:
-    """Why each file of `record` (file_record's form) in `directory` no longer matches it: empty
-    when all do. Sizes first: a truncated file is named without reading it."""
-    problems = []
-    for name, want in record.items():
-        path = Path(directory) / name
-        if not path.is_file():
-            problems.append(f"{path} is missing")
-        elif path.stat().st_size != want["size"]:
-            problems.append(f"{path} has {path.stat().st_size} bytes, not the {want['size']} "
-                            f"written (truncated?)")
-        elif file_record(directory, [name])[name]["sha256"] != want["sha256"]:
-            problems.append(f"{path} does not match the checksum written with it (corrupt)")
-    return problems
-
-
-def verify_checkpoint(ckpt_dir) -> dict:
-    """train.json of a checkpoint whose files all match its integrity record, else ValueError
-    naming the damaged files. A checkpoint of an older train.py has no record: read as it is."""
-    meta = read_train_meta(ckpt_dir)
-    problems = damaged_files(ckpt_dir, meta.get("files", {}))
-    if problems:
-        raise ValueError(f"checkpoint {ckpt_dir} is damaged: {'; '.join(problems)}")
-    return meta
-
-
-def load_train_checkpoint(ckpt_dir) -> tuple[Transformer, dict]:
-    """The fp32 CPU model of a train.py checkpoint, in one process whatever the world size that
-    wrote it (DCP reshards on load), and its train.json."""
-    import torch.distributed.checkpoint as dcp
-
-    meta = read_train_meta(ckpt_dir)
-    with torch.device("meta"):  # asdict(cfg) as train.py wrote it: the fields are the keywords
-        model = Transformer(ModelConfig(**meta["config"]))
-    model.to_empty(device="cpu")  # new tensors per module: to_empty unties lm_head and embedding,
-    if model.config.tie_word_embeddings:  # so tie them again (the checkpoint holds one tensor)
-        model.lm_head.weight = model.model.embed_tokens.weight
-    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point
-        warnings.simplefilter("ignore", UserWarning)
-        # Only the "model" entry: the optimizer state is as large again and not needed here.
-        dcp.load({"model": model.state_dict()}, checkpoint_id=Path(ckpt_dir), no_dist=True)
-    return model, meta
+# train.py checkpoints -> HF
 
 
 def export_checkpoint(ckpt_dir, out_dir, tokenizer=None, overwrite=False, protect=(),

@@ -316,9 +316,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, use_ttt: bool):
         super().__init__()
         self.cfg, self.use_ttt = cfg, use_ttt
-        # With keep_state, a TTT forward leaves its final ttt.TTTState (detached) in last_state, so
-        # a caller (train.py's ‖ΣΔW‖ probe) reads what was computed instead of redoing the TTT.
+        # What a TTT forward leaves for a caller to read, from the final state it computed anyway
+        # (nothing is redone): with keep_state the ttt.TTTState itself (detached) in last_state;
+        # with measure_update only ‖ΣΔW‖ / ‖W0‖ per row (B,) in update_ratio, train.py's
+        # validation probe, taken here because only inside the forward is W0 whole under FSDP.
         self.keep_state, self.last_state = False, None
+        self.measure_update, self.update_ratio = False, None
         D, Fd = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = nn.Linear(D, Fd, bias=False)
         self.up_proj = nn.Linear(D, Fd, bias=False)
@@ -342,6 +345,9 @@ class MLP(nn.Module):
                                clip_tau=cfg.ttt_clip_tau, fp32_state=cfg.ttt_fp32_state)
         if self.keep_state:
             self.last_state = new.detach()
+        if self.measure_update:  # fp32 norms: (B, D, F) -> (B,), over (D, F) -> ()
+            dW, w0 = new.dW.detach().float(), self.down_proj.weight.detach().float()
+            self.update_ratio = torch.linalg.matrix_norm(dW) / torch.linalg.matrix_norm(w0)
         if state is not None:  # a prefill (or its continuation): the cache goes on from here
             state.copy_(new)
         return out

@@ -33,6 +33,7 @@ half-trained one resumes from its last checkpoint. Writes <out>/RESULTS.md (the 
 """
 
 import argparse
+import io
 import json
 import math
 import os
@@ -49,6 +50,9 @@ import torch
 
 import load_hf
 import train
+from checkpoint import atomic_write
+from data import (byte_tokenizer, load_npz, load_tokenizer, split_data, validation_starts,
+                  window_batch)
 from tokenizer import package_dir
 
 ROOT = Path(__file__).resolve().parent
@@ -98,12 +102,11 @@ def write_recall(path: Path, task: RecallTask, n_seqs: int, seed: int) -> Path:
     tokens, mask, distance = (np.concatenate([p[k] for p in parts] + [pad])
                               for k, pad in enumerate(([0], [False], [-1])))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")  # complete or absent, as train.py's caches
-    np.savez(tmp, tokens=tokens.astype(np.uint32), loss_mask=mask,
+    npz = io.BytesIO()
+    np.savez(npz, tokens=tokens.astype(np.uint32), loss_mask=mask,
              distance=distance.astype(np.int32), starts=np.arange(n_seqs, dtype=np.int64) * task.T,
              task=json.dumps(asdict(task)))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, npz.getvalue())  # complete or absent, as train.py's caches
 
 
 def distance_buckets(task: RecallTask) -> list[tuple[str, int, int]]:
@@ -119,12 +122,12 @@ def recall_accuracy(hf_dir, data_path, task: RecallTask, batch=64) -> dict:
     """Argmax accuracy at the answers of data_path's sequences, per distance bucket, for the HF
     export in hf_dir. Windows are train.py's (window_batch), so positions align as in training."""
     model = load_hf.load_model(hf_dir).eval()
-    data = train.load_npz(data_path, task.T, model.config.vocab_size)
+    data = load_npz(data_path, task.T, model.config.vocab_size)
     distance = np.load(data_path)["distance"]
     hits, counts = {}, {}
     for i in range(0, len(data.starts), batch):
         starts = data.starts[i:i + batch]
-        x, y = train.window_batch(data, starts, task.T)
+        x, y = window_batch(data, starts, task.T)
         ok = (model(x).argmax(-1) == y) & (y != -100)  # (b, T): logits at t predict token t + 1
         d = torch.from_numpy(np.stack([distance[s + 1:s + task.T + 1] for s in starts]))
         for label, lo, hi in distance_buckets(task):
@@ -310,11 +313,11 @@ def text_loss_by_position(hf_dir, argv, updates=True, batch=4) -> dict:
     args = train.parse_args(argv)
     model = load_hf.load_model(hf_dir).eval()
     model.ttt_enabled = updates
-    tok_dir = train.byte_tokenizer(args.cache, rank=0)  # what the run used (it wrote it)
-    _, sep = train.load_tokenizer(tok_dir, None, model.config)
-    _, val = train.split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir,
-                              sep, args.cache, 0, model.config.vocab_size)
-    x, y = train.window_batch(val, np.arange(args.val_windows) * args.seq_len, args.seq_len)
+    tok_dir = byte_tokenizer(args.cache, rank=0)  # what the run used (it wrote it)
+    _, sep, tok = load_tokenizer(tok_dir, None, model.config)
+    _, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
+                        args.cache, 0, model.config.vocab_size, tok)
+    x, y = window_batch(val, validation_starts(val, args.val_windows, args.seq_len), args.seq_len)
     per_token = torch.cat([model.loss(x[i:i + batch], y[i:i + batch], reduction="none")
                            for i in range(0, len(x), batch)])  # (windows, seq_len)
     return {f"{lo}-{hi}": per_token[:, lo:hi].mean().item()
@@ -460,14 +463,12 @@ def plot(results, sizes: Sizes, path: Path) -> bool:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=load_hf.HelpFormatter)
     p.add_argument("--quick", action="store_true", help="toy sizes: the pipeline in seconds")
     p.add_argument("--out", help="study directory (default: out/study, or out/study-quick)")
-    p.add_argument("--jobs", type=int, default=2, help="train.py runs at a time (one thread each)")
+    p.add_argument("--jobs", type=int, action=load_hf.AtLeast, low=1, default=2,
+                   help="train.py runs at a time (one thread each)")
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error(f"--jobs {args.jobs}: must be 1 or more")
     sizes = QUICK if args.quick else FULL
     out = Path(args.out or ("out/study-quick" if args.quick else "out/study"))
     t0 = time.perf_counter()

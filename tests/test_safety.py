@@ -14,8 +14,10 @@ import torch
 import torch.distributed as dist
 from conftest import CORPUS, make_hf, metrics, rewrite_weights, small_args, without_timing
 
+import checkpoint
 import load_hf
 import train
+from data import token_cache
 from model import ModelConfig
 
 
@@ -171,11 +173,11 @@ def test_damaged_checkpoint_is_named_and_resume_falls_back(damage, run_dir, run_
     assert without_timing(metrics(run_copy)) == without_timing(metrics(run_dir))  # step 2 redone
     aside = [p.name.split(".")[1] for p in (run_copy / "ckpt").glob("step_000002.*")]
     assert len(aside) == 1 and aside[0].startswith("damaged-")  # kept, under a name no run reads
-    load_hf.verify_checkpoint(newest)  # written again, intact
+    checkpoint.verify_checkpoint(newest)  # written again, intact
 
 
 def test_resume_with_every_checkpoint_damaged_is_an_error(run_copy, byte_tokenizer, cache):
-    for ckpt in train.checkpoints(run_copy / "ckpt"):
+    for ckpt in checkpoint.checkpoints(run_copy / "ckpt"):
         flip(ckpt / "__0_0.distcp")
     before = listing(run_copy)
     with pytest.raises(SystemExit, match=r"--resume: no checkpoint in .*ckpt is intact.*--overwr"):
@@ -192,20 +194,20 @@ def test_non_finite_loss_names_the_last_good_checkpoint_and_resume_is_clean(run_
     named = f"not finite.*The newest checkpoint whose weights gave a finite loss is {good}"
     with pytest.raises(SystemExit, match=named):
         resume(byte_tokenizer, cache, run_copy, "--lr", "1e30", "--grad-clip", "0", steps=4)
-    ckpts = [p.name for p in train.checkpoints(run_copy / "ckpt")]
+    ckpts = [p.name for p in checkpoint.checkpoints(run_copy / "ckpt")]
     assert ckpts == ["step_000001", "step_000002"]  # step 3's weights gave NaN: never saved
     resume(byte_tokenizer, cache, run_copy, steps=4)  # the first run's lr again
     rows = metrics(run_copy)
     assert [r["step"] for r in rows] == list(range(5))
     assert all(math.isfinite(r["loss"]) for r in rows[1:])
-    recorded = load_hf.read_train_meta(good)["loss"]  # what these weights gave on step 3's batch
+    recorded = checkpoint.read_train_meta(good)["loss"]  # what these weights gave on step 3's batch
     assert recorded == pytest.approx(rows[3]["loss"], rel=1e-5)
 
 
 def test_resumed_weights_that_give_a_non_finite_loss_are_set_aside(run_copy, byte_tokenizer,
                                                                     cache):
     ckpt = run_copy / "ckpt"
-    meta = load_hf.read_train_meta(ckpt / "step_000002")
+    meta = checkpoint.read_train_meta(ckpt / "step_000002")
     meta = {k: meta[k] for k in ("config", "tokenizer", "world_size", "args")}
     try:  # NaN weights saved without a loss, as an older train.py saved them after step N
         _, _, device = train.setup_distributed("cpu")
@@ -214,7 +216,7 @@ def test_resumed_weights_that_give_a_non_finite_loss_are_set_aside(run_copy, byt
             for p in model.parameters():
                 p.fill_(float("nan"))
         optimizer = train.make_optimizer(model, 1e-3, 0.1, device)
-        train.save_checkpoint(ckpt, 3, model, optimizer, meta, keep=10, rank=0, loss=None)
+        checkpoint.save_checkpoint(ckpt, 3, model, optimizer, meta, keep=10, rank=0, loss=None)
     finally:
         dist.destroy_process_group()
     named = f"step 4: loss nan.*finite loss is {ckpt / 'step_000002'}: --resume continues from it"
@@ -320,5 +322,5 @@ def test_leftovers_of_killed_runs_are_removed_and_live_ones_kept(run_dir, tmp_pa
     cache.mkdir()
     orphan = cache / f".0123456789abcdef.bin.tmp-{dead}"  # a tokenisation killed half way
     orphan.write_bytes(b"\0" * 4096)
-    train.token_cache(CORPUS[:1], Path(byte_tokenizer), 0, cache, rank=0)
+    token_cache(CORPUS[:1], Path(byte_tokenizer), 0, cache, rank=0)
     assert not orphan.exists() and len(list(cache.glob("*.bin"))) == 1

@@ -11,12 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import package_dir
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import study
 import train
+from data import TokenStream, load_npz, read_stream, split_data, window_batch
 from load_hf import load_config
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
 from model import PRESETS, Transformer
 from tokenizer import Tokenizer
 
@@ -72,10 +72,10 @@ def test_recall_answers_are_the_bound_values_at_the_claimed_distances():
 
 def test_recall_npz_is_one_window_per_sequence_with_loss_on_the_answers_only(tmp_path):
     path = study.write_recall(tmp_path / "r.npz", TASK, 5, seed=0)
-    data = train.load_npz(path, TASK.T, 257)
+    data = load_npz(path, TASK.T, 257)
     raw = np.load(path)
     assert data.starts.tolist() == [0, 64, 128, 192, 256] and len(data) == 5 * 64 + 1
-    x, y = train.window_batch(data, data.starts, TASK.T)
+    x, y = window_batch(data, data.starts, TASK.T)
     assert torch.equal(x.flatten(), torch.from_numpy(raw["tokens"][:-1].astype(np.int64)))
     answers = torch.from_numpy(raw["loss_mask"][1:].reshape(5, 64))
     assert torch.equal(y != -100, answers) and answers.sum() == 5 * (32 - TASK.n_live)
@@ -107,7 +107,7 @@ def test_train_py_ignores_masked_targets_in_training_and_validation(tmp_path, re
     cfg = train.model_config(args.preset, override=dict(args.override), ttt_layers=(1,),
                              ttt_chunk=8)
     model = starting_model(cfg)
-    data, val = train.load_npz(train_npz, 64, 257), train.load_npz(val_npz, 64, 257)
+    data, val = load_npz(train_npz, 64, 257), load_npz(val_npz, 64, 257)
 
     def masked_mean(stream, starts):  # by hand: the mask and the targets read from the arrays
         x = torch.from_numpy(np.stack([stream.tokens[s:s + 64] for s in starts]).astype(np.int64))
@@ -129,7 +129,7 @@ def test_val_loss_by_position_buckets_sum_back_to_the_mean_and_split_by_position
     assert train.position_buckets(50) == [(0, 50)]
     seq_len, windows = 300, 3
     text = Path(SPEECH).read_bytes()[:seq_len * windows + 1]
-    val = train.TokenStream(np.frombuffer(text, np.uint8).astype(np.uint32))
+    val = TokenStream(np.frombuffer(text, np.uint8).astype(np.uint32))
     cfg = train.model_config(override={"hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
                                        "num_heads": 2, "num_kv_heads": 2, "head_dim": 16},
                              ttt_layers=(1,), ttt_chunk=32)
@@ -137,11 +137,11 @@ def test_val_loss_by_position_buckets_sum_back_to_the_mean_and_split_by_position
     try:
         rank, world, device = train.setup_distributed("cpu")
         model = train.build_model(cfg, device)
-        row = train.validate(model, val, seq_len, windows, 2, train.UpdateProbe(model), rank, world,
+        row = train.validate(model, val, seq_len, windows, 2, rank, world,
                              device)
     finally:
         dist.destroy_process_group()
-    x, y = train.window_batch(val, np.arange(windows) * seq_len, seq_len)
+    x, y = window_batch(val, np.arange(windows) * seq_len, seq_len)
     with torch.no_grad():
         per_token = F.cross_entropy(plain(x).transpose(1, 2), y, reduction="none")  # (B, T)
     buckets = {f"{lo}-{hi}": (lo, hi) for lo, hi in [(0, 64), (64, 256), (256, 300)]}
@@ -196,13 +196,13 @@ def test_a_bad_npz_is_a_clear_error_before_anything_is_written(tmp_path, case):
 
 def test_npz_with_text_and_held_out_windows(tmp_path, recall_data):
     with pytest.raises(SystemExit, match="a pre-tokenised .npz is the whole data set; pass it alone"):
-        train.read_stream([str(recall_data[0]), SPEECH], 64, None, 0, tmp_path, 0)
-    tokens, val = train.split_data([str(recall_data[0])], None, 4, 64, None, 0, tmp_path, 0)
+        read_stream([str(recall_data[0]), SPEECH], 64, None, 0, tmp_path, 0)
+    tokens, val = split_data([str(recall_data[0])], None, 4, 64, None, 0, tmp_path, 0)
     assert val.starts.tolist() == [0, 64, 128, 192] and len(val) == 4 * 64 + 1
     assert tokens.starts.tolist() == list(range(0, 34 * 64 + 1, 64)) and len(tokens) == 36 * 64
-    x, y = train.window_batch(val, val.starts, 64)
-    whole = train.load_npz(recall_data[0], 64)
-    assert torch.equal(x, train.window_batch(whole, whole.starts[-4:], 64)[0])
+    x, y = window_batch(val, val.starts, 64)
+    whole = load_npz(recall_data[0], 64)
+    assert torch.equal(x, window_batch(whole, whole.starts[-4:], 64)[0])
 
 
 def test_ttt_init_flag_reaches_the_model_and_bad_combinations_are_refused(tmp_path, capsys):

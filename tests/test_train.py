@@ -17,8 +17,10 @@ from conftest import CORPUS, RUN, SPEECHES, load_hf_reference, make_hf, metrics,
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
+import checkpoint
 import load_hf
 import train
+from data import TokenStream, split_data, token_cache, window_batch
 from model import TTT_RECIPE
 from tokenizer import Tokenizer
 
@@ -69,9 +71,9 @@ def test_two_ranks_learn_with_sharded_params_and_ttt_grads(two_ranks):
 
 def test_two_rank_checkpoint_records_every_file_of_both_ranks(two_ranks):
     ckpt = two_ranks / "ckpt" / f"step_{STEPS:06d}"
-    record = load_hf.read_train_meta(ckpt)["files"]
+    record = checkpoint.read_train_meta(ckpt)["files"]
     assert set(record) == {p.name for p in ckpt.iterdir()} - {"train.json"} >= {"__0_0.distcp", "__1_0.distcp"}
-    assert load_hf.verify_checkpoint(ckpt)["step"] == STEPS
+    assert checkpoint.verify_checkpoint(ckpt)["step"] == STEPS
 
 
 def test_no_ttt_is_a_plain_model_transformers_loads(tmp_path, byte_tokenizer, cache):
@@ -132,7 +134,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, byte_toke
                       "--grad-clip", "0", "--resume", steps=8)
     with pytest.raises(SystemExit, match="not finite"):
         train.main(args)
-    ckpts = train.checkpoints(tmp_path / "ckpt")
+    ckpts = checkpoint.checkpoints(tmp_path / "ckpt")
     assert ckpts and not list((tmp_path / "ckpt").glob(".tmp*"))
     assert (ckpts[-1] / "train.json").is_file() and len(metrics(tmp_path)) < 9
 
@@ -216,13 +218,13 @@ def test_token_cache_separates_documents_and_counts_skips(tmp_path, byte_tokeniz
     (d / "b.txt").write_text("")
     (d / "c.txt").write_bytes(b"caf\xe9")
     (d / "d.jsonl").write_text('{"text": "xy"}\n{"text": ""}\n{"content": "z"}\nnot json\n')
-    tokens = train.token_cache([str(d)], Path(byte_tokenizer), 0, tmp_path / "cache", rank=0)
+    tokens = token_cache([str(d)], Path(byte_tokenizer), 0, tmp_path / "cache", rank=0)
     tok = Tokenizer.from_dir(byte_tokenizer)
     assert tokens.tolist() == tok.encode("hello") + [0] + tok.encode("xy") + [0]
     log = capsys.readouterr().out
     assert "skipped 2 documents: empty" in log and "skipped 1 documents: invalid UTF-8" in log
     assert "skipped 2 documents: not a JSON object with a 'text' field" in log
-    again = train.token_cache([str(d)], Path(byte_tokenizer), 0, tmp_path / "cache", rank=0)
+    again = token_cache([str(d)], Path(byte_tokenizer), 0, tmp_path / "cache", rank=0)
     assert capsys.readouterr().out == "" and again.tolist() == tokens.tolist()
 
 
@@ -231,7 +233,7 @@ def test_token_cache_separates_documents_and_counts_skips(tmp_path, byte_tokeniz
 def test_unusable_data_is_a_clear_error(tmp_path, byte_tokenizer, content, message):
     (tmp_path / "a.txt").write_text(content)
     with pytest.raises(SystemExit, match=message):
-        train.split_data([str(tmp_path / "a.txt")], None, 0, 64, Path(byte_tokenizer), 0, tmp_path / "cache",
+        split_data([str(tmp_path / "a.txt")], None, 0, 64, Path(byte_tokenizer), 0, tmp_path / "cache",
                          rank=0)
 
 
@@ -265,14 +267,14 @@ def test_update_probe_reads_the_forward_state_and_matches_the_naive_loop(target,
             if ".mlp.ttt_" in name:
                 p.normal_(0.0, 0.3)
     seq_len, windows = 40, 3
-    val = train.TokenStream(np.random.default_rng(0).integers(0, 256, windows * seq_len + 1).astype(np.uint32))
+    val = TokenStream(np.random.default_rng(0).integers(0, 256, windows * seq_len + 1).astype(np.uint32))
     try:
         rank, world, device = train.setup_distributed("cpu")
         model = train.build_model(cfg, device, fill=False)
         set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
         calls, chunked = [], ttt.chunked
         monkeypatch.setattr(ttt, "chunked", lambda *a, **k: calls.append(1) or chunked(*a, **k))
-        got = train.validate(model, val, seq_len, windows, 2, train.UpdateProbe(model), rank, world, device)
+        got = train.validate(model, val, seq_len, windows, 2, rank, world, device)
         monkeypatch.undo()
     finally:
         dist.destroy_process_group()
@@ -280,7 +282,7 @@ def test_update_probe_reads_the_forward_state_and_matches_the_naive_loop(target,
     inputs = {}
     for i in cfg.ttt_layers:
         plain.model.layers[i].mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, a[:2]))
-    x, _ = train.window_batch(val, np.arange(windows) * seq_len, seq_len)
+    x, _ = window_batch(val, np.arange(windows) * seq_len, seq_len)
     with torch.no_grad():
         plain(x)
     for i in cfg.ttt_layers:

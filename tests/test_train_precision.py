@@ -10,7 +10,7 @@ from test_train import finish, torchrun
 from torch._dynamo.utils import counters
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-import load_hf
+import checkpoint
 import train
 from model import Transformer
 
@@ -87,10 +87,9 @@ def test_flag_sets_the_compute_dtype_and_the_ttt_state_stays_fp32(tmp_path, byte
                              options=StateDictOptions(full_state_dict=True))
         mlp = run.model.model.layers[0].mlp
         seen = []
-        # prepended: train.py's UpdateProbe hook, run after it, consumes last_state
         mlp.register_forward_hook(lambda m, a, out: seen.append(
-            (m.down_proj.weight.dtype, out.dtype, m.last_state.dW)), prepend=True)
-        run.probe.active, run.probe.weights = True, torch.ones(2)
+            (m.down_proj.weight.dtype, out.dtype, m.last_state.dW)))
+        mlp.keep_state = True  # the forward's final state, fast-weight sum dW included
         with torch.no_grad():
             run.model(torch.randint(0, 256, (2, 48)))
         run.model.reshard()  # a no-grad forward leaves the root's bf16 copies gathered
@@ -113,9 +112,9 @@ def test_bf16_run_learns_and_resumes_exactly(tmp_path, bf16_run, byte_tokenizer,
     assert rows[-1]["loss"] < rows[1]["loss"] - 1.0
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 1.0
     assert all(r["ttt_grad_norm"] > 0 for r in rows[1:])
-    ckpt = train.checkpoints(bf16_run / "ckpt")[-1]
-    assert load_hf.read_train_meta(ckpt)["args"]["precision"] == "bf16"  # recorded with the run
-    saved = train.save_checkpoint
+    ckpt = checkpoint.checkpoints(bf16_run / "ckpt")[-1]
+    assert checkpoint.read_train_meta(ckpt)["args"]["precision"] == "bf16"  # recorded with the run
+    saved = checkpoint.save_checkpoint
 
     def save_then_stop(*a, **k):
         path = saved(*a, **k)
@@ -126,7 +125,7 @@ def test_bf16_run_learns_and_resumes_exactly(tmp_path, bf16_run, byte_tokenizer,
     with pytest.raises(Stop):
         train.main(args)
     monkeypatch.undo()
-    assert [p.name for p in train.checkpoints(tmp_path / "ckpt")] == ["step_000004"]
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "ckpt")] == ["step_000004"]
     train.main(args + ["--resume"])
     assert without_timing(metrics(tmp_path)) == without_timing(rows)
 

