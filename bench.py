@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from load_hf import parse_dtype
+from load_hf import default_device, parse_dtype
 from model import MLP, ModelConfig, is_ttt_param
 
 # -----------------------------------------------------------------------------
@@ -511,7 +511,7 @@ def main(argv=None):
     p.add_argument("--small", action="store_true",
                    help="CPU-sized defaults: D×F 256×768, T up to 4096")
     # run
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default=torch.bfloat16, type=parse_dtype, help="bf16, fp16 or fp32")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed runs per measurement (after 2 warm-up runs)")
@@ -532,7 +532,7 @@ def main(argv=None):
     p.add_argument("--small", action="store_true",
                    help="CPU-sized defaults: the tiny preset, contexts to 4096")
     # run
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default=torch.bfloat16, type=parse_dtype, help="bf16, fp16 or fp32")
     p.add_argument("--repeats", type=int, default=1,
                    help="prefill runs per length (median), after a warm-up")

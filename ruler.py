@@ -703,6 +703,8 @@ def write_samples(path: Path, combos, samples: int, tok, seed: int, chat: bool, 
     """--generate-only: every sample as one jsonl line, written whole or not at all."""
     from tqdm import tqdm
 
+    from checkpoint import atomic_write
+
     rows = []
     for L, t in tqdm(combos, desc="generating"):
         try:
@@ -710,9 +712,7 @@ def write_samples(path: Path, combos, samples: int, tok, seed: int, chat: bool, 
         except ValueError as e:
             raise ValueError(f"--lengths {length_name(L)}: {e}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(s) + "\n" for s in rows))
-    tmp.replace(path)  # all or nothing: a crash leaves an earlier file intact
+    atomic_write(path, "".join(json.dumps(s) + "\n" for s in rows))  # a crash keeps the old file
     print(f"wrote {len(rows)} samples to {path}")
 
 
@@ -775,10 +775,10 @@ def main(argv=None):
     if unknown := [t for t in tasks if t not in TASKS]:
         ap.error(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(load_hf.default_device(args.device))
     except RuntimeError:
         ap.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
-    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # CPUs: fp32
+    dtype = args.dtype or load_hf.default_dtype(device)
     out = Path(args.out or Path("out/ruler") / Path(args.model or args.tokenizer).name)
     src = Sources(args.haystack, args.squad, args.hotpotqa)
     combos = [(L, t) for L in lengths for t in tasks]  # shortest first: early results on a long sweep

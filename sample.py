@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from load_hf import (load_config, load_model, load_tokenizer, parse_dtype, parse_rope_scaling,
-                     resolve, with_rope_scaling)
+from load_hf import (default_device, default_dtype, load_config, load_model, load_tokenizer,
+                     parse_dtype, parse_rope_scaling, resolve, with_rope_scaling)
 
 DEFAULT_CHECKPOINT = "out/bytes/hf"  # where `python train.py` (no flags) exports its model
 # Default prefill piece: the multiple of C nearest above this. Big forwards are fast (64-token
@@ -303,7 +303,7 @@ def build_parser():
                    help="same checkpoint with fast-weight updates off (W0 only)")
     p.add_argument("--rope-scaling", type=parse_rope_scaling, metavar="JSON",
                    help="HF rope_scaling dict to extend the context, e.g. Qwen3's YaRN (see above)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", type=parse_dtype,
                    help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     # the prompt: one of these (default: a short text prompt)
@@ -375,8 +375,7 @@ def main(argv=None):
                          f"shorten it, extend the context with --rope-scaling, or pass --allow-long")
 
     device = torch.device(args.device)
-    # bf16 on a GPU; fp32 on a CPU, where bf16 is rarely faster and always less exact.
-    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = args.dtype or default_dtype(device)
     try:
         model = load_model(path, device=device, dtype=dtype, config=cfg).eval()
     except (OSError, ValueError, KeyError) as e:  # missing, truncated or mismatched weights

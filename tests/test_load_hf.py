@@ -149,6 +149,17 @@ def test_load_hf_never_imports_train():
     assert "train" not in imported_modules(ROOT / "load_hf.py")
 
 
+def test_no_file_imports_one_that_imports_it():
+    files = {p.stem for p in ROOT.glob("*.py")}
+    graph = {f: imported_modules(ROOT / f"{f}.py") & files for f in files}
+
+    def reaches(a, b, seen):
+        return any(n == b or (n not in seen and reaches(n, b, seen | {n})) for n in graph[a])
+
+    assert [f for f in sorted(files) if reaches(f, f, set())] == []
+    assert graph["checkpoint"] == {"model"} and "train" not in graph["data"] | graph["load_hf"]
+
+
 def test_export_of_a_directory_without_train_json_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="not a complete checkpoint of train.py"):
         load_hf.main(["export", str(tmp_path), str(tmp_path / "out")])

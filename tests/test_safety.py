@@ -134,6 +134,24 @@ def test_rotation_keeps_a_users_step_best_checkpoint(run_copy, byte_tokenizer, c
                                                                      "step_000004"]
 
 
+def test_resume_of_a_finished_run_says_so_and_exports_only_a_missing_or_older_export(
+        run_dir, run_copy, byte_tokenizer, cache, capsys):
+    args = small_args(byte_tokenizer, cache, run_copy, "--save-every", "1", "--resume", steps=2)
+    mark, meta = run_copy / "hf" / load_hf.EXPORT_MARK, run_copy / "ckpt/step_000002/train.json"
+    train.main(args)  # finished, never exported
+    log = capsys.readouterr().out
+    assert "step 2 and --steps is 2: this run is finished" in log and "exported" in log
+    written = mark.stat().st_mtime_ns
+    train.main(args)
+    log = capsys.readouterr().out
+    assert "this run is finished" in log and "exported" not in log and "kept as it is" in log
+    assert mark.stat().st_mtime_ns == written
+    os.utime(meta, ns=(written + 10**9, written + 10**9))  # the checkpoint is newer than the export
+    train.main(args)
+    assert "exported" in capsys.readouterr().out and mark.stat().st_mtime_ns > written
+    assert without_timing(metrics(run_copy)) == without_timing(metrics(run_dir))  # nothing trained
+
+
 # ---- 3. a damaged checkpoint is named, and resume falls back to the newest intact one
 
 

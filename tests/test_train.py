@@ -296,6 +296,18 @@ def test_update_probe_reads_the_forward_state_and_matches_the_naive_loop(target,
         assert want > 1e-3 and got[f"ttt_dw_rel.{i}"] == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.parametrize("flag, default", [("--steps", "400"), ("--seq-len", "1024"), ("--batch-tokens", "4096"),
+                                           ("--val-every", "25"), ("--save-every", "50"), ("--keep", "2"),
+                                           ("--ttt-init", "paper"), ("--lr", "5e-06 with --init")])
+def test_help_shows_each_flags_default(flag, default, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside a flag's help
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    flags = capsys.readouterr().out.split("\n  -")  # one entry per flag: its name, then its help
+    [entry] = [f for f in flags if f.startswith(flag[1:] + " ")]
+    assert f"(default: {default}" in entry
+
+
 def test_a_run_that_cannot_be_exported_is_refused_before_training(tmp_path):
     with pytest.raises(SystemExit, match="sliding_window=8 cannot be exported for arch='llama'.*--no-export"):
         train.main(["--override", "arch=llama", "sliding_window=8", "--out", str(tmp_path / "run"),
