@@ -63,16 +63,20 @@ def byte_tokenizer(cache_dir, rank) -> Path:
     return path
 
 
-def load_tokenizer(tokenizer, init, cfg) -> tuple[Path, int, Tokenizer]:
-    """The tokenizer's directory (`tokenizer`, else the `init` checkpoint's, else the one a pip
-    package ships for the preset's family), the document separator (the checkpoint's own EOS, what
-    it was pretrained with, e.g. Qwen3's <|endoftext|>; else the tokenizer's) and the tokenizer."""
+def load_tokenizer(tokenizer, init, cfg, preset=None, cache=None, rank=0
+                   ) -> tuple[Path, int, Tokenizer]:
+    """The tokenizer's directory (`tokenizer`, else the `init` checkpoint's, else for a byte preset
+    the byte tokenizer in `cache`, else the one a pip package ships for the preset's family), the
+    document separator (the checkpoint's own EOS, what it was pretrained with, e.g. Qwen3's
+    <|endoftext|>; else the tokenizer's) and the tokenizer."""
     if tokenizer:
         path = resolve(tokenizer)
     elif init:  # the tokenizer the checkpoint was pretrained with
         path = resolve(init)
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             raise SystemExit(f"{init} has no tokenizer.json or tokenizer.model: pass --tokenizer")
+    elif preset in BYTE_PRESETS:
+        path = byte_tokenizer(cache, rank)
     else:  # from scratch: the family's own tokenizer, so the export works with its ecosystem
         package, sub = PACKAGED_TOKENIZERS[cfg.arch]
         path = package_dir(package, "tokenizer") / sub

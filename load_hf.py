@@ -271,38 +271,8 @@ def _read_config(directory: Path) -> ModelConfig:
 def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
     """An HF config dict -> ModelConfig, field by field; unsupported features are refused, naming
     `where` and the field."""
-    # Old configs may lack "architectures"; model_type then names the family.
-    fallback = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
-    model_type = str(hf.get("model_type"))
-    archs = hf.get("architectures") or [fallback.get(model_type, model_type)]
-    if archs[0] not in ARCHS:
-        raise ValueError(f"{where}: architecture {archs[0]} is not supported; supported: "
-                         f"{', '.join(ARCHS)}")
-    arch = ARCHS[archs[0]]
-    # Features model.py does not implement: refused, since ignoring one changes the logits.
-    refused = [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]
-    if arch == "llama":  # LlamaConfig has no window; Qwen3's is read by _qwen3_window below
-        refused.append(("use_sliding_window", False))
-    for key, ok in refused:
-        if hf.get(key, ok) != ok:
-            raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (only {ok!r})")
-    missing = [key for key in REQUIRED if key not in hf]
-    if missing:
-        raise ValueError(f"{where}: {', '.join(missing)} missing (a {archs[0]} config.json "
-                         f"names {', '.join(REQUIRED)})")
-    for key, name in HF_FIELDS.items():  # each value checked before any arithmetic uses it
-        if key in hf and not (hf[key] is None and key in ("num_key_value_heads", "head_dim")):
-            check_field(name, hf[key], f"{where}: {key}")  # those two: null means the default
-
-    # transformers 5 keeps theta and scaling together in rope_parameters; transformers 4 splits
-    # them. 10000 is both versions' default theta.
-    if "rope_parameters" in hf and hf["rope_parameters"]:
-        rope = dict(hf["rope_parameters"])
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    else:
-        rope, theta = dict(hf.get("rope_scaling") or {}), hf.get("rope_theta", 10000.0)
-    check_field("rope_theta", theta, f"{where}: rope_theta")  # rope_parameters' own is unchecked
-    kind = rope.get("rope_type", rope.get("type", "default"))  # "type": transformers 4 spelling
+    arch = _check_hf(hf, where)
+    theta, rope_scaling = _rope_from_hf(hf, where)
     heads = hf["num_attention_heads"]
     window = _qwen3_window(hf, where) if arch == "qwen3" else None
     # Defaults below are the transformers classes' own, for keys an older config.json leaves out.
@@ -318,7 +288,7 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
-            rope_scaling=None if kind == "default" else rope,
+            rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),  # both default to untied
             qk_norm=arch == "qwen3",  # Qwen3's per-head q/k RMSNorm; LLaMA has none
@@ -330,6 +300,55 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
         rope_inv_freq(cfg)  # a scaling dict missing its type's keys fails here, not mid-forward
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: {type(e).__name__}: {e}") from None
+    return _ttt_from_hf(cfg, hf, where)
+
+
+def _check_hf(hf: dict, where) -> str:
+    """The model.py arch of an HF config dict ("qwen3" / "llama"), after refusing an unsupported
+    architecture or feature, a missing required field, and a value its ModelConfig field does not
+    allow."""
+    # Old configs may lack "architectures"; model_type then names the family.
+    fallback = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+    model_type = str(hf.get("model_type"))
+    archs = hf.get("architectures") or [fallback.get(model_type, model_type)]
+    if archs[0] not in ARCHS:
+        raise ValueError(f"{where}: architecture {archs[0]} is not supported; supported: "
+                         f"{', '.join(ARCHS)}")
+    arch = ARCHS[archs[0]]
+    # Features model.py does not implement: refused, since ignoring one changes the logits.
+    refused = [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]
+    if arch == "llama":  # LlamaConfig has no window; Qwen3's is read by _qwen3_window
+        refused.append(("use_sliding_window", False))
+    for key, ok in refused:
+        if hf.get(key, ok) != ok:
+            raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (only {ok!r})")
+    missing = [key for key in REQUIRED if key not in hf]
+    if missing:
+        raise ValueError(f"{where}: {', '.join(missing)} missing (a {archs[0]} config.json "
+                         f"names {', '.join(REQUIRED)})")
+    for key, name in HF_FIELDS.items():  # each value checked before any arithmetic uses it
+        if key in hf and not (hf[key] is None and key in ("num_key_value_heads", "head_dim")):
+            check_field(name, hf[key], f"{where}: {key}")  # those two: null means the default
+    return arch
+
+
+def _rope_from_hf(hf: dict, where) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling or None for plain RoPE) of an HF config dict. transformers 5 keeps
+    theta and scaling together in rope_parameters; transformers 4 splits them. 10000 is both
+    versions' default theta."""
+    if "rope_parameters" in hf and hf["rope_parameters"]:
+        rope = dict(hf["rope_parameters"])
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    else:
+        rope, theta = dict(hf.get("rope_scaling") or {}), hf.get("rope_theta", 10000.0)
+    check_field("rope_theta", theta, f"{where}: rope_theta")  # rope_parameters' own is unchecked
+    kind = rope.get("rope_type", rope.get("type", "default"))  # "type": transformers 4 spelling
+    return theta, None if kind == "default" else rope
+
+
+def _ttt_from_hf(cfg: ModelConfig, hf: dict, where) -> ModelConfig:
+    """`cfg` with the In-Place TTT keys of an HF config dict (the official release's ttt_* keys;
+    ttt_lookahead, ours, only when off)."""
     if hf.get("ttt_layers"):  # an In-Place TTT checkpoint: its keys, else ModelConfig's defaults
         cfg = cfg.with_ttt(layers=hf["ttt_layers"], chunk=hf.get("ttt_chunk", cfg.ttt_chunk),
                            lr=hf.get("ttt_lr", cfg.ttt_lr), proj=hf.get("ttt_proj", cfg.ttt_proj),

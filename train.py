@@ -50,8 +50,8 @@ from tqdm import tqdm
 import load_hf
 from checkpoint import (TRAIN_META, check_out, checkpoints, pick_resume, prepare_out, resume,
                         run_files, save_checkpoint, set_aside)
-from data import (BYTE_PRESETS, TokenStream, batch_layout, byte_tokenizer, default_corpus,
-                  load_tokenizer, split_data, step_batches, validation_starts, window_batch)
+from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
+                  step_batches, validation_starts, window_batch)
 from load_hf import AtLeast, HelpFormatter, default_device, default_dtype
 from model import (PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, init_ttt_params,
                    is_ttt_param)
@@ -554,10 +554,7 @@ def setup_run(args) -> Run | None:
                        args.ttt_lr, args.ttt_target, args.no_ttt)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, world)
     check_config(cfg, args.ttt_init, export=not args.no_export)
-    tokenizer = args.tokenizer
-    if tokenizer is None and args.preset in BYTE_PRESETS and not args.init:
-        tokenizer = byte_tokenizer(args.cache, rank)
-    tok_dir, sep, tok = load_tokenizer(tokenizer, init, cfg)
+    tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, rank)
     out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
     existing = check_run_dir(out, export, args.resume, args.overwrite)
     tokens, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
