@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -68,9 +69,8 @@ HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
              "head_dim": "head_dim", "rms_norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
              "max_position_embeddings": "max_position_embeddings",
              "tie_word_embeddings": "tie_word_embeddings", "bos_token_id": "bos_token_id",
-             "eos_token_id": "eos_token_id", "ttt_mode": "ttt_mode", "ttt_layers": "ttt_layers",
-             "ttt_chunk": "ttt_chunk", "ttt_lr": "ttt_lr", "ttt_proj": "ttt_proj",
-             "ttt_target": "ttt_target"}
+             "eos_token_id": "eos_token_id", "ttt_layers": "ttt_layers", "ttt_chunk": "ttt_chunk",
+             "ttt_lr": "ttt_lr", "ttt_proj": "ttt_proj", "ttt_target": "ttt_target"}
 # Without these a config.json does not describe a model; every other field has a default.
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads")
@@ -113,7 +113,10 @@ RULES = {  # field -> (test, what is allowed); a field not listed here is not ch
     "ttt_target": (lambda v: v in ("hidden_states", "input_embed"),
                    "'hidden_states' or 'input_embed'"),
     "ttt_clip_tau": (lambda v: v is None or (_number(v) and v > 0), "a positive number or null"),
-    "ttt_mode": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    # Not a ModelConfig field but config.json's switch (see config_from_hf): the official release
+    # writes true (training classes) or false (inference classes); our older exports a string.
+    "ttt_mode": (lambda v: v is None or isinstance(v, (bool, str)),
+                 "true, false, null or a string"),
     "extra": (lambda v: isinstance(v, dict), "a JSON object"),
 }
 
@@ -273,6 +276,9 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
     `where` and the field."""
     arch = _check_hf(hf, where)
     theta, rope_scaling = _rope_from_hf(hf, where)
+    # Unknown fields are carried through export as they are; so are the TTT keys of a config that
+    # switches TTT off (_plain), which then describe nothing here.
+    carried = {k for k in hf if k[0] != "_" and (k not in KNOWN or (_plain(hf) and k in TTT_KEYS))}
     heads = hf["num_attention_heads"]
     window = _qwen3_window(hf, where) if arch == "qwen3" else None
     # Defaults below are the transformers classes' own, for keys an older config.json leaves out.
@@ -295,7 +301,7 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
             sliding_window=window,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
-            extra={k: v for k, v in hf.items() if k not in KNOWN and not k.startswith("_")},
+            extra={k: hf[k] for k in hf if k in carried},
         )
         rope_inv_freq(cfg)  # a scaling dict missing its type's keys fails here, not mid-forward
     except (KeyError, TypeError, ValueError) as e:
@@ -329,6 +335,7 @@ def _check_hf(hf: dict, where) -> str:
     for key, name in HF_FIELDS.items():  # each value checked before any arithmetic uses it
         if key in hf and not (hf[key] is None and key in ("num_key_value_heads", "head_dim")):
             check_field(name, hf[key], f"{where}: {key}")  # those two: null means the default
+    check_field("ttt_mode", hf.get("ttt_mode"), f"{where}: ttt_mode")
     return arch
 
 
@@ -346,13 +353,24 @@ def _rope_from_hf(hf: dict, where) -> tuple[float, dict | None]:
     return theta, None if kind == "default" else rope
 
 
+def _plain(hf: dict) -> bool:
+    """Whether config.json switches TTT off: ttt_mode false or null (the official inference
+    classes' default), as the official code's `if config.ttt_mode` reads it."""
+    return "ttt_mode" in hf and not hf["ttt_mode"]
+
+
 def _ttt_from_hf(cfg: ModelConfig, hf: dict, where) -> ModelConfig:
     """`cfg` with the In-Place TTT keys of an HF config dict (the official release's ttt_* keys;
-    ttt_lookahead, ours, only when off)."""
-    if hf.get("ttt_layers"):  # an In-Place TTT checkpoint: its keys, else ModelConfig's defaults
+    ttt_lookahead, ours, only when off). ttt_mode false or null: a plain model, whatever
+    ttt_layers lists, as the official code reads it."""
+    if _plain(hf):
+        return cfg
+    # An In-Place TTT checkpoint (ttt_mode true or a string; absent, a listed ttt_layers still
+    # means TTT there): its keys, else ModelConfig's defaults.
+    if hf.get("ttt_layers"):
         cfg = cfg.with_ttt(layers=hf["ttt_layers"], chunk=hf.get("ttt_chunk", cfg.ttt_chunk),
                            lr=hf.get("ttt_lr", cfg.ttt_lr), proj=hf.get("ttt_proj", cfg.ttt_proj),
-                           target=hf.get("ttt_target", cfg.ttt_target), mode=hf.get("ttt_mode"))
+                           target=hf.get("ttt_target", cfg.ttt_target))
     lookahead = hf.get("ttt_lookahead", True)  # absent in the official release: the paper's conv
     if lookahead is not True:
         if lookahead is not False:
@@ -392,7 +410,9 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     arch = {v: k for k, v in ARCHS.items()}[cfg.arch]
     # rope_parameters always names its type ("default" for plain RoPE), as transformers 5 writes it
     rope = {"rope_type": "default", **(cfg.rope_scaling or {})}
-    hf = dict(cfg.extra)  # unknown fields first, so ours win on any clash
+    # Unknown fields first, so ours win on any clash; a plain checkpoint's carried TTT keys only
+    # while the model has no TTT layers of its own.
+    hf = {k: v for k, v in cfg.extra.items() if not (cfg.ttt_layers and k in TTT_KEYS)}
     hf.update(
         architectures=[arch], model_type=cfg.arch, vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -420,8 +440,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     if cfg.qk_norm != (cfg.arch == "qwen3"):  # the architecture fixes it: no config key says it
         raise ValueError(f"qk_norm={cfg.qk_norm} cannot be exported for arch={cfg.arch!r}: "
                          f"transformers' Qwen3 always has q/k norms, LLaMA never")
-    if cfg.ttt_layers:  # the official release's keys, so its code reads our checkpoints too
-        hf.update(ttt_mode=cfg.ttt_mode or "in_place", ttt_layers=list(cfg.ttt_layers),
+    if cfg.ttt_layers:  # the official release's keys and values, so its code reads ours as its own
+        hf.update(ttt_mode=True, ttt_layers=list(cfg.ttt_layers),
                   ttt_chunk=cfg.ttt_chunk, ttt_lr=cfg.ttt_lr, ttt_proj=cfg.ttt_proj,
                   ttt_target=cfg.ttt_target)
     if not cfg.ttt_lookahead:  # only when off: the release has no such key
@@ -437,7 +457,10 @@ def _weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards its index names, or the single file."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:  # a download cut short leaves a torn index: name it, not a bare JSON error
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is damaged (truncated?): {type(e).__name__}: {e}") from None
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:  # an interrupted download: name the files, not the first key that fails
             raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
@@ -461,7 +484,10 @@ def load_model(src, device="cpu", dtype=torch.float32, config: ModelConfig | Non
     with torch.device("meta"):  # shapes only; each parameter gets real memory as it is read
         model = Transformer(cfg)
     params = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
-    loaded = set()
+    # config.json's ttt_mode false: the official code builds no TTT layer and so ignores TTT
+    # weights the files may hold (e.g. a trained model read by its inference classes); so do we.
+    plain = "ttt_mode" in cfg.extra and not cfg.extra["ttt_mode"]
+    loaded, ignored = set(), []
     for file in _weight_files(path):
         try:
             f = safe_open(str(file), framework="pt", device="cpu")
@@ -472,24 +498,20 @@ def load_model(src, device="cpu", dtype=torch.float32, config: ModelConfig | Non
             for key in f.keys():
                 if key == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue  # some tied checkpoints store the head anyway; we keep the embedding
+                if key not in params and plain and is_ttt_param(key):
+                    ignored.append(key)
+                    continue
                 if key not in params:
                     raise KeyError(f"unexpected key {key} in {file} (not a parameter of this "
                                    f"{cfg.arch} model)")
-                try:
-                    t = f.get_tensor(key)
-                except Exception as e:  # the header was fine but the data is cut short
-                    raise ValueError(f"cannot read {key} from {file} (truncated or corrupt?): "
-                                     f"{e}") from None
-                if not t.is_floating_point():  # int8 / int32 / bool: quantised or not weights
-                    raise ValueError(f"{key} in {file} is stored as {t.dtype}; only floating-point "
-                                     f"weights are supported (a quantised checkpoint must be "
-                                     f"dequantised first)")
-                if t.shape != params[key].shape:
-                    raise ValueError(f"shape mismatch for {key} in {file}: file has "
-                                     f"{tuple(t.shape)}, model expects {tuple(params[key].shape)}")
                 # cast tensor by tensor: the model never exists in two dtypes at once
+                t = _read_tensor(f, key, file, params[key].shape)
                 _set_param(model, key, t.to(device=device, dtype=dtype))
                 loaded.add(key)
+    if ignored:
+        warnings.warn(f"{path}: config.json says ttt_mode={cfg.extra['ttt_mode']!r}, so its "
+                      f"{len(ignored)} TTT weights (e.g. {ignored[0]}) are ignored and the model "
+                      f"is the plain base model, as the official code reads it", stacklevel=2)
     missing = [k for k in params if k not in loaded]
     new_ttt = [k for k in missing if is_ttt_param(k)]
     if init_missing_ttt:  # only TTT parameters may be missing, never a base weight
@@ -504,6 +526,21 @@ def load_model(src, device="cpu", dtype=torch.float32, config: ModelConfig | Non
     if new_ttt and init_missing_ttt:  # conv 0: the model computes exactly the base model
         init_ttt_params(model)
     return model
+
+
+def _read_tensor(f, key, file, shape) -> torch.Tensor:
+    """Tensor `key` of the open safetensors file f, checked: readable, floating point, `shape`."""
+    try:
+        t = f.get_tensor(key)
+    except Exception as e:  # the header was fine but the data is cut short
+        raise ValueError(f"cannot read {key} from {file} (truncated or corrupt?): {e}") from None
+    if not t.is_floating_point():  # int8 / int32 / bool: quantised or not weights
+        raise ValueError(f"{key} in {file} is stored as {t.dtype}; only floating-point weights are "
+                         f"supported (a quantised checkpoint must be dequantised first)")
+    if t.shape != shape:
+        raise ValueError(f"shape mismatch for {key} in {file}: file has {tuple(t.shape)}, model "
+                         f"expects {tuple(shape)}")
+    return t
 
 
 def _set_param(model: nn.Module, key: str, t: torch.Tensor):

@@ -66,7 +66,6 @@ class ModelConfig:
     ttt_lookahead: bool = True  # False: conv centre tap only, V_hat_t from s_t alone (a study)
     ttt_fp32_state: bool = True  # sum the updates in fp32 (bf16 rounds small updates away)
     ttt_clip_tau: float | None = None  # rescale each chunk's update to norm <= tau (inference)
-    ttt_mode: str | None = None  # the official release's config key, kept so export writes it back
     extra: dict = field(default_factory=dict)  # unknown HF config fields, carried through export
 
     def __post_init__(self):
