@@ -14,14 +14,19 @@ into a model in a single process whatever world size wrote it; load_hf.export_ch
 that into an HF checkpoint. This module imports only model.py of this codebase.
 """
 
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
 import time
 import warnings
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -150,14 +155,117 @@ def damaged_files(directory, record: dict) -> list[str]:
     return problems
 
 
+def meta_digest(meta: dict) -> str:
+    """The sha256 train.json carries of itself (every field but this one, in a fixed order): a
+    hand edit of its step, config or record is seen as damage."""
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def meta_problems(ckpt_dir, meta: dict) -> list[str]:
+    """Why checkpoint ckpt_dir's train.json cannot be trusted: empty when it matches its own
+    checksum and the step in the directory's name. (Older train.py versions wrote no checksum.)"""
+    path, problems = Path(ckpt_dir), []
+    if "sha256" in meta and meta_digest(meta) != meta["sha256"]:
+        problems.append(f"{path / TRAIN_META} was changed after it was written (it no longer "
+                        f"matches the checksum written into it)")
+    named = CKPT_NAME.fullmatch(path.name)
+    if named and meta.get("step") != int(named[1]):
+        problems.append(f"{path.name} holds step {meta.get('step')} by its {TRAIN_META} (renamed, "
+                        f"or the step edited?)")
+    return problems
+
+
 def verify_checkpoint(ckpt_dir) -> dict:
     """train.json of a checkpoint whose files all match its integrity record, else ValueError
     naming the damaged files. A checkpoint of an older train.py has no record: read as it is."""
     meta = read_train_meta(ckpt_dir)
-    problems = damaged_files(ckpt_dir, meta.get("files", {}))
+    problems = meta_problems(ckpt_dir, meta) + damaged_files(ckpt_dir, meta.get("files", {}))
     if problems:
         raise ValueError(f"checkpoint {ckpt_dir} is damaged: {'; '.join(problems)}")
     return meta
+
+
+# -----------------------------------------------------------------------------
+# Reading a checkpoint without running its code. DCP pickles its .metadata and the non-tensor
+# entries of a state dict (the optimizer's lr, betas, ...), and reads them back with pickle.load
+# and torch.load(weights_only=False): a checkpoint someone else made could run any command when
+# opened. Here .metadata admits only the classes DCP writes into it, and every pickled entry must
+# pass torch's weights-only unpickler first.
+
+# What a .metadata file pickles: DCP's metadata classes and file layout record, torch.Size,
+# dtypes (checked by type below) and layouts, and the path DCP records.
+METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+                    ("collections", "OrderedDict"),
+                    ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+DCP_METADATA = "torch.distributed.checkpoint.metadata"  # its classes and enums, all admitted
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file refers to code no checkpoint holds: opening it could run that code."""
+
+
+def _unsafe(where, what) -> UnsafeCheckpoint:
+    return UnsafeCheckpoint(f"{where} refers to {what}, which a train.py checkpoint never holds: "
+                            f"refused to read it, since unpickling it could run code (a "
+                            f"checkpoint from someone else?)")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module == DCP_METADATA or (module, name) in METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise _unsafe(self.path, f"{module}.{name}")
+
+
+def read_metadata(ckpt_dir):
+    """DCP's metadata of a checkpoint, unpickled with only the classes DCP writes admitted."""
+    path = Path(ckpt_dir) / ".metadata"
+    with open(path, "rb") as f:
+        try:
+            return _MetadataUnpickler(f, path).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+            raise ValueError(f"{path} is damaged (not DCP metadata: {e})") from None
+
+
+def dcp_load(state: dict, ckpt_dir, no_dist=False):
+    """dcp.load(state, ckpt_dir) with the .metadata and every pickled entry checked first."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # DCP's own reader would pickle.load it
+            metadata = read_metadata(self.path)
+            if getattr(metadata, "storage_meta", None) is None:  # as DCP's reader fills it in
+                metadata.storage_meta = dcp.metadata.StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):  # DCP's would torch.load(weights_only=False)
+            data = value.read()
+            try:  # plain containers, numbers, strings and tensors pass; any other global fails
+                torch.load(io.BytesIO(data), weights_only=True)
+            except pickle.UnpicklingError as e:  # torch names it as "GLOBAL module.name"
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))
+                raise _unsafe(f"{ckpt_dir}: its entry {read_item.dest_index.fqn}",
+                              found[1] if found else "a global") from None
+            super().load_bytes(read_item, io.BytesIO(data))
+
+    read_metadata(ckpt_dir)  # refused here, before DCP wraps every error in its own exception
+    try:
+        dcp.load(state, storage_reader=SafeReader(Path(ckpt_dir)), planner=SafePlanner(),
+                 no_dist=no_dist)
+    except dcp.api.CheckpointException as e:  # each rank's failure, as (exception, traceback)
+        errors = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        raise next((f for f in errors if isinstance(f, UnsafeCheckpoint)), e) from None
 
 
 # -----------------------------------------------------------------------------
@@ -200,17 +308,45 @@ def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank, lo
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
     dist.barrier()  # no rank writes into tmp before rank 0 has cleared it
-    dcp.save(train_state(model, optimizer), checkpoint_id=tmp)
-    dist.barrier()  # every rank's shards are on disk
-    parts = over_ranks(partial(file_record, tmp), sorted(os.listdir(tmp)))
+    try:
+        dcp.save(train_state(model, optimizer), checkpoint_id=tmp)
+        dist.barrier()  # every rank's shards are on disk
+        parts = over_ranks(partial(file_record, tmp), sorted(os.listdir(tmp)))
+        if rank == 0:
+            files = {name: r for part in parts for name, r in part.items()}
+            record = {**meta, "step": step, "loss": loss, "files": files}
+            record["sha256"] = meta_digest(record)  # train.json covered by a record of its own
+            (tmp / TRAIN_META).write_text(json.dumps(record, indent=2))
+    # DCP's CheckpointException is a BaseException; it gathers every rank's failure, so all ranks
+    # end up here together.
+    except BaseException as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # what the failed write left, never older ones
+        if not no_space(e):
+            raise
+        kept = ", ".join(p.name for p in checkpoints(ckpt_dir)) or "none yet"
+        raise SystemExit(f"no space left on {ckpt_dir}: checkpoint step_{step:06d} was not saved "
+                         f"(its partial files are removed; older checkpoints are kept: {kept}). "
+                         f"Free space, then --resume" if rank == 0 else 1) from None
     if rank == 0:
-        files = {name: r for part in parts for name, r in part.items()}
-        record = {**meta, "step": step, "loss": loss, "files": files}
-        (tmp / TRAIN_META).write_text(json.dumps(record, indent=2))
         os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
         rotate(ckpt_dir, keep)
     dist.barrier()  # no rank runs ahead and saves again before the rename
     return final
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether a disk (or quota) ran full anywhere in exception `e`: its causes, and the per-rank
+    failures DCP gathers into a CheckpointException, as (exception, traceback) pairs."""
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        x = x[0] if isinstance(x, tuple) else x
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        todo += [c for c in (x.__cause__, x.__context__) if c is not None]
+        todo += list(getattr(x, "failures", {}).values())
+    return False
 
 
 def rotate(ckpt_dir: Path, keep: int):
@@ -230,6 +366,93 @@ def set_aside(path: Path, why: str) -> Path:
 
 
 # -----------------------------------------------------------------------------
+# One run per --out, and nothing written through a link out of it
+
+LOCK = ".lock"  # <out>/.lock: held (flock) by the run writing into --out, naming it
+
+
+class OutLock:
+    """A run's hold on its --out for its whole life: an exclusive flock on <out>/.lock, whose text
+    names the holder (host, pid, start). The kernel drops a flock when its process ends, however
+    it ends, so the lock file a killed run leaves behind is simply taken over by the next run."""
+
+    def __init__(self, out: Path):
+        self.out, self.file, self.made = Path(out), None, False
+
+    def acquire(self) -> str:
+        """Hold the lock, or SystemExit naming the run that holds it. Returns the text of a lock
+        left by a run that is gone ('' if none)."""
+        self.made = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        f = open(self.out / LOCK, "a+")  # never truncated before it is ours: it names the holder
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a run that has not yet written its name"
+            f.close()
+            raise SystemExit(f"{self.out} is in use by another run ({holder}): wait for it to "
+                             f"end, or choose another --out") from None
+        f.seek(0)
+        left = f.read().strip()
+        f.seek(0)
+        f.truncate()
+        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self.file = f
+        return left
+
+    def release(self):
+        """Give the lock up (its file goes first, so no one waits on a name that is gone); an
+        --out this run made and left empty is removed too."""
+        if self.file is not None:
+            (self.out / LOCK).unlink(missing_ok=True)
+            self.file.close()
+            self.file = None
+        if self.made and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()  # a refused first run leaves no trace
+
+
+@contextmanager
+def hold_out(out: Path, rank: int, log):
+    """Rank 0 holds --out's lock (OutLock) for the `with` block; if another run holds it, every
+    rank stops, rank 0 naming the holder."""
+    lock, refused = OutLock(out), None
+    if rank == 0:
+        try:
+            left = lock.acquire()
+        except SystemExit as e:
+            refused = str(e.code)
+        else:
+            if left:  # the flock was free: its run ended without releasing it (killed)
+                log(f"took over {out / LOCK} from a run that is gone ({left})")
+    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank learns rank 0's verdict
+        verdict = [refused]
+        dist.broadcast_object_list(verdict, src=0)
+        refused = verdict[0]
+    if refused is not None:
+        raise SystemExit(refused if rank == 0 else 1)
+    try:
+        yield lock
+    finally:
+        lock.release()  # only rank 0 holds one: a no-op elsewhere
+
+
+def refuse_links(out: Path):
+    """SystemExit naming the first symbolic link where train.py writes, rotates or deletes inside
+    --out (metrics.jsonl, the lock, ckpt/ and the entries in it): a write or rmtree there would
+    reach outside --out, or crash every later --resume."""
+    ckpt = out / "ckpt"
+    inside = sorted(ckpt.iterdir()) if ckpt.is_dir() and not ckpt.is_symlink() else []
+    for path in (out / "metrics.jsonl", out / LOCK, ckpt, *inside):
+        if path.is_symlink():
+            raise SystemExit(f"{path} is a symbolic link (to {os.readlink(path)}): train.py never "
+                             f"writes or deletes through a link in --out; replace it with what it "
+                             f"points to, or choose another --out")
+
+
+# -----------------------------------------------------------------------------
 # Resuming: what --out holds, the checkpoint to continue, loading it, tidying the run directory
 
 
@@ -241,7 +464,9 @@ def check_out(out: Path, export: Path | None, resume, overwrite) -> list[Path]:
     found = [f"checkpoints ({existing[-1].name})"] if existing else []
     found += ["metrics.jsonl"] if (out / "metrics.jsonl").exists() else []
     found += [f"an HF export ({export})"] if export is not None and export.exists() else []
-    if found and not overwrite and not (resume and existing):
+    # --resume with no checkpoint at all: a run killed before its first save left metrics.jsonl
+    # (and perhaps an export): there is nothing to continue, so it starts afresh (pick_resume says).
+    if found and not overwrite and not resume:
         raise SystemExit(f"{out} already holds {', '.join(found)}: pass --resume to continue that "
                          f"run (from a checkpoint in {out / 'ckpt'}), or --overwrite to replace "
                          f"it")
@@ -254,12 +479,14 @@ def newest_intact(ckpt_dir: Path, log) -> tuple[Path | None, list[Path]]:
     damaged = []
     for path in reversed(checkpoints(ckpt_dir)):
         try:  # a checkpoint of an older train.py has no record: taken as it is
-            record = read_train_meta(path).get("files", {})
+            meta = read_train_meta(path)
         except (OSError, ValueError) as e:  # train.json missing or torn: the same on every rank
             problems = [str(e)]
         else:
+            record = meta.get("files", {})
             check = lambda names: damaged_files(path, {n: record[n] for n in names})
-            problems = [p for part in over_ranks(check, list(record)) for p in part]
+            problems = meta_problems(path, meta)
+            problems += [p for part in over_ranks(check, list(record)) for p in part]
         if not problems:
             return path, damaged
         log(f"warning: checkpoint {path} is damaged: {'; '.join(problems)}")
@@ -275,7 +502,8 @@ def pick_resume(ckpt_dir: Path, existing, overwrite, log) -> tuple[Path | None, 
         raise SystemExit(f"--resume: no checkpoint in {ckpt_dir} is intact (see above); pass "
                          f"--overwrite to start again at step 0")
     if resume_from is None:
-        log(f"--resume: no intact checkpoint in {ckpt_dir}, starting at step 0")
+        log(f"--resume: no checkpoint in {ckpt_dir} to continue (a run killed before its first "
+            f"save?): starting afresh at step 0")
         return None, []
     if damaged:
         log(f"falling back to {resume_from}, the newest checkpoint that is intact")
@@ -285,19 +513,18 @@ def pick_resume(ckpt_dir: Path, existing, overwrite, log) -> tuple[Path | None, 
 def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
     """Load model and optimizer shards (DCP reshards across world sizes); returns the checkpoint's
     train.json. A different model config is refused, field by field."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
                                                          set_optimizer_state_dict)
 
     saved = read_train_meta(path)
-    if saved["config"] != meta["config"]:
-        diff = {k: (saved["config"].get(k), v) for k, v in meta["config"].items()
-                if saved["config"].get(k) != v}
+    config = saved_config(saved, path)
+    if config != meta["config"]:
+        diff = {k: (config.get(k), v) for k, v in meta["config"].items() if config.get(k) != v}
         what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise SystemExit(f"cannot resume {path}: the model config differs from the checkpoint's "
                          f"{what}")
     state = train_state(model, optimizer)  # the shapes DCP loads into, in place
-    dcp.load(state, checkpoint_id=path)
+    dcp_load(state, path)
     # The state dicts hold name-keyed views or copies (the optimizer's always): put them back.
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
@@ -307,11 +534,21 @@ def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
     return saved
 
 
-def resume(path: Path, model, optimizer, meta, log) -> int:
+def resume(path: Path, model, optimizer, meta, log, allow_data_change=False) -> int:
     """Continue checkpoint `path`: its weights, optimizer moments and RNG into `model` and
-    `optimizer` (load_checkpoint), and a warning for each flag in meta["args"] that changes the
-    trajectory but not the model. Returns the step it was saved at."""
-    saved = load_checkpoint(path, model, optimizer, meta)
+    `optimizer` (load_checkpoint), after checking its data are this run's (meta["data"]; other
+    data only with allow_data_change), with a warning for each flag in meta["args"] that changes
+    the trajectory but not the model. Returns the step it was saved at."""
+    changes = data_changes(read_train_meta(path).get("data"), meta["data"])
+    if changes and not allow_data_change:
+        raise SystemExit(f"cannot resume {path}: its run trained on other data ({'; '.join(changes)})"
+                         f": pass --allow-data-change to continue it on these data anyway")
+    if changes:
+        log(f"warning: continuing {path} on other data than its run's: {'; '.join(changes)}")
+    try:
+        saved = load_checkpoint(path, model, optimizer, meta)
+    except UnsafeCheckpoint as e:  # a ValueError: no traceback, the file and the global named
+        raise SystemExit(str(e)) from None
     log(f"resumed {path} at step {saved['step']} (saved by {saved['world_size']} rank(s))")
     keys = ("data", "val_data", "seq_len", "batch_tokens", "seed", "steps", "lr", "min_lr",
             "warmup", "precision")
@@ -322,6 +559,26 @@ def resume(path: Path, model, optimizer, meta, log) -> int:
     return saved["step"]
 
 
+def data_changes(saved: dict | None, now: dict) -> list[str]:
+    """How the data a checkpoint's run trained on (its train.json's "data": per stream, the size
+    and sha256 of each file read) differ from this run's: one phrase per file. A checkpoint of an
+    older train.py records none: nothing to compare."""
+    if saved is None:
+        return []
+    changes = []
+    for stream in sorted(set(saved) | set(now)):  # "data", "val_data"
+        was, files = (saved.get(stream) or {}), (now.get(stream) or {})
+        for name in sorted(set(was) | set(files)):
+            if name not in files:
+                changes.append(f"{name} is no longer read")
+            elif name not in was:
+                changes.append(f"{name} is new")
+            elif files[name] != was[name]:
+                changes.append(f"{name} changed since ({files[name]['size']:,} bytes, were "
+                               f"{was[name]['size']:,}; the sha256 differs)")
+    return changes
+
+
 def prepare_out(out: Path, start: int, damaged=()):
     """Rank 0: metrics.jsonl keeps one trajectory (rows up to the resumed step), half-written
     checkpoints and temporary files of killed runs go, damaged checkpoints newer than the resumed
@@ -329,20 +586,30 @@ def prepare_out(out: Path, start: int, damaged=()):
     --overwrite when there were any) replaces the previous run's checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
     remove_orphans(out)  # e.g. the hf/ export of a run killed while writing it
-    metrics, kept = out / "metrics.jsonl", []  # a fresh start keeps no rows
-    for line in metrics.read_text().splitlines() if start and metrics.exists() else []:
-        try:
-            if json.loads(line)["step"] <= start:  # rows past the checkpoint will be written again
-                kept.append(line + "\n")
-        except json.JSONDecodeError:  # a line torn by a kill
-            pass
-    metrics.write_text("".join(kept))
+    metrics = out / "metrics.jsonl"  # a fresh start keeps no rows
+    kept = metric_rows(metrics, start) if start and metrics.exists() else []
+    atomic_write(metrics, "".join(kept))  # a kill now leaves the old rows or the new, never none
     for path in damaged:  # step N is written again: its name must be free
         print(f"moved the damaged {path} aside to {set_aside(path, 'damaged').name}")
     stale = checkpoints(out / "ckpt") if start == 0 else []
     half = [p for p in (out / "ckpt").glob(".tmp_step_*") if CKPT_NAME.fullmatch(p.name[5:])]
     for old in half + stale:
         shutil.rmtree(old)
+
+
+def metric_rows(metrics: Path, start: int) -> list[str]:
+    """The lines of metrics.jsonl up to step `start` (rows past the checkpoint are written again).
+    A line that is no row (torn by a kill, not UTF-8, no "step") is dropped, and named."""
+    kept = []
+    for n, raw in enumerate(metrics.read_bytes().splitlines(), 1):
+        try:
+            step = json.loads(raw.decode("utf-8"))["step"]
+            if step <= start:
+                kept.append(raw.decode() + "\n")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            if raw.strip():
+                print(f"warning: {metrics}:{n} is not a metrics row; dropped")
+    return kept
 
 
 # -----------------------------------------------------------------------------
@@ -356,12 +623,32 @@ def load_train_checkpoint(ckpt_dir) -> tuple[Transformer, dict]:
 
     meta = read_train_meta(ckpt_dir)
     with torch.device("meta"):  # asdict(cfg) as train.py wrote it: the fields are the keywords
-        model = Transformer(ModelConfig(**meta["config"]))
+        model = Transformer(ModelConfig(**saved_config(meta, ckpt_dir)))
     model.to_empty(device="cpu")  # new tensors per module: to_empty unties lm_head and embedding,
     if model.config.tie_word_embeddings:  # so tie them again (the checkpoint holds one tensor)
         model.lm_head.weight = model.model.embed_tokens.weight
     with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point
         warnings.simplefilter("ignore", UserWarning)
-        # Only the "model" entry: the optimizer state is as large again and not needed here.
-        dcp.load({"model": model.state_dict()}, checkpoint_id=Path(ckpt_dir), no_dist=True)
+        try:  # only the "model" entry: the optimizer state is as large again and not needed here
+            dcp_load({"model": model.state_dict()}, ckpt_dir, no_dist=True)
+        except dcp.api.CheckpointException as e:  # e.g. train.json edited to another shape
+            why = str(e).strip().splitlines()[-1]
+            raise ValueError(f"{ckpt_dir}: its shards do not fit the model its {TRAIN_META} "
+                             f"describes ({why})") from None
     return model, meta
+
+
+# ModelConfig fields that train.json files of older train.py versions hold and ModelConfig no
+# longer has: ttt_mode (config.json's switch, now read in load_hf and never a field).
+RETIRED_FIELDS = ("ttt_mode",)
+
+
+def saved_config(meta: dict, ckpt_dir) -> dict:
+    """The ModelConfig fields of a train.json (retired ones dropped); ValueError naming the file
+    for a field this ModelConfig does not know."""
+    config = {k: v for k, v in meta["config"].items() if k not in RETIRED_FIELDS}
+    unknown = sorted(set(config) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{Path(ckpt_dir) / TRAIN_META}: config fields {', '.join(unknown)} are "
+                         f"not ModelConfig's (a checkpoint of another version of train.py?)")
+    return config

@@ -12,6 +12,8 @@ start. A step's windows are drawn from (seed, step) alone (step_batches), so a r
 on another number of ranks, sees the same data.
 """
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import remove_orphans, tmp_sibling
+from checkpoint import atomic_write, remove_orphans, tmp_sibling
 from load_hf import resolve
 from tokenizer import Tokenizer, package_dir, write_byte_tokenizer
 
@@ -107,6 +109,8 @@ class TokenStream:
     tokens: np.ndarray  # (N,) uint32 ids
     loss_mask: np.ndarray | None = None  # (N,) bool: tokens[n] is a target only where True
     starts: np.ndarray | None = None  # (S,) int64, increasing: the only window starts allowed
+    # What the stream was read from: {file: {"size", "sha256"}} (a resume checks it is unchanged)
+    files: dict | None = None
 
     def __len__(self):
         return len(self.tokens)
@@ -117,7 +121,7 @@ class TokenStream:
         if starts is not None:
             starts = starts[(starts >= lo) & (starts + seq_len + 1 <= hi)] - lo
         mask = None if self.loss_mask is None else self.loss_mask[lo:hi]
-        return TokenStream(self.tokens[lo:hi], mask, starts)
+        return TokenStream(self.tokens[lo:hi], mask, starts, self.files)
 
 
 def data_files(paths) -> list[Path]:
@@ -157,55 +161,92 @@ def document(raw: bytes, jsonl: bool):
     return (text, None) if text.strip() else (None, "empty")
 
 
-def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None) -> np.ndarray:
+def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None
+                ) -> np.ndarray:
     """Tokenise the documents once (rank 0) into <cache>/<key>.bin, `sep` after each; return it
-    memory-mapped. The key hashes the file names, sizes and times, the tokenizer file and the
-    separator, so a changed input or tokenizer makes a new cache instead of reusing a stale one.
+    memory-mapped. Beside it, <key>.json records the size and sha256 of every file read. The
+    key hashes the file names, sizes, times and inodes, the tokenizer file and the separator, so a
+    changed input or tokenizer makes a new cache instead of reusing a stale one.
     tok: the Tokenizer of tok_dir, when the caller has loaded it (None: loaded here if needed)."""
     files = data_files(paths)
-    # Hashing metadata, not contents: cheap for terabytes, and a rewritten file changes its mtime.
-    names = (tok_dir / "tokenizer.json", tok_dir / "tokenizer.model")
-    tok_file = next(f for f in names if f.is_file())
-    key = sha256(tok_file.read_bytes() + str(sep).encode())
-    for f in files:
-        key.update(f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n".encode())
-    path = Path(cache_dir) / f"{key.hexdigest()[:16]}.bin"
+    path = Path(cache_dir) / f"{cache_key(files, tok_dir, sep)}.bin"
+    record = path.with_suffix(".json")
     if rank == 0:  # half-written caches of killed runs, whatever data they were for
         remove_orphans(cache_dir)
     if rank == 0 and not path.exists():  # one writer; the other ranks wait at the barrier below
-        tok = tok or Tokenizer.from_dir(tok_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # a per-process name: two runs tokenising the same data never write one file
-        tmp, skipped, n_docs = tmp_sibling(path), {}, 0
-        total = sum(f.stat().st_size for f in files)
-        with tmp.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True,
-                                         desc=f"tokenising {len(files)} files") as bar:
-            for f in files:
-                jsonl = f.suffix == ".jsonl"
-                with f.open("rb") as lines:
-                    # streamed line by line for .jsonl (corpora larger than memory), whole for .txt
-                    for n, raw in enumerate(lines if jsonl else [lines.read()], 1):
-                        text, reason = document(raw, jsonl)
-                        if text is not None:
-                            # uint32: vocabularies up to 4G ids, half the bytes of int64
-                            ids = np.asarray(tok.encode(text) + [sep], dtype=np.uint32)
-                            out.write(ids.tobytes())
-                            n_docs += 1
-                        else:  # counted by reason, never silently dropped
-                            skipped.setdefault(reason, [0, f"{f}:{n}" if jsonl else str(f)])[0] += 1
-                        bar.update(len(raw))
-        for reason, (count, first) in skipped.items():
-            print(f"skipped {count} documents: {reason} (first: {first})")
-        if n_docs == 0:  # an empty cache would fail later with a less helpful message
-            tmp.unlink()
-            raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
-        os.replace(tmp, path)  # complete or absent: a killed run never leaves a half cache behind
+        tmp = tmp_sibling(path)  # a per-process name: two runs never write one file
+        try:
+            n_docs, read = tokenise(files, tok or Tokenizer.from_dir(tok_dir), sep, tmp)
+            if n_docs == 0:  # an empty cache would fail later with a less helpful message
+                raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
+            atomic_write(record, json.dumps(read, indent=1))
+            os.replace(tmp, path)  # complete or absent: a killed run never leaves half a cache
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise SystemExit(f"no space left on {path.parent} while tokenising into {path.name} "
+                             f"(the partial cache is removed): free space, or pass --cache on a "
+                             f"larger disk") from None
+        finally:
+            tmp.unlink(missing_ok=True)  # gone already after the rename
         print(f"cached {n_docs} documents, {path.stat().st_size // 4:,} tokens in {path}")
+    if rank == 0 and not record.exists():  # a cache of an older train.py: files hashed once now
+        atomic_write(record, json.dumps({str(f.resolve()): file_identity(f) for f in files}))
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's cache
     if not path.exists():  # rank 0 failed; it has said why
         raise SystemExit(1)
     return np.memmap(path, dtype=np.uint32, mode="r")  # shared page cache, nothing copied per rank
+
+
+def cache_key(files, tok_dir: Path, sep: int) -> str:
+    """The token cache's name for `files` tokenised by tok_dir's tokenizer with separator `sep`.
+    File metadata, not contents: cheap for terabytes. A rewrite changes the file's ctime even
+    when its size and mtime are put back (ctime cannot be set), and a replacement its inode."""
+    names = (tok_dir / "tokenizer.json", tok_dir / "tokenizer.model")
+    tok_file = next(f for f in names if f.is_file())
+    key = sha256(tok_file.read_bytes() + str(sep).encode())
+    for f in files:
+        st = f.stat()
+        key.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n"
+                   .encode())
+    return key.hexdigest()[:16]
+
+
+def tokenise(files, tok: Tokenizer, sep: int, out_path: Path) -> tuple[int, dict]:
+    """Write the ids of every usable document of `files`, `sep` after each, to out_path as uint32.
+    Returns (documents written, {file: {"size", "sha256"}} of the bytes read)."""
+    skipped, n_docs, read = {}, 0, {}
+    total = sum(f.stat().st_size for f in files)
+    with out_path.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True,
+                                          desc=f"tokenising {len(files)} files") as bar:
+        for f in files:
+            jsonl, digest, size = f.suffix == ".jsonl", sha256(), 0
+            with f.open("rb") as lines:
+                # streamed line by line for .jsonl (corpora larger than memory), whole for .txt
+                for n, raw in enumerate(lines if jsonl else [lines.read()], 1):
+                    digest.update(raw)  # what the cache holds, hashed as it is read
+                    size += len(raw)
+                    text, reason = document(raw, jsonl)
+                    if text is not None:
+                        # uint32: vocabularies up to 4G ids, half the bytes of int64
+                        out.write(np.asarray(tok.encode(text) + [sep], np.uint32).tobytes())
+                        n_docs += 1
+                    else:  # counted by reason, never silently dropped
+                        skipped.setdefault(reason, [0, f"{f}:{n}" if jsonl else str(f)])[0] += 1
+                    bar.update(len(raw))
+            read[str(f.resolve())] = {"size": size, "sha256": digest.hexdigest()}
+    for reason, (count, first) in skipped.items():
+        print(f"skipped {count} documents: {reason} (first: {first})")
+    return n_docs, read
+
+
+def file_identity(path) -> dict:
+    """{"size", "sha256"} of a data file, read once."""
+    with open(path, "rb") as f:
+        return {"size": os.fstat(f.fileno()).st_size,
+                "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
 def load_npz(path, seq_len, vocab_size=None) -> TokenStream:
@@ -238,7 +279,8 @@ def load_npz(path, seq_len, vocab_size=None) -> TokenStream:
         if (np.diff(starts) <= 0).any():
             raise SystemExit(f"{path}: 'starts' must increase (validation takes them in order)")
     return TokenStream(tokens.astype(np.uint32), mask,
-                       None if starts is None else starts.astype(np.int64))
+                       None if starts is None else starts.astype(np.int64),
+                       {str(path.resolve()): file_identity(path)})
 
 
 def read_stream(paths, seq_len, tok_dir, sep, cache, rank, vocab_size=None, tok=None
@@ -246,7 +288,9 @@ def read_stream(paths, seq_len, tok_dir, sep, cache, rank, vocab_size=None, tok=
     """--data or --val-data: one pre-tokenised .npz, or text files through the token cache."""
     npz = [p for p in paths if Path(p).suffix == ".npz"]
     if not npz:
-        return TokenStream(token_cache(paths, tok_dir, sep, cache, rank, tok))
+        tokens = token_cache(paths, tok_dir, sep, cache, rank, tok)
+        record = Path(tokens.filename).with_suffix(".json")  # what token_cache read, hashed
+        return TokenStream(tokens, files=json.loads(record.read_text()))
     if len(paths) > 1:  # its windows and mask are its own: mixing it with text has no meaning
         raise SystemExit(f"{npz[0]}: a pre-tokenised .npz is the whole data set; pass it alone")
     return load_npz(npz[0], seq_len, vocab_size)

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from checkpoint import (RUN_FILES, load_train_checkpoint, read_train_meta, remove_orphans,
-                        tmp_sibling, verify_checkpoint)
+from checkpoint import (RUN_FILES, TRAIN_META, load_train_checkpoint, read_train_meta,
+                        remove_orphans, tmp_sibling, verify_checkpoint)
 from model import ModelConfig, Transformer, init_ttt_params, is_ttt_param, rope_inv_freq
 from tokenizer import Tokenizer
 
@@ -570,7 +570,15 @@ def check_export_target(out, overwrite=False, protect=()):
         if p == here or p in here.parents or here in p.parents:
             raise FileExistsError(f"{out} would replace or lie inside {p}, which an export never "
                                   f"touches: choose another directory")
-    if not out.exists():
+    if out.is_symlink():  # replacing it would write through the link, then fail to delete it
+        raise FileExistsError(f"{out} is a symbolic link (to {os.readlink(out)}): an export never "
+                              f"writes through a link; choose another directory")
+    if not out.exists():  # found now, not after a whole training run
+        base = next(p for p in out.absolute().parents if p.exists())
+        if not base.is_dir():
+            raise NotADirectoryError(f"{out} cannot be made: {base} is a file")
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise PermissionError(f"{out} cannot be made: {base} is not writable")
         return
     if not out.is_dir():
         raise FileExistsError(f"{out} is a file; an export writes a directory: choose another path")
@@ -678,12 +686,16 @@ def export_checkpoint(ckpt_dir, out_dir, tokenizer=None, overwrite=False, protec
     verify=False (train.py, which has just written or verified it), the checkpoint too, before its
     weights are read."""
     protect = (ckpt_dir, *protect)
-    read_train_meta(ckpt_dir)  # cheap: a directory that is no checkpoint is named first
+    meta = read_train_meta(ckpt_dir)  # cheap: a directory that is no checkpoint is named first
     check_export_target(out_dir, overwrite, protect)
+    # the run's tokenizer by default: the export then decodes exactly what the model was trained on
+    if tokenizer is None and not Path(meta["tokenizer"]).is_dir():
+        raise FileNotFoundError(f"the run's tokenizer {meta['tokenizer']} (named in "
+                                f"{Path(ckpt_dir) / TRAIN_META}) is gone, e.g. with its cache: "
+                                f"pass --tokenizer DIR")
     if verify:  # every byte read: after the cheap checks
         verify_checkpoint(ckpt_dir)
     model, meta = load_train_checkpoint(ckpt_dir)
-    # the run's tokenizer by default: the export then decodes exactly what the model was trained on
     return save_model(model, out_dir, tokenizer_src=tokenizer or meta["tokenizer"],
                       overwrite=overwrite, protect=protect)
 

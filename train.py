@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -48,8 +49,8 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import load_hf
-from checkpoint import (TRAIN_META, check_out, checkpoints, pick_resume, prepare_out, resume,
-                        run_files, save_checkpoint, set_aside)
+from checkpoint import (TRAIN_META, check_out, checkpoints, hold_out, pick_resume, prepare_out,
+                        refuse_links, resume, run_files, save_checkpoint, set_aside)
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
                   step_batches, validation_starts, window_batch)
 from load_hf import AtLeast, HelpFormatter, default_device, default_dtype
@@ -140,6 +141,8 @@ def data_flags(p: argparse.ArgumentParser):
                    help="validation windows of --seq-len tokens (0: none)")
     g.add_argument("--cache", default="data/cache", help="where tokenised data is kept")
     g.add_argument("--prepare-only", action="store_true", help="tokenise the data, then exit")
+    g.add_argument("--allow-data-change", action="store_true",
+                   help="--resume even though the data files differ from the checkpoint's run")
 
 
 def schedule_flags(p: argparse.ArgumentParser):
@@ -542,9 +545,10 @@ class Run:
                 f.write(json.dumps(row) + "\n")
 
 
-def setup_run(args) -> Run | None:
+def setup_run(args, hold: ExitStack) -> Run | None:
     """Flags -> process group, config, tokenizer, data, model and optimizer; None after
-    --prepare-only. Bad flags and an --out holding another run fail here, before weights load."""
+    --prepare-only. Bad flags and an --out holding another run fail here, before weights load.
+    The lock on --out goes into `hold`, the caller's, for the rest of the run."""
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a: None)
     # Cheap checks first (config, batch split, tokenizer, what --out holds), then the data, then
@@ -556,6 +560,8 @@ def setup_run(args) -> Run | None:
     check_config(cfg, args.ttt_init, export=not args.no_export)
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, rank)
     out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
+    refuse_links(out)  # before the lock: its own file could be a link
+    hold.enter_context(hold_out(out, rank, log))  # one run at a time writes into --out
     existing = check_run_dir(out, export, args.resume, args.overwrite)
     tokens, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
                              args.cache, rank, cfg.vocab_size, tok)
@@ -575,8 +581,10 @@ def setup_run(args) -> Run | None:
     ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n) and p.requires_grad]
     # train.json records everything needed to rebuild the model (export) and to check a resume.
     # The JSON round trip turns tuples into lists, so both compare equal to a saved train.json's.
+    # "data": the files each stream was read from, with sizes and sha256 (a resume compares them).
+    data = {"data": tokens.files, "val_data": val.files if args.val_data and val else None}
     meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir),
-            "world_size": world, "args": json.loads(json.dumps(vars(args)))}
+            "world_size": world, "args": json.loads(json.dumps(vars(args))), "data": data}
     return Run(rank, world, device, cfg, tokens, val, layout, out, meta, model, optimizer,
                ttt_params, resume_from, damaged)
 
@@ -709,11 +717,15 @@ def export_final(run: Run, args, final: Path, finished: bool):
 def train(args):
     """The whole run: setup, resume, loop, export. Returns the trained (sharded) model, or None
     after --prepare-only; the caller owns the process group."""
-    run = setup_run(args)
-    if run is None:  # --prepare-only
-        return None
-    start = resume(run.resume_from, run.model, run.optimizer, run.meta, run.log) \
-        if run.resume_from else 0
+    with ExitStack() as hold:  # the lock on --out, released however the run ends
+        run = setup_run(args, hold)
+        return None if run is None else train_run(run, args)  # None: --prepare-only
+
+
+def train_run(run: Run, args):
+    """Resume (or start), tidy --out, the loop, the export. Returns the trained model."""
+    start = resume(run.resume_from, run.model, run.optimizer, run.meta, run.log,
+                   args.allow_data_change) if run.resume_from else 0
     if run.rank == 0:  # rows past the checkpoint, leftovers of killed runs: checkpoint.prepare_out
         prepare_out(run.out, start, run.damaged)
     dist.barrier()  # no rank writes into --out before rank 0 has tidied it
