@@ -3,8 +3,9 @@
 RULER's 13 tasks, same ids: eight needle-in-a-haystack variants (niah_*), variable tracking (vt),
 common and frequent word extraction (cwe, fwe), and single-hop / two-hop question answering over
 many documents (qa_1, qa_2). Each sample is drawn to fill a context length L with the evaluated
-model's own tokenizer, count(prompt) + generation budget <= L, and lands between ~0.9 L and L.
-Scoring is RULER's substring match.
+model's own tokenizer, count(prompt) + generation budget <= L, and lands between ~0.9 L and L. A
+task whose smallest prompt does not fit L (vt and cwe at 1K on a byte-level model) is skipped there,
+saying so, and reads "skipped" in the table. Scoring is RULER's substring match.
 
     python ruler.py --model Qwen/Qwen3-0.6B-Base --lengths 4k,8k,16k --tasks all --samples 100
     python ruler.py --model out/qwen3-ttt --lengths 4k,32k --compare-ttt   # TTT on and off: 2 rows
@@ -436,7 +437,8 @@ def fit_sample(attempt: Callable, rng: random.Random, size: int, limit: int, min
     """One sample: its random choices stay fixed (the RNG rewound before each try) while the
     haystack size moves toward 98.5% of the limit; tokens grow about linearly with size, so one or
     two tries usually do. A draw that comes out long shrinks; one that comes out short (fwe's random
-    vocabulary varies a lot) grows. Returns (prompt, refs, tokens), the RNG where the kept try ended."""
+    vocabulary varies a lot) grows. Returns (prompt, refs, tokens), the RNG where the kept try
+    ended."""
     start, s, best = rng.getstate(), size, None
     for _ in range(8):
         rng.setstate(start)
@@ -479,7 +481,7 @@ def generate_samples(task: str, length: int, num: int, tok, seed: int = 42, chat
     samples = []
     try:
         # Every haystack unit costs at least a token, so 4 L units never fit; the cap stops the
-        # search where a size saturates (cwe runs out of distinct words, a QA file out of documents).
+        # search where a size saturates (cwe runs out of distinct words, a QA file of documents).
         size = fit_size(lambda s: attempt(s)[2], limit, spec.min_size, hi_max=4 * length)
         for index in range(num):
             prompt, refs, count = fit_sample(attempt, rng, size, limit, spec.min_size)
@@ -812,9 +814,9 @@ def build_parser():
                     help="CPU threads (default: %(default)s, as sample.py: $OMP_NUM_THREADS, else "
                          "half the cores; all of them collapse beside a busy process)")
     ap.add_argument("--out", help="output directory; default: out/ruler/ and the last two parts of "
-                                  "the model's path or hub id (out/bytes/hf -> out/ruler/bytes/hf). "
-                                  "A rerun with the same --out and settings skips the samples "
-                                  "already in its predictions.jsonl")
+                                  "the model's path or hub id (out/bytes/hf -> "
+                                  "out/ruler/bytes/hf). A rerun with the same --out and settings "
+                                  "skips the samples already in its predictions.jsonl")
     ap.add_argument("--generate-only", action="store_true",
                     help="write samples.jsonl and stop (no model)")
     return ap

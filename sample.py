@@ -3,10 +3,13 @@
     python sample.py                                  # the byte-level model `python train.py` wrote
     python sample.py --model HuggingFaceTB/SmolLM2-135M-Instruct --chat \
         --prompt "What is the capital of France?"
-    python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --max-new-tokens 200
+    python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --max-new-tokens 200 --no-echo
     python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --no-ttt   # W0 only
     python sample.py --model DIR --prompts-file prompts.jsonl   # {"prompt": ...} per line: a batch
     python sample.py --model DIR --prompt-tokens 32768 --max-new-tokens 256 --ignore-eos --compile
+
+Output: the prompt, then the continuation as it is made (--no-echo: the continuation alone); the
+prefill and decode figures go to stderr.
 
 How a prompt is read. Each row is prefilled alone (`cache.rows(b, b + 1)`; rows of one length go
 together), in pieces of --prefill-chunk tokens that start at multiples of it (default: a multiple of
@@ -312,8 +315,7 @@ def fail(message: str):
 
 def default_threads() -> int:
     """$OMP_NUM_THREADS if set, else half the cores this process may use (at least 1). torch's
-    default, every core, collapses when another process is busy: each op waits for a thread that
-    is not running (bench/RESULTS.md)."""
+    default, every core, collapsed 14-30x beside a busy process on 2 cores (bench/RESULTS.md)."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     return int(env) if env.isdigit() and int(env) > 0 else max(1, len(os.sched_getaffinity(0)) // 2)
 
