@@ -93,7 +93,10 @@ def main(argv=None):
                          "pip install matplotlib") from None
     runs = dict(read_metrics(run) for run in args.runs)
     out = Path(args.out) if args.out else next(iter(runs)).parent / "curves.png"
-    fig = plot({str(path.parent): rows for path, rows in runs.items()}, out)
+    try:
+        fig = plot({str(path.parent): rows for path, rows in runs.items()}, out)
+    except OSError as e:  # a missing or read-only folder: one line, not matplotlib's traceback
+        raise SystemExit(f"error: cannot write {out}: {e.strerror}") from None
     print(f"wrote {out}")
     return fig
 

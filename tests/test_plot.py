@@ -76,3 +76,11 @@ def test_without_matplotlib_it_says_how_to_get_it(tmp_path, monkeypatch):
         plot.main([str(tmp_path)])
     assert "pip install matplotlib" in str(e.value.code)
     assert not (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is optional and not installed here")
+def test_an_unwritable_png_is_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(tmp_path), "--out", str(tmp_path / "no-such-dir" / "c.png")])
+    assert str(e.value.code).startswith(f"error: cannot write {tmp_path / 'no-such-dir' / 'c.png'}")
