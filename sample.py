@@ -299,7 +299,7 @@ def summary(stats, device, compiled: bool) -> str:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         return line + f" | peak memory {peak:.2f} GiB (CUDA)"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-    return line + f" | peak RSS {peak:.2f} GiB | {torch.get_num_threads()} threads"
+    return line + f" | peak RSS {peak:.2f} GiB | threads {torch.get_num_threads()}"
 
 
 # -----------------------------------------------------------------------------
