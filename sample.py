@@ -3,10 +3,13 @@
     python sample.py                                  # the byte-level model `python train.py` wrote
     python sample.py --model HuggingFaceTB/SmolLM2-135M-Instruct --chat \
         --prompt "What is the capital of France?"
-    python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --max-new-tokens 200
+    python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --max-new-tokens 200 --no-echo
     python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --no-ttt   # W0 only
     python sample.py --model DIR --prompts-file prompts.jsonl   # {"prompt": ...} per line: a batch
     python sample.py --model DIR --prompt-tokens 32768 --max-new-tokens 256 --ignore-eos --compile
+
+Output: the prompt, then the continuation as it is made (--no-echo: the continuation alone); the
+prefill and decode figures go to stderr.
 
 How a prompt is read. Each row is prefilled alone (`cache.rows(b, b + 1)`; rows of one length go
 together), in pieces of --prefill-chunk tokens that start at multiples of it (default: a multiple of
@@ -31,6 +34,7 @@ gains little) and are left out of the decode rate.
 import argparse
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -152,7 +156,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     start = _now(device)
     C = model.config.ttt_chunk
     piece = prefill_chunk or C * -(-PREFILL_TOKENS // C)  # a multiple of C, so folds stay aligned
-    tokens = pick(prefill(model, cache, prompts, piece))  # (B,)
+    logits = prefill(model, cache, prompts, piece)  # (B, V)
+    # NaN or inf weights make every logit NaN: argmax would then print token 0 for ever and a draw
+    # fail inside torch. One check of the first logits catches them, for one host sync.
+    if not torch.isfinite(logits).all():
+        raise ValueError("the logits after the prompt are not finite (NaN or inf): the weights "
+                         "hold NaN or inf, or overflow in this dtype")
+    tokens = pick(logits)  # (B,)
     out, finished, times = [[] for _ in prompts], [False] * len(prompts), []
     for i in range(max_new_tokens):
         for b, t in enumerate(tokens.tolist()):  # each step's one host sync: stops, streaming
@@ -210,8 +220,9 @@ def hf_adds_bos(path: Path) -> bool:
 
 
 def read_prompts(tok, vocab_size: int, add_bos: bool, *, prompt=None, prompt_file=None,
-                 prompts_file=None, prompt_tokens=None, chat=False, seed=None) -> list[list[int]]:
-    """Token ids of each prompt, from the one source given (the --prompt* flags); raises
+                 prompts_file=None, prompt_tokens=None, chat=False, seed=None):
+    """(texts, token ids) of each prompt, from the one source given (the --prompt* flags); a text
+    is what the model continues (the chat template's, with --chat), None for random ids. Raises
     ValueError with a message for the user."""
     if prompt_tokens is not None:  # random ordinary tokens, for speed runs
         # Ids both the model and the tokenizer have, never a special token (a random EOS or chat
@@ -220,7 +231,7 @@ def read_prompts(tok, vocab_size: int, add_bos: bool, *, prompt=None, prompt_fil
         allowed[[i for i in tok.special_tokens.values() if i < len(allowed)]] = False
         pool = allowed.nonzero()[:, 0]
         g = torch.Generator().manual_seed(seed or 0)
-        return [pool[torch.randint(len(pool), (prompt_tokens,), generator=g)].tolist()]
+        return [None], [pool[torch.randint(len(pool), (prompt_tokens,), generator=g)].tolist()]
     if prompts_file is not None:
         texts = []
         for n, line in enumerate(read_text(prompts_file).splitlines(), 1):
@@ -236,17 +247,18 @@ def read_prompts(tok, vocab_size: int, add_bos: bool, *, prompt=None, prompt_fil
             raise ValueError(f"{prompts_file} holds no prompts")
     else:
         texts = [read_text(prompt_file) if prompt_file is not None else prompt]
-    prompts = []
+    shown, prompts = [], []
     for n, text in enumerate(texts, 1):
         if chat:  # the template spells its own special tokens (and BOS, for Llama-3)
-            wrapped = tok.apply_chat([{"role": "user", "content": text}])
-            ids = tok.encode(wrapped, allow_special=True)
+            shown.append(tok.apply_chat([{"role": "user", "content": text}]))
+            ids = tok.encode(shown[-1], allow_special=True)
         else:
+            shown.append(text)
             ids = tok.encode(text, bos=add_bos)
         if not text.strip() or not ids:  # a prompt of only spaces, or of bytes the tokenizer drops
             raise ValueError("the prompt is empty" if len(texts) == 1 else f"prompt {n} is empty")
         prompts.append(ids)
-    return prompts
+    return shown, prompts
 
 
 def read_text(path) -> str:
@@ -287,10 +299,25 @@ def summary(stats, device, compiled: bool) -> str:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         return line + f" | peak memory {peak:.2f} GiB (CUDA)"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-    return line + f" | peak RSS {peak:.2f} GiB"
+    return line + f" | peak RSS {peak:.2f} GiB | threads {torch.get_num_threads()}"
 
 
 # -----------------------------------------------------------------------------
+
+
+def fail(message: str):
+    """Exit with one line for input that parses but cannot be used (a prompt too long, a directory
+    that is not a checkpoint): argparse's error() would bury it under the whole usage block. Errors
+    of flag syntax and value stay argparse's."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def default_threads() -> int:
+    """$OMP_NUM_THREADS if set, else half the cores this process may use (at least 1). torch's
+    default, every core, collapsed 14-30x beside a busy process on 2 cores (bench/RESULTS.md)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 def build_parser():
@@ -311,17 +338,20 @@ def build_parser():
     src.add_argument("--prompt", default="The meaning of life is", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file")
     src.add_argument("--prompt-tokens", type=int, metavar="N",
-                     help="a random prompt of N tokens, for speed runs")
+                     help="a random prompt of N tokens, for speed runs (never printed)")
     src.add_argument("--prompts-file", metavar="FILE.jsonl",
                      help='one {"prompt": "..."} per line, run as one batch')
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--allow-long", action="store_true",
                    help="run past the model's context instead of refusing")
+    p.add_argument("--no-echo", action="store_true",
+                   help="print only the generated text; by default the prompt (with --chat: the "
+                        "chat template's text) comes first and the continuation follows it")
     # decoding
     p.add_argument("--max-new-tokens", type=int, default=200,
-                   help="K: tokens to generate per prompt at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+                   help="K: tokens to generate per prompt at most (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default: 0.8)")
     p.add_argument("--top-k", type=int,
                    help="sample among the k most likely tokens only (default: all)")
     p.add_argument("--top-p", type=float,
@@ -335,13 +365,16 @@ def build_parser():
                         f"chunk C nearest above {PREFILL_TOKENS})")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (slow to compile on CPU)")
+    p.add_argument("--threads", type=int, default=default_threads(),
+                   help="CPU threads (default: $OMP_NUM_THREADS, else half the cores, at least 1: "
+                        "%(default)s here). With torch's default, every core, decoding fell from "
+                        "145-340 to 3-14 tok/s on 2 cores beside one busy process")
     return p
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("max_new_tokens", "prompt_tokens", "prefill_chunk", "top_k"):
+def check_flags(parser, args):
+    """Flag values argparse's types let through; errors are argparse's, as they are about a flag."""
+    for name in ("max_new_tokens", "prompt_tokens", "prefill_chunk", "top_k", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -354,46 +387,67 @@ def main(argv=None):
     if args.chat and args.prompt_tokens is not None:  # random ids have no text to wrap
         parser.error("--chat wraps text prompts; it cannot be used with --prompt-tokens")
 
-    # Everything that can be wrong with the input is checked before the weights are read.
-    try:
-        path = find_checkpoint(args.model)
-        cfg = load_config(path)
-        if args.rope_scaling is not None:
-            cfg = with_rope_scaling(cfg, args.rope_scaling)
-        tok = load_tokenizer(path)
-        prompts = read_prompts(tok, cfg.vocab_size, hf_adds_bos(path), prompt=args.prompt,
-                               prompt_file=args.prompt_file, prompts_file=args.prompts_file,
-                               prompt_tokens=args.prompt_tokens, chat=args.chat, seed=args.seed)
-    except (OSError, ValueError) as e:
-        parser.error(str(e))
+
+def read_inputs(args):
+    """Checkpoint path, config, tokenizer, and each prompt's text and ids (read_prompts), all
+    checked before any weights are read; OSError / ValueError with a message naming the input."""
+    path = find_checkpoint(args.model)
+    cfg = load_config(path)
+    if args.rope_scaling is not None:
+        cfg = with_rope_scaling(cfg, args.rope_scaling)
+    tok = load_tokenizer(path)
+    texts, prompts = read_prompts(tok, cfg.vocab_size, hf_adds_bos(path), prompt=args.prompt,
+                                  prompt_file=args.prompt_file, prompts_file=args.prompts_file,
+                                  prompt_tokens=args.prompt_tokens, chat=args.chat, seed=args.seed)
     limit = cfg.max_position_embeddings  # past it RoPE positions were never trained
     for n, p in enumerate(prompts):
         if len(p) + args.max_new_tokens > limit and not args.allow_long:
             which = "the prompt" if len(prompts) == 1 else f"prompt {n + 1}"
-            parser.error(f"{which} ({len(p)} tokens) + --max-new-tokens {args.max_new_tokens} "
-                         f"exceeds the model's context of {limit} tokens (max_position_embeddings); "
-                         f"shorten it, extend the context with --rope-scaling, or pass --allow-long")
+            raise ValueError(f"{which} ({len(p)} tokens) + --max-new-tokens {args.max_new_tokens} "
+                             f"exceeds the model's context of {limit} tokens "
+                             f"(max_position_embeddings); shorten it, extend the context with "
+                             f"--rope-scaling, or pass --allow-long")
+    return path, cfg, tok, texts, prompts
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
+    try:  # everything that can be wrong with the input is checked before the weights are read
+        path, cfg, tok, texts, prompts = read_inputs(args)
+    except (OSError, ValueError) as e:
+        fail(str(e))
 
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     dtype = args.dtype or default_dtype(device)
     try:
         model = load_model(path, device=device, dtype=dtype, config=cfg).eval()
     except (OSError, ValueError, KeyError) as e:  # missing, truncated or mismatched weights
         # e.args[0], not str(e): str() of a KeyError wraps the message in quotes.
-        parser.error(e.args[0] if isinstance(e, KeyError) else str(e))
+        fail(e.args[0] if isinstance(e, KeyError) else str(e))
     model.ttt_enabled = not args.no_ttt
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the summary reports generation, not loading
+    # The prompt, then the continuation as it comes; random ids (--prompt-tokens) are not text.
+    echo = [t or "" for t in texts] if not args.no_echo else [""] * len(texts)
     stream = TextStream(tok) if len(prompts) == 1 else None  # a batch prints once it is done
+    if stream is not None:
+        print(echo[0], end="", flush=True)
     stats = {}
-    outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                    eos_ids=None if args.ignore_eos else tok.eos_ids,
-                    prefill_chunk=args.prefill_chunk, on_token=stream, compile=args.compile,
-                    stats=stats)
+    try:
+        outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        eos_ids=None if args.ignore_eos else tok.eos_ids,
+                        prefill_chunk=args.prefill_chunk, on_token=stream, compile=args.compile,
+                        stats=stats)
+    except ValueError as e:  # logits that are not finite
+        fail(f"{path}: {e}")
     if stream is None:
-        for n, out in enumerate(outs, 1):
-            print(f"### {n}\n{tok.decode(out)}\n")
+        for n, (text, out) in enumerate(zip(echo, outs), 1):
+            print(f"### {n}\n{text}{tok.decode(out)}\n")
     else:
         print(tok.decode(outs[0])[stream.shown:], flush=True)  # whatever the stream held back
     print(summary(stats, device, args.compile), file=sys.stderr)  # stdout stays the text alone

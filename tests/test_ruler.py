@@ -19,6 +19,15 @@ LLAMA_DIR = package_dir("llama_models") / "llama3"
 NIAH = [t for t in ruler.TASKS if t.startswith("niah")]
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """main() sets torch's thread count (--threads); later tests in this process keep theirs."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizers():
     return {"qwen3": Tokenizer.from_dir(QWEN_DIR), "llama3": Tokenizer.from_dir(LLAMA_DIR)}
@@ -421,3 +430,146 @@ def test_bad_input_is_a_clear_error_before_anything_is_written(tiny_ttt_dir, tmp
         ruler.main(argv)
     assert e.value.code != 0 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# lengths too short for a task, the default --out, one-line errors
+
+
+@pytest.fixture(scope="session")
+def byte_ttt_dir(tmp_path_factory, byte_tokenizer):
+    """A random tiny Llama on a byte-level tokenizer (one token per byte, as the quick start's
+    model), TTT in layer 1: vt and cwe do not fit 1K tokens there."""
+    import load_hf
+    plain = tmp_path_factory.mktemp("byte_plain")
+    make_hf(plain, "llama", vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048)
+    shutil.copy(Path(byte_tokenizer) / "tokenizer.json", plain / "tokenizer.json")
+    cfg = load_hf.load_config(plain).with_ttt(layers=(1,), chunk=128)
+    out = tmp_path_factory.mktemp("byte_ttt") / "hf"
+    load_hf.save_model(load_hf.load_model(plain, config=cfg, init_missing_ttt=True), out,
+                       tokenizer_src=plain)
+    return out
+
+
+def smallest_prompt_tokens(task, length, tok):
+    """An oracle for the skip message: the task's first prompt at its smallest haystack, built
+    directly from the task's RNG (seeded "seed/task/length")."""
+    import random
+    spec = ruler.TASKS[task]
+    text, prefix, _ = spec.build(random.Random(f"42/{task}/{length}"), spec.min_size, length,
+                                 ruler.Sources())
+    return len(tok.encode(text + prefix, bos=True))
+
+
+@pytest.mark.parametrize("task", ["vt", "cwe"])
+def test_a_length_too_short_for_a_task_names_task_length_and_need(byte_tokenizer, task):
+    tok = Tokenizer.from_dir(byte_tokenizer)
+    with pytest.raises(ruler.DoesNotFit) as e:
+        ruler.generate_samples(task, 1024, 3, tok)
+    m = re.fullmatch(rf"{task} at 1K: even the smallest haystack needs (\d+) tokens \((\d+) of them "
+                     r"for the answer\)", str(e.value))
+    assert m and int(m[2]) == ruler.TASKS[task].budget
+    assert int(m[1]) == smallest_prompt_tokens(task, 1024, tok) + int(m[2]) > 1024
+
+
+def test_a_draw_with_long_keys_still_fits_by_searching_from_the_smallest_haystack(byte_tokenizer):
+    tok = Tokenizer.from_dir(byte_tokenizer)
+    samples = ruler.generate_samples("niah_multiquery", 1024, 6, tok, seed=3)
+    assert [s["index"] for s in samples] == list(range(6))
+    for s in samples:
+        assert len(tok.encode(s["prompt"])) == s["tokens"] <= 1024 - 128
+        assert all(r in s["prompt"] for r in s["refs"]) and len(s["refs"]) == 4
+
+
+def test_skipped_cells_read_skipped_and_stay_out_of_the_means():
+    scores = {"a": {1024: 40.0, 2048: 60.0}, "b": {1024: None, 2048: 100.0},
+              "c": {1024: None, 2048: None}}
+    res = ruler.summarize(scores, [1024, 2048])
+    assert res["per_length"] == {1024: 40.0, 2048: 80.0} and res["avg"] == 60.0
+    assert ruler.summarize({"a": {1024: None}}, [1024])["per_length"] == {1024: None}
+    md = ruler.markdown({"ttt": {"tasks": scores, **res}}, [1024, 2048])
+    assert "| b | skipped | 100.00 |" in md and "| c | skipped | skipped |" in md
+    assert "| ttt | 40.00 | 80.00 | 60.00 |" in md
+
+
+def test_tasks_that_do_not_fit_are_skipped_and_the_run_finishes_and_resumes(byte_ttt_dir, tmp_path,
+                                                                            monkeypatch, capsys):
+    out = tmp_path / "r"
+    argv = ["--model", str(byte_ttt_dir), "--lengths", "1k", "--tasks", "cwe,niah_single_1,vt",
+            "--samples", "1", "--compare-ttt", "--out", str(out)]
+    ruler.main(argv)
+    printed = capsys.readouterr()
+    for task in ("cwe", "vt"):
+        assert re.search(rf"skipped {task} at 1K: even the smallest haystack needs \d+ tokens",
+                         printed.out + printed.err)
+    table = (out / "results.md").read_text()
+    for mode in ("ttt", "no-ttt"):
+        assert re.search(rf"### {mode}\n\n.*\n.*\n\| cwe \| skipped \|\n\| niah_single_1 \| [\d.]+ \|"
+                         rf"\n\| vt \| skipped \|", table)
+    results = json.loads((out / "results.json").read_text())["results"]["ttt"]
+    assert results["tasks"]["vt"] == {"1024": None} and results["tasks"]["cwe"] == {"1024": None}
+    assert results["per_length"]["1024"] == results["tasks"]["niah_single_1"]["1024"]
+    records = ruler.read_jsonl(out / "predictions.jsonl")
+    assert sorted((r["task"], r["mode"]) for r in records) == [("niah_single_1", "no-ttt"),
+                                                              ("niah_single_1", "ttt")]
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a rerun ran the model")
+    monkeypatch.setattr(ruler, "generate_batch", must_not_run)
+    ruler.main(argv)  # the skipped tasks are not retried as pending work, nor given a score
+    assert (out / "results.md").read_text() == table
+    assert "skipped vt at 1K" in "".join(capsys.readouterr())
+    assert len(ruler.read_jsonl(out / "predictions.jsonl")) == 2
+
+
+def test_generate_only_skips_a_task_that_does_not_fit(byte_tokenizer, tmp_path, capsys):
+    ruler.main(["--tokenizer", byte_tokenizer, "--lengths", "1k,2k", "--tasks", "vt,fwe",
+                "--samples", "1", "--generate-only", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["length"]) for r in rows] == [("fwe", 1024), ("vt", 2048), ("fwe", 2048)]
+    assert "skipped vt at 1K" in "".join(capsys.readouterr())
+
+
+def test_default_out_keeps_two_models_apart(tmp_path, monkeypatch):
+    for run in ("base-run", "ttt-run"):
+        shutil.copytree(QWEN_DIR, tmp_path / run / "hf")
+    monkeypatch.chdir(tmp_path)
+    for run in ("base-run", "ttt-run"):
+        ruler.main(["--tokenizer", f"{run}/hf", "--lengths", "1k", "--tasks", "qa_2",
+                    "--samples", "1", "--generate-only"])
+    one, two = (tmp_path / "out" / "ruler" / run / "hf" / "samples.jsonl"
+                for run in ("base-run", "ttt-run"))
+    assert one.is_file() and two.is_file()
+    assert ruler.default_out("Qwen/Qwen3-0.6B-Base") == Path("out/ruler/Qwen/Qwen3-0.6B-Base")
+    assert ruler.default_out(str(tmp_path / "base-run" / "hf")) == Path("out/ruler/base-run/hf")
+
+
+ONE_LINE = ["past-context", "no-model", "corrupt-tokenizer"]
+
+
+@pytest.mark.parametrize("case", ONE_LINE + ["length-0", "unknown-task"])
+def test_input_errors_are_one_line_and_flag_errors_keep_the_usage(tiny_ttt_dir, tmp_path, capsys,
+                                                                   case):
+    shutil.copytree(tiny_ttt_dir[1], tmp_path / "badtok",
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "badtok" / "tokenizer.json").write_text('{"model": ')
+    extra, message = BAD_ARGS[case]
+    argv = ["--model", str(tiny_ttt_dir[1]), "--lengths", "1k", "--out", str(tmp_path / "out"),
+            *[a.replace("{tmp}", str(tmp_path)) for a in extra]]
+    with pytest.raises(SystemExit) as e:
+        ruler.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and message in err
+    if case in ONE_LINE:
+        assert err.startswith("error: ") and err.count("\n") == 1
+    else:
+        assert err.startswith("usage: ")
+
+
+def test_threads_flag_sets_torch_threads_on_cpu(tiny_ttt_dir, tmp_path):
+    import torch
+    torch.set_num_threads(2)
+    ruler.main(["--model", str(tiny_ttt_dir[1]), "--lengths", "1k", "--tasks", "qa_1",
+                "--samples", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == 1

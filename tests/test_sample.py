@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import load_hf_reference
+from conftest import load_hf_reference, rewrite_weights
 
 import sample
 from load_hf import load_config, load_model, load_tokenizer, save_model
@@ -165,7 +165,8 @@ def test_prompts_file_runs_one_batch_equal_to_each_prompt(tiny_ckpt, tmp_path, c
              "It is a truth universally acknowledged, that a single man in possession",
              "Happy families"]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
-    argv = greedy_args("--model", str(tiny_ckpt), "--prompts-file", str(tmp_path / "p.jsonl"))
+    argv = greedy_args("--model", str(tiny_ckpt), "--prompts-file", str(tmp_path / "p.jsonl"),
+                       "--no-echo")
     batch = sample.main(argv)
     model, tok = load_model(tiny_ckpt / "hf"), load_tokenizer(tiny_ckpt / "hf")
     assert batch == [generate(model, [tok.encode(t)], 12, eos_ids=tok.eos_ids)[0] for t in texts]
@@ -233,7 +234,14 @@ BAD = {
     "two-prompts": (["--model", "{ckpt}", "--prompt", "a", "--prompt-file", "x"],
                     "not allowed with argument"),
     "missing-weights": (["--model", "{ckpt}", "--max-new-tokens", "2"], "no model.safetensors"),
+    "zero-threads": (["--model", "{ckpt}", "--threads", "0"], "--threads must be at least 1, got 0"),
 }
+
+
+# Input that parses but cannot be used: one line, not argparse's usage block.
+ONE_LINE = {"unknown-model", "not-a-checkpoint", "no-default-checkpoint", "empty-prompt",
+            "blank-prompt-file", "unreadable-file", "jsonl-without-prompt", "jsonl-empty-prompt",
+            "too-long", "too-long-in-batch", "corrupt-tokenizer", "missing-weights"}
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
@@ -251,7 +259,93 @@ def test_bad_input_is_a_clear_error(case, weightless, tmp_path, monkeypatch, cap
         sample.main([a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(weightless))
                      for a in argv])
     assert e.value.code != 0
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    if case in ONE_LINE:
+        assert err.startswith("error: ") and err.count("\n") == 1
+    else:  # about a flag's syntax or value: argparse's usage, then its error
+        assert err.startswith("usage: ")
+
+
+def test_the_prompt_comes_first_and_no_echo_prints_the_continuation_alone(tiny_ckpt, capsys):
+    prompt = "Whan that Aprille with his shoures soote"
+    argv = greedy_args("--model", str(tiny_ckpt), "--prompt", prompt)
+    tok = load_tokenizer(tiny_ckpt / "hf")
+    new = tok.decode(sample.main(argv)[0])
+    assert new and capsys.readouterr().out == prompt + new + "\n"
+    assert tok.decode(sample.main(argv + ["--no-echo"])[0]) == new
+    assert capsys.readouterr().out == new + "\n"
+
+
+def test_chat_echoes_the_template_and_random_prompts_are_not_printed(tiny_ckpt, capsys):
+    tok = load_tokenizer(tiny_ckpt / "hf")
+    new = tok.decode(sample.main(greedy_args("--model", str(tiny_ckpt), "--chat", "--prompt", "Hi"))[0])
+    assert capsys.readouterr().out == tok.apply_chat([{"role": "user", "content": "Hi"}]) + new + "\n"
+    new = tok.decode(sample.main(greedy_args("--model", str(tiny_ckpt), "--prompt-tokens", "9"))[0])
+    assert capsys.readouterr().out == new + "\n"
+
+
+def test_a_batch_shows_each_prompt_before_its_continuation(tiny_ckpt, tmp_path, capsys):
+    texts = ["Stately, plump Buck Mulligan", "Mother died today."]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    batch = sample.main(greedy_args("--model", str(tiny_ckpt), "--prompts-file",
+                                    str(tmp_path / "p.jsonl")))
+    tok = load_tokenizer(tiny_ckpt / "hf")
+    assert capsys.readouterr().out == "".join(f"### {n}\n{t}{tok.decode(row)}\n\n"
+                                              for n, (t, row) in enumerate(zip(texts, batch), 1))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("temperature", ["0", "0.7"], ids=["greedy", "sampling"])
+def test_non_finite_weights_are_a_one_line_error_naming_the_model(tiny_ckpt, tmp_path, capsys,
+                                                                   value, temperature):
+    bad = shutil.copytree(tiny_ckpt / "hf", tmp_path / "damaged")
+
+    def poison(state):
+        state["model.layers.2.mlp.down_proj.weight"][3, 5] = value
+        return state
+    rewrite_weights(bad, poison)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model", str(bad), "--temperature", temperature, "--seed", "1",
+                     "--max-new-tokens", "6", "--no-echo"])
+    out, err = capsys.readouterr()
+    assert e.value.code != 0 and out == ""
+    assert err.startswith(f"error: {bad}: the logits after the prompt are not finite")
+    assert err.count("\n") == 1
+
+
+def test_generate_refuses_non_finite_logits():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight[7, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        generate(model, [random_prompt(5, 0)], 3)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """main() sets torch's thread count; later tests in this process keep theirs."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_threads_default_to_omp_num_threads_else_half_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert sample.default_threads() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4})
+    assert sample.default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert sample.default_threads() == 5
+    assert sample.build_parser().parse_args([]).threads == 5
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threads_flag_sets_torch_threads_on_cpu(tiny_ckpt, threads):
+    torch.set_num_threads(2)
+    sample.main(greedy_args("--model", str(tiny_ckpt), "--threads", str(threads)))
+    assert torch.get_num_threads() == threads
 
 
 # ---- a real checkpoint
