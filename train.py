@@ -534,6 +534,7 @@ class Run:
     ttt_params: list  # the trainable TTT parameters, for their own gradient norm
     resume_from: Path | None  # the checkpoint to continue, None for a fresh start
     damaged: list  # checkpoints newer than resume_from that failed their integrity check
+    hold: ExitStack  # the lock on --out (checkpoint.hold_out), released when the stack closes
 
     def log(self, *a):
         if self.rank == 0:  # one line per event, not one per rank
@@ -545,10 +546,12 @@ class Run:
                 f.write(json.dumps(row) + "\n")
 
 
-def setup_run(args, hold: ExitStack) -> Run | None:
+def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     """Flags -> process group, config, tokenizer, data, model and optimizer; None after
     --prepare-only. Bad flags and an --out holding another run fail here, before weights load.
-    The lock on --out goes into `hold`, the caller's, for the rest of the run."""
+    The lock on --out goes into `hold` (train's, released when the run ends; None: a stack of its
+    own, run.hold, for a caller that drives the run itself)."""
+    hold = ExitStack() if hold is None else hold
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a: None)
     # Cheap checks first (config, batch split, tokenizer, what --out holds), then the data, then
@@ -586,7 +589,7 @@ def setup_run(args, hold: ExitStack) -> Run | None:
     meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir),
             "world_size": world, "args": json.loads(json.dumps(vars(args))), "data": data}
     return Run(rank, world, device, cfg, tokens, val, layout, out, meta, model, optimizer,
-               ttt_params, resume_from, damaged)
+               ttt_params, resume_from, damaged, hold)
 
 
 def check_run_dir(out: Path, export: Path | None, resume, overwrite) -> list[Path]:
