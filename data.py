@@ -9,7 +9,8 @@ Text (.txt files, one document each; .jsonl, one {"text": ...} per line) is toke
 rank 0, into <cache>/<key>.bin: uint32 ids with the EOS id after each document, memory-mapped by
 every rank. A pre-tokenised .npz brings its own ids, and may mask targets and fix where windows
 start. A step's windows are drawn from (seed, step) alone (step_batches), so a resumed run, or one
-on another number of ranks, sees the same data.
+on another number of ranks, sees the same data; under context parallelism each rank of a group
+reads the same windows and keeps its contiguous shard of each (seq_shard).
 """
 
 import errno
@@ -329,17 +330,18 @@ def split_data(data, val_data, val_windows, seq_len, tok_dir, sep, cache, rank,
 # Windows: the train/validation split's windows and each step's batches
 
 
-def batch_layout(batch_tokens, seq_len, micro_batch, world) -> tuple[int, int, int]:
+def batch_layout(batch_tokens, seq_len, micro_batch, dp) -> tuple[int, int, int]:
     """(windows per step, windows per rank, windows per micro-batch): the global batch of
-    batch_tokens is split into windows, shared equally by the ranks, in equal micro-batches."""
+    batch_tokens is split into windows, shared equally by the `dp` data-parallel ranks (the ranks
+    of a context-parallel group share theirs), in equal micro-batches."""
     n_windows = batch_tokens // seq_len
-    share = n_windows // world  # a global batch, so the trajectory does not depend on the ranks
+    share = n_windows // dp  # a global batch, so the trajectory does not depend on the ranks
     micro = micro_batch or share  # None: a rank's whole share in one forward
     # Unequal shares would make ranks disagree on the number of FSDP collectives and hang.
-    if batch_tokens % seq_len or n_windows % world or not micro or share % micro:
+    if batch_tokens % seq_len or n_windows % dp or not micro or share % micro:
         raise SystemExit(f"--batch-tokens {batch_tokens} must split into windows of --seq-len "
-                         f"{seq_len}, shared equally by {world} rank(s) in micro-batches of {micro} "
-                         f"windows")
+                         f"{seq_len}, shared equally by {dp} data-parallel rank(s) in "
+                         f"micro-batches of {micro} windows")
     return n_windows, share, micro
 
 
@@ -361,9 +363,10 @@ def window_batch(data: TokenStream, starts, seq_len):
     return x, y
 
 
-def step_batches(data: TokenStream, seed, step, seq_len, layout, rank) -> list:
-    """This rank's micro-batches [(x, y)] for `step`. Window starts are drawn from (seed, step)
-    alone, so any rank count and any resume see the same global batch."""
+def step_batches(data: TokenStream, seed, step, seq_len, layout, rank, shard=(0, 1)) -> list:
+    """This rank's micro-batches [(x, y)] for `step`: `rank` is its data-parallel rank, `shard`
+    (r, R) its part of each window under context parallelism (seq_shard). Window starts are drawn
+    from (seed, step) alone, so any rank count and any resume see the same global batch."""
     n_windows, share, micro = layout
     rng = np.random.default_rng([seed, step])
     if data.starts is None:  # anywhere, crossing document boundaries (EOS marks them), as in GPT
@@ -371,4 +374,12 @@ def step_batches(data: TokenStream, seed, step, seq_len, layout, rank) -> list:
     else:  # only where the stream allows, e.g. at the start of a generated sequence
         starts = data.starts[rng.integers(0, len(data.starts), size=n_windows)]
     mine = starts[rank * share:(rank + 1) * share]  # rank r takes the r-th equal slice
-    return [window_batch(data, mine[i:i + micro], seq_len) for i in range(0, share, micro)]
+    return [seq_shard(window_batch(data, mine[i:i + micro], seq_len), shard)
+            for i in range(0, share, micro)]
+
+
+def seq_shard(batch, shard) -> tuple:
+    """Rank r of R context-parallel ranks: columns [rT/R, (r+1)T/R) of the inputs and targets
+    (B, T) of `batch`, a contiguous shard of every window (R = 1: the whole windows)."""
+    (r, R), T = shard, batch[0].shape[1]
+    return tuple(t[:, r * T // R:(r + 1) * T // R] for t in batch)

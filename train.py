@@ -51,9 +51,10 @@ from tqdm import tqdm
 import load_hf
 from checkpoint import (TRAIN_META, check_out, checkpoints, hold_out, pick_resume, prepare_out,
                         refuse_links, resume, run_files, save_checkpoint, set_aside)
-from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
-                  step_batches, validation_starts, window_batch)
+from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, seq_shard,
+                  split_data, step_batches, validation_starts, window_batch)
 from load_hf import AtLeast, HelpFormatter, default_device, default_dtype
+import ttt
 from model import (PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, init_ttt_params,
                    is_ttt_param)
 
@@ -177,6 +178,9 @@ def system_flags(p: argparse.ArgumentParser):
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
     g.add_argument("--precision", choices=["bf16", "fp32"],
                    help="bf16: fp32 master weights (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--cp", type=int, action=AtLeast, low=1, default=1,
+                   help="context parallelism: ranks that split each sequence, a divisor of the "
+                        "ranks")
 
 
 def output_flags(p: argparse.ArgumentParser):
@@ -309,6 +313,34 @@ def setup_distributed(device_arg=None):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def context_parallel(cp, seq_len, cfg: ModelConfig, device) -> tuple[int, int, object]:
+    """The world as dp x cp ranks: rank g holds shard g % cp of the windows its data-parallel rank
+    g // cp reads (a group's ranks are consecutive: one node's GPUs carry its K/V gathers). Returns
+    (data-parallel rank, dp, the context-parallel group or None for cp 1). Refused by name: shards
+    that are not whole TTT chunks (ttt.check_cp_shard), a world that cp does not divide."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cp > 1:  # one rank takes any length: only shards must be whole chunks
+        ttt_layers = [i for i in cfg.ttt_layers if i < cfg.num_layers]  # as Transformer keeps
+        try:
+            ttt.check_cp_shard(seq_len, cp, cfg.ttt_chunk if ttt_layers else None)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    if world % cp:
+        raise SystemExit(f"--cp {cp}: {world} rank(s) do not form groups of {cp} (torchrun "
+                         f"--nproc_per_node times the nodes must be a multiple of --cp)")
+    if cp == 1:  # no group: the one-rank code path, unchanged
+        return rank, world, None
+    # FSDP still shards over all ranks (build_model's 1-D mesh, torchtitan's dp_shard_cp): the
+    # gradients average over dp x cp ranks, which the loss's x R / the group's count expects.
+    mesh = init_device_mesh(device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
+    return mesh.get_local_rank("dp"), world // cp, mesh["cp"].get_group()
+
+
+def cp_shard(cp_group) -> tuple[int, int]:
+    """(r, R): this rank holds part r of R of every window (data.seq_shard); (0, 1) without CP."""
+    return (0, 1) if cp_group is None else (dist.get_rank(cp_group), dist.get_world_size(cp_group))
+
+
 def full_model(cfg, init, seed, ttt_init="paper") -> Transformer:
     """A complete fp32 CPU model: HF weights (new TTT parameters as init_ttt_params sets them) or a
     fresh init; ttt_init other than "paper" then resets every TTT parameter to that start. Seeded,
@@ -409,17 +441,21 @@ def position_buckets(seq_len) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def validate(model, val: TokenStream, seq_len, val_windows, micro_batch, rank, world,
-             device) -> dict:
+             device, cp_group=None) -> dict:
     """Mean loss over the first val_windows windows of `val`, also per position bucket
     ("val_loss_pos.LO-HI"), and ‖ΣΔW‖ / ‖W0‖ per TTT layer over a window ("ttt_dw_rel.I", the
     first sign of an unstable TTT run, measured by each TTT MLP from the state its forward
-    computed: MLP.measure_update). Every rank runs the same number of forwards (FSDP all-gathers
-    in each); windows past the end are padding with ignored targets and weight 0. micro_batch
-    None: a rank's windows in one forward."""
+    computed: MLP.measure_update). The windows are shared by the `world` data-parallel ranks
+    (`rank` is this one's), each split over cp_group's ranks. Every rank runs the same number of
+    forwards (FSDP all-gathers in each); windows past the end are padding with ignored targets and
+    weight 0. micro_batch None: a rank's windows in one forward."""
     per_rank = -(-val_windows // world)  # ceil: the last rank may get padding
     mb = min(micro_batch or per_rank, per_rank)  # the training micro-batch bounds memory here too
     ids = np.arange(rank * per_rank, (rank + 1) * per_rank)
     starts = validation_starts(val, val_windows, seq_len)
+    shard = cp_shard(cp_group)
+    cols = slice(shard[0] * seq_len // shard[1], (shard[0] + 1) * seq_len // shard[1])
+    last = shard[0] == shard[1] - 1  # the only shard whose state sums the whole window's ΔW
     pos_sum = torch.zeros(seq_len, device=device)  # summed loss and number of targets per position
     pos_count = torch.zeros(seq_len, device=device)
     mlps = [model.model.layers[i].mlp for i in model.ttt_layers]
@@ -430,11 +466,12 @@ def validate(model, val: TokenStream, seq_len, val_windows, micro_batch, rank, w
         chunk = ids[i:i + mb]
         real = torch.from_numpy(chunk < val_windows)
         x, y = window_batch(val, starts[np.where(chunk < val_windows, chunk, 0)], seq_len)
-        y = y.masked_fill(~real[:, None], -100).to(device)  # out of place: x and y share memory
-        losses = model.loss(x.to(device), y, reduction="none")  # (b, T), 0 at ignored targets
-        pos_sum += losses.sum(0)
-        pos_count += (y != -100).sum(0)
-        for j, mlp in enumerate(mlps):  # (b,) ratios; padding windows weigh 0
+        y = y.masked_fill(~real[:, None], -100)  # out of place: x and y share memory
+        x, y = seq_shard((x.to(device), y.to(device)), shard)
+        losses = model.loss(x, y, reduction="none", cp_group=cp_group)  # (b, T/R), 0 if ignored
+        pos_sum[cols] += losses.sum(0)  # this shard's positions
+        pos_count[cols] += (y != -100).sum(0)
+        for j, mlp in enumerate(mlps if last else []):  # (b,) ratios; padding windows weigh 0
             ratios[j] += (mlp.update_ratio * real.to(device, torch.float32)).sum()
     for mlp in mlps:  # training forwards measure nothing
         mlp.measure_update, mlp.update_ratio = False, None
@@ -471,16 +508,18 @@ def summary(row) -> str:
 # Training
 
 
-def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_params):
-    """One optimizer step at learning rate `lr` over this rank's micro-batches `batches` [(x, y)].
-    Returns (mean loss over all ranks, grad norm, TTT grad norm or None); gradients average over
-    ranks in FSDP's reduce-scatter and over micro-batches by the 1/accum scale. grad_clip 0: no
-    clipping."""
+def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_params,
+               cp_group=None):
+    """One optimizer step at learning rate `lr` over this rank's micro-batches `batches` [(x, y)]
+    (with cp_group: its shards of them). Returns (mean loss over all ranks, grad norm, TTT grad
+    norm or None); gradients average over the `world` ranks in FSDP's reduce-scatter and over
+    micro-batches by the 1/accum scale. grad_clip 0: no clipping."""
     for group in optimizer.param_groups:  # the schedule lives in lr_at, not in a scheduler object
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)  # on the device: no sync per micro-batch
-    for x, y in batches:
-        loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+    for x, y in batches:  # under CP a loss whose mean over the group is the sequences' mean
+        loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                          cp_group=cp_group)
         (loss / len(batches)).backward()
         loss_sum += loss.detach()
     dist.all_reduce(loss_sum)  # a sum: gloo has no AVG
@@ -501,12 +540,12 @@ def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_para
 
 
 @torch.no_grad()
-def batch_loss(model, batches, device, world) -> float:
+def batch_loss(model, batches, device, world, cp_group=None) -> float:
     """The mean loss the current weights give on this rank's micro-batches `batches`, over all
     ranks: train_step's loss without the gradient or the update."""
     loss_sum = torch.zeros((), device=device)
     for x, y in batches:
-        loss_sum += model.loss(x.to(device), y.to(device))
+        loss_sum += model.loss(x.to(device), y.to(device), cp_group=cp_group)
     model.reshard()  # a no-grad forward leaves the root unsharded
     dist.all_reduce(loss_sum)
     return loss_sum.item() / (len(batches) * world)
@@ -522,6 +561,9 @@ class Run:
     optimizer. The schedule (steps, lr, ...) stays in the flags."""
     rank: int
     world: int
+    dp_rank: int  # data-parallel: which windows this rank reads (context_parallel)
+    dp: int
+    cp_group: object  # the ranks splitting each of those windows, None without CP
     device: torch.device
     cfg: ModelConfig
     tokens: TokenStream  # the training token stream
@@ -554,12 +596,13 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     hold = ExitStack() if hold is None else hold
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a: None)
-    # Cheap checks first (config, batch split, tokenizer, what --out holds), then the data, then
-    # the checkpoints' integrity, then the weights.
+    # Cheap checks first (config, ranks, batch split, tokenizer, what --out holds), then the data,
+    # then the checkpoints' integrity, then the weights.
     init = resolve_init(args.init)
     cfg = model_config(args.preset, init, dict(args.override), args.ttt_layers, args.ttt_chunk,
                        args.ttt_lr, args.ttt_target, args.no_ttt)
-    layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, world)
+    dp_rank, dp, cp_group = context_parallel(args.cp, args.seq_len, cfg, device)
+    layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, dp)
     check_config(cfg, args.ttt_init, export=not args.no_export)
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, rank)
     out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
@@ -588,8 +631,8 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     data = {"data": tokens.files, "val_data": val.files if args.val_data and val else None}
     meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir),
             "world_size": world, "args": json.loads(json.dumps(vars(args))), "data": data}
-    return Run(rank, world, device, cfg, tokens, val, layout, out, meta, model, optimizer,
-               ttt_params, resume_from, damaged, hold)
+    return Run(rank, world, dp_rank, dp, cp_group, device, cfg, tokens, val, layout, out, meta,
+               model, optimizer, ttt_params, resume_from, damaged, hold)
 
 
 def check_run_dir(out: Path, export: Path | None, resume, overwrite) -> list[Path]:
@@ -609,7 +652,7 @@ def run_loop(run: Run, start: int, args) -> Path:
     """Steps start..args.steps: train, log, validate, checkpoint. Returns the final checkpoint."""
     run.log(describe(run, args))
     evaluate = partial(validate, run.model, run.val, args.seq_len, args.val_windows,
-                       args.micro_batch, run.rank, run.world, run.device)
+                       args.micro_batch, run.dp_rank, run.dp, run.device, run.cp_group)
     if start == 0 and run.val is not None:  # the untrained model's loss: the curve's first point
         run.write({"step": 0, **evaluate()})
     good = run.resume_from  # the newest checkpoint whose weights gave a finite loss (None: none)
@@ -618,11 +661,12 @@ def run_loop(run: Run, start: int, args) -> Path:
     t_start, row = time.perf_counter(), None
     for step in bar:  # `step` steps done so far; the row written is step + 1
         t0 = time.perf_counter()
-        batches = step_batches(run.tokens, args.seed, step, args.seq_len, run.layout, run.rank)
+        batches = step_batches(run.tokens, args.seed, step, args.seq_len, run.layout, run.dp_rank,
+                               cp_shard(run.cp_group))
         lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
         loss, grad_norm, ttt_norm = train_step(run.model, run.optimizer, batches, lr,
                                                args.grad_clip, run.device, run.world,
-                                               run.ttt_params)
+                                               run.ttt_params, run.cp_group)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             stop_at_nonfinite_step(run, step, step == start, loss, grad_norm, good)
         row = step_row(run, args, step, loss, lr, grad_norm, ttt_norm, time.perf_counter() - t0)
@@ -645,11 +689,15 @@ def describe(run: Run, args) -> str:
     """The run's opening line: the model, the ranks, the precision and the batch."""
     n_windows, share, micro = run.layout
     model = run.model
+    ranks, shards = f"{run.world} rank(s)", ""
+    if args.cp > 1:  # each window split over a group of ranks
+        ranks = f"{run.world} ranks ({run.dp} data x {args.cp} context parallel)"
+        shards = f", each window in shards of {args.seq_len // args.cp} tokens"
     return (f"{run.cfg.arch} {model.num_params() / 1e6:.1f}M params "
             f"({model.num_params(True) / 1e6:.2f}M without the embedding), TTT layers "
-            f"{list(model.ttt_layers) or 'none'}; {run.world} rank(s) on {run.device.type}, "
+            f"{list(model.ttt_layers) or 'none'}; {ranks} on {run.device.type}, "
             f"{args.precision}; {len(run.tokens):,} training tokens; {n_windows} x {args.seq_len} "
-            f"tokens per step, {share // micro} micro-batch(es) of {micro} per rank")
+            f"tokens per step, {share // micro} micro-batch(es) of {micro} per rank{shards}")
 
 
 def step_row(run: Run, args, step, loss, lr, grad_norm, ttt_norm, dt) -> dict:
@@ -691,8 +739,9 @@ def checked_save(run: Run, args, step, good: Path | None) -> Path:
     """Checkpoint the weights after `step` steps once they gave a finite loss on the batch the
     next step trains on (one forward more, a third of a step): saved unchecked, a checkpoint could
     hold the very weights that make the next step non-finite. Returns the checkpoint."""
-    after = step_batches(run.tokens, args.seed, step, args.seq_len, run.layout, run.rank)
-    next_loss = batch_loss(run.model, after, run.device, run.world)
+    after = step_batches(run.tokens, args.seed, step, args.seq_len, run.layout, run.dp_rank,
+                         cp_shard(run.cp_group))
+    next_loss = batch_loss(run.model, after, run.device, run.world, run.cp_group)
     if not math.isfinite(next_loss):
         stop(run, f"step {step}: the updated weights give loss {next_loss} on the next batch, "
                   f"which is not finite; stopped without saving them.", good)
