@@ -20,7 +20,9 @@ An export replaces only an earlier export (its EXPORT_MARK lists the files it wr
 checkpoint's train.json carries sizes and sha256 of its files, checked before an export.
 
 The flags every script shares (--device and --dtype defaults, --rope-scaling, counts >= 1, help
-that shows defaults) are parsed here too. This module never imports train.py or data.py.
+that shows defaults) are parsed here too, and a training run's model is made here: a preset or an
+HF config with TTT settings layered on (model_config), its weights or a fresh init (full_model).
+This module never imports train.py or data.py.
 """
 
 import argparse
@@ -37,7 +39,8 @@ import torch.nn as nn
 
 from checkpoint import (RUN_FILES, TRAIN_META, load_train_checkpoint, read_train_meta,
                         remove_orphans, tmp_sibling, verify_checkpoint)
-from model import ModelConfig, Transformer, init_ttt_params, is_ttt_param, rope_inv_freq
+from model import (PRESETS, TTT_RECIPE, ModelConfig, Transformer, init_ttt_params, is_ttt_param,
+                   rope_inv_freq)
 from tokenizer import Tokenizer
 
 ARCHS = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
@@ -552,6 +555,84 @@ def _set_param(model: nn.Module, key: str, t: torch.Tensor):
 def load_tokenizer(src) -> Tokenizer:
     """The tokenizer of a checkpoint directory or hub id."""
     return Tokenizer.from_dir(resolve(src))
+
+
+# -----------------------------------------------------------------------------
+# A training run's model (train.py): its config and its starting weights. Errors name
+# train.py's flags.
+
+
+def resolve_init(init) -> Path | None:
+    """--init as a local directory: a hub id is fetched (or found in the hub cache) once, here;
+    every later step reads the directory."""
+    try:
+        return resolve(init) if init else None
+    except OSError as e:
+        raise SystemExit(f"--init {init}: {e}") from None
+
+
+def model_config(preset="bytes", init=None, override=None, ttt_layers=None, ttt_chunk=None,
+                 ttt_lr=None, ttt_target=None, no_ttt=False) -> ModelConfig:
+    """The preset (with `override` fields) or the `init` checkpoint's config, with the TTT settings
+    given here layered on its own or, where it has none, on model.TTT_RECIPE. None leaves a setting
+    as it is; no_ttt removes every TTT layer (the baseline)."""
+    if init:  # the checkpoint fixes the shape (parse_args refuses --override with --init)
+        try:
+            cfg = load_config(init)
+        except (OSError, ValueError) as e:  # the file and field are in the message
+            raise SystemExit(f"--init {init}: {e}") from None
+    else:
+        try:  # all fields at once: __post_init__ checks the combination, not each step
+            cfg = replace(PRESETS[preset], **(override or {}))
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"--override {override}: {e}") from None
+    if not cfg.ttt_layers:  # a base checkpoint or a preset without TTT: the official recipe
+        # From scratch the target source stays the token embeddings, as the bytes preset and every
+        # from-scratch run here have used: the recipe's hidden_states target is tuned for continual
+        # pretraining of a trained model, whose MLP inputs are already meaningful.
+        recipe = TTT_RECIPE if init else {**TTT_RECIPE, "target": "input_embed"}
+        cfg = cfg.with_ttt(**recipe)
+    flags = dict(chunk=ttt_chunk, lr=ttt_lr, target=ttt_target)
+    layers = () if no_ttt else ttt_layers  # None keeps the layers chosen above
+    # From a flag an index past the last layer is a mistake: an error, not model.py's warning
+    # (meant for official config.json files, which list index 36 for 36-layer models).
+    if layers and max(layers) >= cfg.num_layers:
+        raise SystemExit(f"--ttt-layers {','.join(map(str, layers))}: the model has "
+                         f"{cfg.num_layers} layers, so indices must be 0..{cfg.num_layers - 1}")
+    return cfg.with_ttt(layers=layers, **{k: v for k, v in flags.items() if v is not None})
+
+
+def check_config(cfg: ModelConfig, ttt_init, export: bool):
+    """Settings that fail only with this config, refused before any data or weights load."""
+    if ttt_init == "next-token" and not cfg.ttt_lookahead:
+        raise SystemExit("--ttt-init next-token sets the conv's t+1 tap, which ttt_lookahead=False "
+                         "masks to zero: use --ttt-init centre")
+    if export:  # a config HF cannot express must fail now, not after the last step
+        try:
+            config_to_hf(cfg, torch.float32)
+        except ValueError as e:
+            raise SystemExit(f"{e}; or pass --no-export") from None
+
+
+def full_model(cfg, init, seed, ttt_init="paper") -> Transformer:
+    """A complete fp32 CPU model: HF weights (new TTT parameters as init_ttt_params sets them) or a
+    fresh init; ttt_init other than "paper" then resets every TTT parameter to that start. Seeded,
+    so the run starts the same whatever the world size. It lives in rank 0's host memory while the
+    shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
+    torch.manual_seed(seed)  # the random diagonal of new ttt_proj weights draws from it
+    if init:  # fp32: master weights, whatever dtype the checkpoint was stored in
+        try:
+            model = load_model(init, "cpu", torch.float32, config=cfg, init_missing_ttt=True)
+        except (OSError, ValueError, KeyError) as e:  # a flawed file: its name and flaw, no trace
+            raise SystemExit(f"--init {init}: {e}") from None
+    else:
+        with torch.device("meta"):  # no memory until to_empty, and no init work thrown away
+            model = Transformer(cfg)
+        model.to_empty(device="cpu")
+        model.init_weights(generator=torch.Generator().manual_seed(seed))
+    if ttt_init != "paper":  # a deterministic start (no random draws): study.py's matched starts
+        init_ttt_params(model, mode=ttt_init)
+    return model
 
 
 # -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import math
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -49,14 +49,13 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import load_hf
+import ttt
 from checkpoint import (TRAIN_META, check_out, checkpoints, hold_out, pick_resume, prepare_out,
                         refuse_links, resume, run_files, save_checkpoint, set_aside)
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, seq_shard,
                   split_data, step_batches, validation_starts, window_batch)
 from load_hf import AtLeast, HelpFormatter, default_device, default_dtype
-import ttt
-from model import (PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, init_ttt_params,
-                   is_ttt_param)
+from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 
 # Continual pretraining (--init) defaults to the official release's optimizer settings
 # (configs/pretrain/qwen3_longct.yaml and llama3_longct.yaml): peak lr 5e-6, linear warmup over 2%
@@ -236,62 +235,6 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Model config
-
-
-def model_config(preset="bytes", init=None, override=None, ttt_layers=None, ttt_chunk=None,
-                 ttt_lr=None, ttt_target=None, no_ttt=False) -> ModelConfig:
-    """The preset (with `override` fields) or the `init` checkpoint's config, with the TTT settings
-    given here layered on its own or, where it has none, on model.TTT_RECIPE. None leaves a setting
-    as it is; no_ttt removes every TTT layer (the baseline)."""
-    if init:  # the checkpoint fixes the shape (parse_args refuses --override with --init)
-        try:
-            cfg = load_hf.load_config(init)
-        except (OSError, ValueError) as e:  # the file and field are in the message
-            raise SystemExit(f"--init {init}: {e}") from None
-    else:
-        try:  # all fields at once: __post_init__ checks the combination, not each step
-            cfg = replace(PRESETS[preset], **(override or {}))
-        except (TypeError, ValueError) as e:
-            raise SystemExit(f"--override {override}: {e}") from None
-    if not cfg.ttt_layers:  # a base checkpoint or a preset without TTT: the official recipe
-        # From scratch the target source stays the token embeddings, as the bytes preset and every
-        # from-scratch run here have used: the recipe's hidden_states target is tuned for continual
-        # pretraining of a trained model, whose MLP inputs are already meaningful.
-        recipe = TTT_RECIPE if init else {**TTT_RECIPE, "target": "input_embed"}
-        cfg = cfg.with_ttt(**recipe)
-    flags = dict(chunk=ttt_chunk, lr=ttt_lr, target=ttt_target)
-    layers = () if no_ttt else ttt_layers  # None keeps the layers chosen above
-    # From a flag an index past the last layer is a mistake: an error, not model.py's warning
-    # (meant for official config.json files, which list index 36 for 36-layer models).
-    if layers and max(layers) >= cfg.num_layers:
-        raise SystemExit(f"--ttt-layers {','.join(map(str, layers))}: the model has "
-                         f"{cfg.num_layers} layers, so indices must be 0..{cfg.num_layers - 1}")
-    return cfg.with_ttt(layers=layers, **{k: v for k, v in flags.items() if v is not None})
-
-
-def resolve_init(init) -> Path | None:
-    """--init as a local directory: a hub id is fetched (or found in the hub cache) once, here;
-    every later step reads the directory."""
-    try:
-        return load_hf.resolve(init) if init else None
-    except OSError as e:
-        raise SystemExit(f"--init {init}: {e}") from None
-
-
-def check_config(cfg: ModelConfig, ttt_init, export: bool):
-    """Settings that fail only with this config, refused before any data or weights load."""
-    if ttt_init == "next-token" and not cfg.ttt_lookahead:
-        raise SystemExit("--ttt-init next-token sets the conv's t+1 tap, which ttt_lookahead=False "
-                         "masks to zero: use --ttt-init centre")
-    if export:  # a config HF cannot express must fail now, not after the last step
-        try:
-            load_hf.config_to_hf(cfg, torch.float32)
-        except ValueError as e:
-            raise SystemExit(f"{e}; or pass --no-export") from None
-
-
-# -----------------------------------------------------------------------------
 # Distributed setup, the model and its optimizer
 
 
@@ -341,33 +284,11 @@ def cp_shard(cp_group) -> tuple[int, int]:
     return (0, 1) if cp_group is None else (dist.get_rank(cp_group), dist.get_world_size(cp_group))
 
 
-def full_model(cfg, init, seed, ttt_init="paper") -> Transformer:
-    """A complete fp32 CPU model: HF weights (new TTT parameters as init_ttt_params sets them) or a
-    fresh init; ttt_init other than "paper" then resets every TTT parameter to that start. Seeded,
-    so the run starts the same whatever the world size. It lives in rank 0's host memory while the
-    shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
-    torch.manual_seed(seed)  # the random diagonal of new ttt_proj weights draws from it
-    if init:  # fp32: master weights, whatever dtype the checkpoint was stored in
-        try:
-            model = load_hf.load_model(init, "cpu", torch.float32, config=cfg,
-                                       init_missing_ttt=True)
-        except (OSError, ValueError, KeyError) as e:  # a flawed file: its name and flaw, no trace
-            raise SystemExit(f"--init {init}: {e}") from None
-    else:
-        with torch.device("meta"):  # no memory until to_empty, and no init work thrown away
-            model = Transformer(cfg)
-        model.to_empty(device="cpu")
-        model.init_weights(generator=torch.Generator().manual_seed(seed))
-    if ttt_init != "paper":  # a deterministic start (no random draws): study.py's matched starts
-        init_ttt_params(model, mode=ttt_init)
-    return model
-
-
 def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", fill=True,
                 train_only="all", activation_checkpointing=False, compile=False,
                 precision=None) -> Transformer:
     """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root ->
-    real memory, filled from full_model() (weights of `init` or a seeded fresh init, TTT
+    real memory, filled from load_hf.full_model() (weights of `init` or a seeded fresh init, TTT
     parameters as ttt_init says) unless a checkpoint load will fill it (fill=False). train_only
     "ttt" freezes all but the TTT parameters. compile: True (inductor) or a torch.compile backend
     name, e.g. "aot_eager". precision "bf16" / "fp32" (None: load_hf.default_dtype of the device)."""
@@ -391,7 +312,8 @@ def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", fill=True,
     register_fsdp_forward_method(model, "loss")  # loss() bypasses forward(): FSDP must hook it too
     model.to_empty(device=device)  # real memory for the shards only, contents undefined
     if fill:  # rank 0 alone holds the full model; the others receive their shards from it
-        source = full_model(cfg, init, seed, ttt_init).state_dict() if dist.get_rank() == 0 else {}
+        first = dist.get_rank() == 0
+        source = load_hf.full_model(cfg, init, seed, ttt_init).state_dict() if first else {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, source, options=options)
         del source  # free rank 0's full copy before training allocates
@@ -598,12 +520,12 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     log = print if rank == 0 else (lambda *a: None)
     # Cheap checks first (config, ranks, batch split, tokenizer, what --out holds), then the data,
     # then the checkpoints' integrity, then the weights.
-    init = resolve_init(args.init)
-    cfg = model_config(args.preset, init, dict(args.override), args.ttt_layers, args.ttt_chunk,
-                       args.ttt_lr, args.ttt_target, args.no_ttt)
+    init = load_hf.resolve_init(args.init)
+    cfg = load_hf.model_config(args.preset, init, dict(args.override), args.ttt_layers,
+                               args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
     dp_rank, dp, cp_group = context_parallel(args.cp, args.seq_len, cfg, device)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, dp)
-    check_config(cfg, args.ttt_init, export=not args.no_export)
+    load_hf.check_config(cfg, args.ttt_init, export=not args.no_export)
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, rank)
     out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
     refuse_links(out)  # before the lock: its own file could be a link

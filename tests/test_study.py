@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 import study
 import train
 from data import TokenStream, load_npz, read_stream, split_data, window_batch
-from load_hf import load_config
+from load_hf import full_model, load_config, model_config
 from model import PRESETS, Transformer
 from tokenizer import Tokenizer
 
@@ -104,7 +104,7 @@ def test_train_py_ignores_masked_targets_in_training_and_validation(tmp_path, re
     train.main(argv)
     rows = metrics(tmp_path / "run")
     args = train.parse_args(argv)
-    cfg = train.model_config(args.preset, override=dict(args.override), ttt_layers=(1,),
+    cfg = model_config(args.preset, override=dict(args.override), ttt_layers=(1,),
                              ttt_chunk=8)
     model = starting_model(cfg)
     data, val = load_npz(train_npz, 64, 257), load_npz(val_npz, 64, 257)
@@ -130,7 +130,7 @@ def test_val_loss_by_position_buckets_sum_back_to_the_mean_and_split_by_position
     seq_len, windows = 300, 3
     text = Path(SPEECH).read_bytes()[:seq_len * windows + 1]
     val = TokenStream(np.frombuffer(text, np.uint8).astype(np.uint32))
-    cfg = train.model_config(override={"hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
+    cfg = model_config(override={"hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
                                        "num_heads": 2, "num_kv_heads": 2, "head_dim": 16},
                              ttt_layers=(1,), ttt_chunk=32)
     plain = starting_model(cfg)
@@ -207,7 +207,7 @@ def test_npz_with_text_and_held_out_windows(tmp_path, recall_data):
 
 def test_ttt_init_flag_reaches_the_model_and_bad_combinations_are_refused(tmp_path, capsys):
     cfg = replace(PRESETS["bytes"], num_layers=2, ttt_layers=(1,))
-    conv = train.full_model(cfg, None, 0, ttt_init="next-token").model.layers[1].mlp.ttt_conv.weight
+    conv = full_model(cfg, None, 0, ttt_init="next-token").model.layers[1].mlp.ttt_conv.weight
     assert (conv[:, 0, 3] == 1).all() and conv[:, 0, [0, 1, 2, 4]].abs().sum() == 0
     with pytest.raises(SystemExit):
         train.parse_args(["--no-ttt", "--ttt-init", "centre"])

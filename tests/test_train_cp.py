@@ -27,6 +27,7 @@ from test_train_precision import full_state, loss_and_grads, small_config
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import checkpoint
+import load_hf
 import train
 from data import seq_shard
 
@@ -169,7 +170,7 @@ def test_a_split_that_cannot_run_is_refused_before_anything_is_written(tmp_path,
 
 
 def test_one_rank_takes_a_length_that_is_not_whole_chunks(byte_tokenizer):
-    cfg = train.model_config(override=dict(train.parse_args(small_args(byte_tokenizer, "", "")).override),
+    cfg = load_hf.model_config(override=dict(train.parse_args(small_args(byte_tokenizer, "", "")).override),
                              ttt_chunk=16)
     try:
         _, _, device = train.setup_distributed("cpu")

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import checkpoint
+import load_hf
 import train
 from model import Transformer
 
@@ -31,7 +32,7 @@ def bf16_run(tmp_path_factory, byte_tokenizer, cache):
 
 def small_config():
     a = train.parse_args(SMALL)
-    return train.model_config(a.preset, override=dict(a.override), ttt_layers=a.ttt_layers,
+    return load_hf.model_config(a.preset, override=dict(a.override), ttt_layers=a.ttt_layers,
                               ttt_chunk=a.ttt_chunk)
 
 
