@@ -365,6 +365,20 @@ def set_aside(path: Path, why: str) -> Path:
     return aside
 
 
+def stop_nonfinite(what: str, good: Path | None, rank: int, resumed_from: Path | None = None):
+    """End a run after a non-finite loss (`what` says where), naming `good`, the newest checkpoint
+    whose weights gave a finite loss. The loss is the same on every rank, so all stop; rank 0 says
+    why. resumed_from (a ckpt/ directory): the first step of a resume was not finite, so the
+    resumed weights `good` did it (a checkpoint of an older train.py, or other data): that
+    checkpoint is set aside, and the one before it is named."""
+    if resumed_from is not None and good is not None and rank == 0:
+        set_aside(good, "nonfinite")
+        good = (checkpoints(resumed_from) or [None])[-1]
+    tail = (f"The newest checkpoint whose weights gave a finite loss is {good}: --resume "
+            f"continues from it" if good else "No checkpoint holds weights that gave a finite loss")
+    raise SystemExit(f"{what} {tail} (try a lower --lr or --ttt-lr)" if rank == 0 else 1)
+
+
 # -----------------------------------------------------------------------------
 # One run per --out, and nothing written through a link out of it
 

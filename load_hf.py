@@ -133,7 +133,8 @@ def check_field(name: str, value, where: str):
 
 
 # -----------------------------------------------------------------------------
-# Flags every script shares: device and dtype defaults, counts, RoPE scaling, help with defaults
+# Flags every script shares: device and dtype defaults, counts, RoPE scaling, help with defaults;
+# and train.py's ModelConfig fields (--override KEY=VALUE, --ttt-layers), checked by RULES
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -211,6 +212,37 @@ def parse_rope_scaling(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"{text} is malformed: {key} must be a positive "
                                              f"number, got {v!r}")
     return value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """argparse `type=` for --override: KEY=VALUE with KEY a ModelConfig field and VALUE JSON (or a
+    bare string, e.g. arch=llama)."""
+    key, eq, value = text.partition("=")
+    if not eq or key not in ModelConfig.__dataclass_fields__:
+        names = ", ".join(ModelConfig.__dataclass_fields__)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a ModelConfig "
+                                         f"field ({names})")
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:  # not JSON: a bare string such as llama or hidden_states
+        pass
+    try:  # the field's own rule (RULES): hidden_size=abc or =64.5 is named here
+        check_field(key, value, key)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return key, value
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """argparse `type=` for --ttt-layers: comma-separated non-negative layer indices."""
+    try:
+        layers = tuple(int(i) for i in text.split(","))
+    except ValueError:
+        layers = (-1,)  # reported just below, with the same message as a negative index
+    if any(i < 0 for i in layers):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer indices like "
+                                         f"5,11,17")
+    return layers
 
 
 def with_rope_scaling(cfg: ModelConfig, rope_scaling: dict) -> ModelConfig:

@@ -50,11 +50,12 @@ from tqdm import tqdm
 
 import load_hf
 import ttt
-from checkpoint import (TRAIN_META, check_out, checkpoints, hold_out, pick_resume, prepare_out,
-                        refuse_links, resume, run_files, save_checkpoint, set_aside)
+from checkpoint import (TRAIN_META, check_out, hold_out, pick_resume, prepare_out, refuse_links,
+                        resume, run_files, save_checkpoint, stop_nonfinite)
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, seq_shard,
                   split_data, step_batches, validation_starts, window_batch)
-from load_hf import AtLeast, HelpFormatter, default_device, default_dtype
+from load_hf import (AtLeast, HelpFormatter, default_device, default_dtype, parse_layers,
+                     parse_override)
 from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 
 # Continual pretraining (--init) defaults to the official release's optimizer settings
@@ -77,42 +78,11 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200
 # (load_hf.AtLeast), combinations and defaults that depend on other flags in parse_args.
 
 
-def override_item(text: str) -> tuple[str, object]:
-    """argparse `type=` for --override: KEY=VALUE with KEY a ModelConfig field and VALUE JSON (or a
-    bare string, e.g. arch=llama)."""
-    key, eq, value = text.partition("=")
-    if not eq or key not in ModelConfig.__dataclass_fields__:
-        names = ", ".join(ModelConfig.__dataclass_fields__)
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a ModelConfig "
-                                         f"field ({names})")
-    try:
-        value = json.loads(value)
-    except json.JSONDecodeError:  # not JSON: a bare string such as llama or hidden_states
-        pass
-    try:  # the field's own rule (load_hf.RULES): hidden_size=abc or =64.5 is named here
-        load_hf.check_field(key, value, key)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return key, value
-
-
-def layer_list(text: str) -> tuple[int, ...]:
-    """argparse `type=` for --ttt-layers: comma-separated non-negative layer indices."""
-    try:
-        layers = tuple(int(i) for i in text.split(","))
-    except ValueError:
-        layers = (-1,)  # reported just below, with the same message as a negative index
-    if any(i < 0 for i in layers):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer indices like "
-                                         f"5,11,17")
-    return layers
-
-
 def model_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("model", "from scratch (a preset) or continual pretraining (--init)")
     g.add_argument("--preset", default="bytes", choices=PRESETS, help="from scratch: this config")
     g.add_argument("--init", help="continue this HF checkpoint (directory or hub id), not --preset")
-    g.add_argument("--override", nargs="+", default=[], type=override_item, metavar="KEY=VALUE",
+    g.add_argument("--override", nargs="+", default=[], type=parse_override, metavar="KEY=VALUE",
                    help="from scratch only: preset fields to change, e.g. hidden_size=64")
     g.add_argument("--tokenizer", help="tokenizer directory or hub id (default: --init's; bytes: "
                                        "the byte tokenizer; else the family's, from pip)")
@@ -120,7 +90,7 @@ def model_flags(p: argparse.ArgumentParser):
 
 def ttt_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("TTT", "unset: the checkpoint's or preset's own, else TTT_RECIPE's")
-    g.add_argument("--ttt-layers", type=layer_list, help="layer indices, e.g. 5,11,17")
+    g.add_argument("--ttt-layers", type=parse_layers, help="layer indices, e.g. 5,11,17")
     g.add_argument("--ttt-chunk", type=int, action=AtLeast, low=1, help="C: tokens per update")
     g.add_argument("--ttt-lr", type=float, action=AtLeast, low=0, help="eta: fast-weight step size")
     g.add_argument("--ttt-target", choices=["hidden_states", "input_embed"],
@@ -590,7 +560,9 @@ def run_loop(run: Run, start: int, args) -> Path:
                                                args.grad_clip, run.device, run.world,
                                                run.ttt_params, run.cp_group)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            stop_at_nonfinite_step(run, step, step == start, loss, grad_norm, good)
+            resumed = run.out / "ckpt" if step == start else None  # its weights did it: set aside
+            stop_nonfinite(f"step {step + 1}: loss {loss}, grad norm {grad_norm} is not finite; "
+                           f"stopped before updating the weights.", good, run.rank, resumed)
         row = step_row(run, args, step, loss, lr, grad_norm, ttt_norm, time.perf_counter() - t0)
         last = step + 1 == args.steps  # the final model is always validated and saved
         if run.val is not None and ((step + 1) % args.val_every == 0 or last):
@@ -638,25 +610,6 @@ def step_row(run: Run, args, step, loss, lr, grad_norm, ttt_norm, dt) -> dict:
     return row
 
 
-def stop(run: Run, what: str, good: Path | None):
-    """End the run after a non-finite loss, naming `good`, the newest checkpoint whose weights gave
-    a finite loss. The loss is the same on every rank, so all stop; rank 0 says why."""
-    tail = (f"The newest checkpoint whose weights gave a finite loss is {good}: --resume "
-            f"continues from it" if good else "No checkpoint holds weights that gave a finite loss")
-    raise SystemExit(f"{what} {tail} (try a lower --lr or --ttt-lr)" if run.rank == 0 else 1)
-
-
-def stop_at_nonfinite_step(run: Run, step, first, loss, grad_norm, good: Path | None):
-    """Stop after step `step` gave a non-finite loss or gradient, before the weights were updated.
-    On the `first` step of a resume the resumed weights did it (a checkpoint of an older train.py,
-    or other data): that checkpoint is set aside, and the one before it is named."""
-    if first and good is not None and run.rank == 0:
-        set_aside(good, "nonfinite")
-        good = (checkpoints(run.out / "ckpt") or [None])[-1]
-    stop(run, f"step {step + 1}: loss {loss}, grad norm {grad_norm} is not finite; stopped before "
-              f"updating the weights.", good)
-
-
 def checked_save(run: Run, args, step, good: Path | None) -> Path:
     """Checkpoint the weights after `step` steps once they gave a finite loss on the batch the
     next step trains on (one forward more, a third of a step): saved unchecked, a checkpoint could
@@ -665,8 +618,8 @@ def checked_save(run: Run, args, step, good: Path | None) -> Path:
                          cp_shard(run.cp_group))
     next_loss = batch_loss(run.model, after, run.device, run.world, run.cp_group)
     if not math.isfinite(next_loss):
-        stop(run, f"step {step}: the updated weights give loss {next_loss} on the next batch, "
-                  f"which is not finite; stopped without saving them.", good)
+        stop_nonfinite(f"step {step}: the updated weights give loss {next_loss} on the next "
+                       f"batch, which is not finite; stopped without saving them.", good, run.rank)
     return save_checkpoint(run.out / "ckpt", step, model=run.model, optimizer=run.optimizer,
                            meta=run.meta, keep=args.keep, rank=run.rank, loss=next_loss)
 
