@@ -7,15 +7,17 @@ or many (FSDP2).
     python train.py --data recall.npz --val-data recall_val.npz   # pre-tokenised (study.py)
     torchrun --nproc_per_node=8 train.py --init Qwen/Qwen3-0.6B-Base --data corpus/ --seq-len 8192 \
         --batch-tokens 524288 --steps 2000 --activation-checkpointing
+    torchrun --nproc_per_node=8 train.py --init Qwen/Qwen3-8B-Base --data corpus/ --seq-len 131072 \
+        --cp 4 --batch-tokens 524288 --micro-batch 1 --activation-checkpointing  # 2 x 4 ranks
     torchrun --nproc_per_node=8 train.py ... --resume   # same flags: continue the latest checkpoint
     python load_hf.py export out/Qwen3-0.6B-Base/ckpt/step_001000 out/qwen3-ttt-1000   # -> HF
 
-What happens, in order: flags -> model config (a preset or an HF config.json, plus TTT settings)
--> data (data.py: documents tokenised once into a uint32 cache, separated by EOS; or a
-pre-tokenised .npz, which may also mask targets and fix where windows start) -> the model built on
-the meta device, sharded with FSDP2 block by block, then filled from a full CPU copy (init or HF
-weights) or from a checkpoint -> the loop: micro-batches, one AdamW step per global batch,
-validation, checkpoints (checkpoint.py) -> HF export (load_hf.export_checkpoint).
+What happens, in order: flags -> model config (load_hf.model_config: a preset or an HF
+config.json, plus TTT settings) -> data (data.py: documents tokenised once into a uint32 cache,
+separated by EOS; or a pre-tokenised .npz, which may also mask targets and fix where windows
+start) -> the model built on the meta device, sharded with FSDP2 block by block, then filled from a
+full CPU copy (init or HF weights) or from a checkpoint -> the loop: micro-batches, one AdamW step
+per global batch, validation, checkpoints (checkpoint.py) -> HF export (load_hf.export_checkpoint).
 
 Nothing a run did not write is replaced: a rerun into an --out holding a run needs --resume or
 --overwrite, an export replaces only an earlier export, rotation deletes only step_NNNNNN. A
@@ -24,9 +26,12 @@ sizes and sha256 of its files in train.json; --resume takes the newest one that 
 
 A single process is a world of one: the same FSDP2 code runs on a one-rank group, so there is one
 code path. Training windows are a pure function of (seed, step), so a resumed run sees exactly the
-data the uninterrupted run would have seen, whatever the number of ranks. Rank 0 writes the token
-cache and train.json and all ranks write checkpoint shards, so with several nodes --out and --cache
-must be on a filesystem they share. The README explains the flags at more length.
+data the uninterrupted run would have seen, whatever the number of ranks. With --cp N the world is
+dp x N ranks: a group of N consecutive ranks reads the same windows, each rank a contiguous 1/N of
+every window, and computes the one-rank losses and gradients (model.loss(cp_group=...)); FSDP
+shards the parameters over all ranks. Rank 0 writes the token cache and train.json and all ranks
+write checkpoint shards, so with several nodes --out and --cache must be on a filesystem they
+share. The README explains the flags at more length.
 """
 
 import argparse
@@ -148,8 +153,7 @@ def system_flags(p: argparse.ArgumentParser):
     g.add_argument("--precision", choices=["bf16", "fp32"],
                    help="bf16: fp32 master weights (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--cp", type=int, action=AtLeast, low=1, default=1,
-                   help="context parallelism: ranks that split each sequence, a divisor of the "
-                        "ranks")
+                   help="context parallel: ranks that split each window (divides the ranks)")
 
 
 def output_flags(p: argparse.ArgumentParser):
