@@ -230,7 +230,8 @@ def setup_distributed(device_arg=None):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def context_parallel(cp, seq_len, cfg: ModelConfig, device) -> tuple[int, int, object]:
+def context_parallel(cp, seq_len, cfg: ModelConfig, device
+                     ) -> tuple[int, int, dist.ProcessGroup | None]:
     """The world as dp x cp ranks: rank g holds shard g % cp of the windows its data-parallel rank
     g // cp reads (a group's ranks are consecutive: one node's GPUs carry its K/V gathers). Returns
     (data-parallel rank, dp, the context-parallel group or None for cp 1). Refused by name: shards
@@ -459,7 +460,7 @@ class Run:
     world: int
     dp_rank: int  # data-parallel: which windows this rank reads (context_parallel)
     dp: int
-    cp_group: object  # the ranks splitting each of those windows, None without CP
+    cp_group: dist.ProcessGroup | None  # the ranks splitting each of those windows (None: no CP)
     device: torch.device
     cfg: ModelConfig
     tokens: TokenStream  # the training token stream

@@ -7,6 +7,7 @@ fraction of one): R = 4 cases on all four, R = 2 cases on the pairs {0, 1} and {
 what they computed; each test computes its oracle here, in one process, and compares."""
 
 import datetime
+import gc
 import re
 import sys
 import time
@@ -159,6 +160,8 @@ def ranks(tmp_path_factory):
     # Forked ranks inherit the imports (5.5 s of CPU each when spawned, against about 1.5 s of
     # cases); they run one thread from the start, as DataLoader workers do, so the parent's
     # OpenMP pool is never touched. Elsewhere than Linux, or beside a live process group, spawn.
+    # Dead process groups of earlier tests are collected first, here, where their threads live.
+    gc.collect()
     method = "fork" if sys.platform == "linux" and not dist.is_initialized() else "spawn"
     mp.start_processes(_worker, args=(str(out), str(out / "init")), nprocs=WORLD, start_method=method)
     print(f"four gloo ranks ran {len(TTT_CASES) + len(MODEL_CASES)} cases in {time.perf_counter() - t0:.1f} s")

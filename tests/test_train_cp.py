@@ -10,6 +10,7 @@ once every rank has finished the jobs before it, so the resumes find their check
 reads what the jobs wrote and compares with one rank."""
 
 import datetime
+import gc
 import json
 import re
 import shutil
@@ -93,6 +94,9 @@ def runs(tmp_path_factory, byte_tokenizer, cache):
             ("resume-cp1", (2,), train.main, args("resume-cp1", "--resume", "--no-export"),
              partial(resume_from, out["cp2"], out["resume-cp1"], RESUME_AT))]
     t0 = time.perf_counter()
+    # Process groups of earlier in-process runs may wait in reference cycles: collected here, where
+    # their threads live, not by a forked rank's collector, which would wait on threads fork left out.
+    gc.collect()
     method = "fork" if sys.platform == "linux" and not dist.is_initialized() else "spawn"
     mp.start_processes(_worker, args=(jobs, str(root)), nprocs=4, start_method=method)
     print(f"four gloo ranks ran {len(jobs)} train.py jobs in {time.perf_counter() - t0:.1f} s")
