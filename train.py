@@ -230,12 +230,13 @@ def setup_distributed(device_arg=None):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def context_parallel(cp, seq_len, cfg: ModelConfig, device
+def context_parallel(cp, seq_len, cfg: ModelConfig, device, ranks=True
                      ) -> tuple[int, int, dist.ProcessGroup | None]:
     """The world as dp x cp ranks: rank g holds shard g % cp of the windows its data-parallel rank
     g // cp reads (a group's ranks are consecutive: one node's GPUs carry its K/V gathers). Returns
     (data-parallel rank, dp, the context-parallel group or None for cp 1). Refused by name: shards
-    that are not whole TTT chunks (ttt.check_cp_shard), a world that cp does not divide."""
+    that are not whole TTT chunks (ttt.check_cp_shard), a world that cp does not divide (unless
+    `ranks` is False: --prepare-only, which may tokenise in one process for a job of many)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if cp > 1:  # one rank takes any length: only shards must be whole chunks
         ttt_layers = [i for i in cfg.ttt_layers if i < cfg.num_layers]  # as Transformer keeps
@@ -243,6 +244,8 @@ def context_parallel(cp, seq_len, cfg: ModelConfig, device
             ttt.check_cp_shard(seq_len, cp, cfg.ttt_chunk if ttt_layers else None)
         except ValueError as e:
             raise SystemExit(str(e)) from None
+    if not ranks:
+        return rank, world, None
     if world % cp:
         raise SystemExit(f"--cp {cp}: {world} rank(s) do not form groups of {cp} (torchrun "
                          f"--nproc_per_node times the nodes must be a multiple of --cp)")
@@ -498,7 +501,8 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     init = load_hf.resolve_init(args.init)
     cfg = load_hf.model_config(args.preset, init, dict(args.override), args.ttt_layers,
                                args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
-    dp_rank, dp, cp_group = context_parallel(args.cp, args.seq_len, cfg, device)
+    dp_rank, dp, cp_group = context_parallel(args.cp, args.seq_len, cfg, device,
+                                             ranks=not args.prepare_only)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, dp)
     load_hf.check_config(cfg, args.ttt_init, export=not args.no_export)
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, rank)

@@ -173,6 +173,11 @@ def test_a_split_that_cannot_run_is_refused_before_anything_is_written(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_prepare_only_tokenises_in_one_process_for_a_cp_job(tmp_path, byte_tokenizer):
+    args = small_args(byte_tokenizer, str(tmp_path / "cache"), tmp_path / "run", "--cp", "4", "--prepare-only")
+    assert train.main(args) is None and list((tmp_path / "cache").glob("*.bin"))
+
+
 def test_one_rank_takes_a_length_that_is_not_whole_chunks(byte_tokenizer):
     cfg = load_hf.model_config(override=dict(train.parse_args(small_args(byte_tokenizer, "", "")).override),
                              ttt_chunk=16)
