@@ -104,8 +104,7 @@ def test_train_py_ignores_masked_targets_in_training_and_validation(tmp_path, re
     train.main(argv)
     rows = metrics(tmp_path / "run")
     args = train.parse_args(argv)
-    cfg = model_config(args.preset, override=dict(args.override), ttt_layers=(1,),
-                             ttt_chunk=8)
+    cfg = model_config(args.preset, override=dict(args.override), ttt_layers=(1,), ttt_chunk=8)
     model = starting_model(cfg)
     data, val = load_npz(train_npz, 64, 257), load_npz(val_npz, 64, 257)
 
@@ -131,8 +130,8 @@ def test_val_loss_by_position_buckets_sum_back_to_the_mean_and_split_by_position
     text = Path(SPEECH).read_bytes()[:seq_len * windows + 1]
     val = TokenStream(np.frombuffer(text, np.uint8).astype(np.uint32))
     cfg = model_config(override={"hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
-                                       "num_heads": 2, "num_kv_heads": 2, "head_dim": 16},
-                             ttt_layers=(1,), ttt_chunk=32)
+                                 "num_heads": 2, "num_kv_heads": 2, "head_dim": 16},
+                       ttt_layers=(1,), ttt_chunk=32)
     plain = starting_model(cfg)
     try:
         rank, world, device = train.setup_distributed("cpu")

@@ -179,8 +179,8 @@ def test_prepare_only_tokenises_in_one_process_for_a_cp_job(tmp_path, byte_token
 
 
 def test_one_rank_takes_a_length_that_is_not_whole_chunks(byte_tokenizer):
-    cfg = load_hf.model_config(override=dict(train.parse_args(small_args(byte_tokenizer, "", "")).override),
-                             ttt_chunk=16)
+    flags = train.parse_args(small_args(byte_tokenizer, "", ""))
+    cfg = load_hf.model_config(override=dict(flags.override), ttt_layers=flags.ttt_layers, ttt_chunk=16)
     try:
         _, _, device = train.setup_distributed("cpu")
         assert train.context_parallel(1, 40, cfg, device) == (0, 1, None)

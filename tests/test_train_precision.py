@@ -33,7 +33,7 @@ def bf16_run(tmp_path_factory, byte_tokenizer, cache):
 def small_config():
     a = train.parse_args(SMALL)
     return load_hf.model_config(a.preset, override=dict(a.override), ttt_layers=a.ttt_layers,
-                              ttt_chunk=a.ttt_chunk)
+                                ttt_chunk=a.ttt_chunk)
 
 
 def full_state(cfg):
