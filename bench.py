@@ -491,16 +491,7 @@ def bench_train(args):
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)  # flags every subcommand shares
-    common.add_argument("--threads", type=int, default=0,
-                        help="CPU threads (0: torch default; 1 is steadier on a busy CPU)")
-    common.add_argument("--append",
-                        help="markdown file to append the results to, e.g. bench/RESULTS.md")
-
+def ttt_parser(commands, common):
     p = commands.add_parser("ttt", parents=[common],
                             help="model.MLP with TTT vs without: time and peak memory")
     # sizes (None: the GPU sizes in TTT_SIZES, or TTT_SMALL with --small)
@@ -518,6 +509,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile both MLPs")
     p.set_defaults(func=bench_ttt)
 
+
+def sample_parser(commands, common):
     p = commands.add_parser("sample", parents=[common],
                             help="whole-model prefill and decode (sample.py), TTT on/off, vs "
                                  "transformers")
@@ -540,6 +533,8 @@ def main(argv=None):
                    help="skip the torch.compile decode rows")
     p.set_defaults(func=bench_sample)
 
+
+def train_parser(commands, common):
     p = commands.add_parser("train", parents=[common],
                             help="train.py's optimizer step: tokens/s and MFU, TTT on/off")
     # sizes (None: the GPU sizes in TRAIN_SIZES, or TRAIN_SMALL with --small)
@@ -561,6 +556,18 @@ def main(argv=None):
                    help="torch.compile each block, as train.py --compile")
     p.set_defaults(func=bench_train)
 
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # flags every subcommand shares
+    common.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (0: torch default; 1 is steadier on a busy CPU)")
+    common.add_argument("--append",
+                        help="markdown file to append the results to, e.g. bench/RESULTS.md")
+    for add in (ttt_parser, sample_parser, train_parser):
+        add(commands, common)
     argv = sys.argv[1:] if argv is None else argv  # tests pass argv; the shell, sys.argv
     args = parser.parse_args(argv)
     args.argv = argv  # recorded with the results, so every row says how to reproduce it
