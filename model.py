@@ -488,30 +488,58 @@ def is_ttt_param(name: str) -> bool:
     return ".mlp.ttt_" in name or name.startswith("mlp.ttt_")
 
 
-# Where the TTT parameters start (init_ttt_params, train.py --ttt-init). The conv's 5 taps are
-# positions t-2..t+2, so tap 3 reads s_{t+1} and tap 2 reads s_t.
-TTT_INITS = {"paper": None, "next-token": 3, "centre": 2}
+# Where the TTT parameters start (init_ttt_params, train.py --ttt-init): (conv, P) per start. The
+# conv's 5 taps read positions t-2..t+2 (tap 3 reads s_{t+1}, tap 2 reads s_t). V_hat = conv(s) P is
+# a product, so a factor's gradient is scaled by the other factor: with both at or near zero (the
+# paper's start) the target sits at a saddle and grows like the product of two small numbers. The
+# other exact starts put one factor at exactly zero, so V_hat = 0 and the model is still exactly
+# the base model, and the other at full scale, so the zero factor gets its full gradient at once
+# (as LoRA starts B = 0 beside a full-scale A).
+TTT_INITS = {
+    "paper": ("zero", "diag-0.02"),  # the official release's: conv 0, P diagonal N(0, 0.02^2)
+    "next-token": ("t+1", "identity"),  # not exact: V_hat_t = s_{t+1} from the first step
+    "centre": ("t", "identity"),  # not exact: V_hat_t = s_t, the reconstruction target's start
+    "zero-conv": ("zero", "identity"),  # exact; the conv's gradient is the target's, unscaled
+    "zero-proj": ("target", "zero"),  # exact; the conv reads the target's own tap (t+1, or t
+    # with ttt_lookahead=False), so P's gradient is the target's, unscaled
+}
+# The starts whose converted model computes exactly the base model (logits bit for bit).
+EXACT_TTT_INITS = tuple(k for k, (conv, P) in TTT_INITS.items() if "zero" in (conv, P))
+
+
+def ttt_init_problem(cfg: ModelConfig, mode: str) -> str | None:
+    """Why `mode` cannot start cfg's TTT layers (a phrase after the mode's name), or None."""
+    conv, P = TTT_INITS[mode]
+    if conv == "t+1" and not cfg.ttt_lookahead:
+        return ("sets the conv's t+1 tap, which ttt_lookahead=False masks to zero: use centre, or "
+                "zero-proj (which puts the conv on tap t there)")
+    if P == "zero" and not cfg.ttt_proj:  # V_hat = conv(s) alone: no factor to start at zero
+        return ("starts P at zero, but ttt_proj=False has no P (V_hat = conv(s)): there the "
+                "paper's zero conv is already the exact start with a full-scale gradient")
+    return None
 
 
 @torch.no_grad()
 def init_ttt_params(model: Transformer, generator=None, mode="paper"):
-    """TTT parameters, selected by name, never by shape (o_proj is square too). "paper": conv zero
-    (so V_hat = 0 and the model is exactly the base model), P diagonal N(0, 0.02^2). The others
-    change the model from the first token on, with P = I: "next-token" sets the conv to tap t+1
-    (V_hat_t = s_{t+1}, a memory of what follows each context), "centre" to tap t (V_hat_t = s_t,
-    the reconstruction target's natural start); study.py's matched starts for the two targets."""
+    """TTT parameters as TTT_INITS[mode] says, selected by name, never by shape (o_proj is square
+    too). generator: the paper's random diagonal of P. Raises ValueError for an unknown mode or
+    one ttt_init_problem refuses."""
     if mode not in TTT_INITS:
         raise ValueError(f"TTT init {mode!r}: expected one of {', '.join(TTT_INITS)}")
-    tap = TTT_INITS[mode]
+    if why := ttt_init_problem(model.config, mode):
+        raise ValueError(f"TTT init {mode!r} {why}")
+    conv, P = TTT_INITS[mode]
+    target_tap = 3 if model.config.ttt_lookahead else 2
+    tap = {"zero": None, "t": 2, "t+1": 3, "target": target_tap}[conv]
     for name, p in model.named_parameters():
         if not is_ttt_param(name):
             continue
         p.zero_()
         if name.endswith("ttt_conv.weight") and tap is not None:
             p[:, :, tap] = 1.0  # (D, 1, 5): every channel reads the same position
-        elif name.endswith("ttt_proj.weight") and tap is not None:
+        elif name.endswith("ttt_proj.weight") and P == "identity":
             p.diagonal().fill_(1.0)
-        elif name.endswith("ttt_proj.weight"):
+        elif name.endswith("ttt_proj.weight") and P == "diag-0.02":
             d = torch.randn(p.shape[0], generator=generator, dtype=torch.float32) * 0.02
             p.diagonal().copy_(d.to(p.device, p.dtype))
 
