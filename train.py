@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 import load_hf
 from model import (PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, init_ttt_params,
-                   is_ttt_param)
+                   is_ttt_param, ttt_init_problem)
 from tokenizer import Tokenizer, package_dir, write_byte_tokenizer
 
 # Continual pretraining (--init) defaults to the official release's optimizer settings
@@ -147,11 +147,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-only", default="all", choices=["all", "ttt"],
                    help="ttt: freeze the base model, train only mlp.ttt_conv and mlp.ttt_proj")
     p.add_argument("--ttt-init", default="paper", choices=TTT_INITS,
-                   help="where the TTT parameters start (a fresh run; model.init_ttt_params): "
-                        "paper = conv 0, P diagonal N(0, 0.02^2), so a converted model starts "
-                        "exactly as the base model; next-token = conv tap t+1 set to 1 and P = I, "
-                        "centre = tap t set to 1 and P = I: both change the model from step 0 "
-                        "and overwrite TTT weights a --init checkpoint has")
+                   help="where the TTT parameters start (a fresh run; model.TTT_INITS): paper = "
+                        "conv 0, P diagonal N(0, 0.02^2); zero-conv = conv 0, P = I; zero-proj = "
+                        "conv on the target's tap (t+1), P = 0: these three start exactly as the "
+                        "base model. next-token = conv tap t+1 and P = I, centre = tap t and "
+                        "P = I: both change the model from step 0. All but paper overwrite TTT "
+                        "weights a --init checkpoint has")
     # data
     p.add_argument("--data", nargs="+", help=".txt / .jsonl ('text' field) files or directories, "
                                              "or one pre-tokenised .npz: 'tokens' (N,) ids, "
@@ -990,9 +991,8 @@ def setup_run(args) -> Run | None:
     cfg = model_config(args.preset, args.init, dict(args.override), args.ttt_layers, args.ttt_chunk,
                        args.ttt_lr, args.ttt_target, args.no_ttt)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, world)
-    if args.ttt_init == "next-token" and not cfg.ttt_lookahead:
-        raise SystemExit("--ttt-init next-token sets the conv's t+1 tap, which ttt_lookahead=False "
-                         "masks to zero: use --ttt-init centre")
+    if cfg.ttt_layers and (why := ttt_init_problem(cfg, args.ttt_init)):
+        raise SystemExit(f"--ttt-init {args.ttt_init} {why}")
     if not args.no_export:  # a config HF cannot express must fail now, not after the last step
         try:
             load_hf.config_to_hf(cfg, torch.float32)
