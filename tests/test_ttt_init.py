@@ -9,7 +9,7 @@ import torch
 
 import train
 from model import (EXACT_TTT_INITS, PRESETS, TTT_INITS, Transformer, init_ttt_params,
-                   is_ttt_param)
+                   is_ttt_param, update_scale)
 
 NEW_EXACT = [m for m in EXACT_TTT_INITS if m != "paper"]
 
@@ -26,7 +26,9 @@ def base_and_ttt(preset, target, mode, proj=True, seed=0):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 2.0)
-    init_ttt_params(model, torch.Generator().manual_seed(seed), mode=mode)
+    batch = torch.randint(0, cfg.vocab_size, (2, 2 * cfg.ttt_chunk),
+                          generator=torch.Generator().manual_seed(seed))  # for "calibrated"
+    init_ttt_params(model, torch.Generator().manual_seed(seed), mode=mode, batch=batch)
     plain = Transformer(replace(cfg, ttt_layers=()))
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not is_ttt_param(k)})
     return plain.eval(), model.eval()
@@ -61,17 +63,19 @@ def test_a_start_touches_only_the_ttt_parameters_chosen_by_name(mode):
     model = Transformer(cfg)
     model.init_weights(generator=torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    init_ttt_params(model, mode=mode)
+    init_ttt_params(model, mode=mode, batch=torch.randint(0, 257, (2, 256)))
     after = model.state_dict()
     for key, value in before.items():  # o_proj and ttt_proj are both D x D: only the name tells
         assert torch.equal(after[key], value) or is_ttt_param(key)
     conv, P = (after[f"model.layers.1.mlp.ttt_{n}.weight"] for n in ("conv", "proj"))
-    taps = {"paper": [], "zero-conv": [], "zero-proj": [3], "next-token": [3], "centre": [2]}[mode]
+    taps = {"zero-proj": [3], "next-token": [3], "centre": [2]}.get(mode, [])
     want = torch.zeros_like(conv)
     want[:, :, taps] = 1.0
     assert torch.equal(conv, want)
     if mode == "paper":
         assert torch.equal(P, torch.diag(P.diagonal())) and 0.01 < P.diagonal().std() < 0.03
+    elif mode == "calibrated":
+        assert torch.equal(P, torch.eye(cfg.hidden_size) * P[0, 0]) and P[0, 0] > 0
     else:
         assert torch.equal(P, torch.eye(cfg.hidden_size) * (mode != "zero-proj"))
 
@@ -130,3 +134,30 @@ def test_zero_proj_without_lookahead_reads_the_centre_tap_and_stays_exact():
     idx = torch.randint(0, 257, (1, 300))
     with torch.no_grad():
         assert torch.equal(model(idx), plain(idx))
+
+
+@pytest.mark.parametrize("target", ["hidden_states", "input_embed"])
+def test_calibrated_p_is_one_over_the_update_the_next_token_start_makes(target):
+    _, exact = base_and_ttt("bytes", target, "paper")
+    idx = torch.randint(0, 257, (3, 3 * 128 + 5))
+    rho = update_scale(exact, idx)[1]
+    _, nxt = base_and_ttt("bytes", target, "next-token")  # V_hat_t = s_{t+1}: what rho measures
+    mlp = nxt.model.layers[1].mlp
+    mlp.keep_state = True
+    with torch.no_grad():
+        nxt(idx)
+    ratio = torch.linalg.matrix_norm(mlp.last_state.dW) / torch.linalg.matrix_norm(
+        mlp.down_proj.weight)  # (B,): the three windows' ‖ΣΔW‖/‖W0‖
+    assert rho == pytest.approx(ratio.mean().item(), rel=1e-4)
+    init_ttt_params(exact, mode="calibrated", batch=idx)
+    P = exact.model.layers[1].mlp.ttt_proj.weight
+    assert torch.equal(P, torch.eye(128) / rho)
+
+
+def test_calibrated_needs_a_batch_with_a_whole_chunk():
+    _, model = base_and_ttt("bytes", "input_embed", "paper")
+    with pytest.raises(ValueError, match="TTT init 'calibrated' measures the update's scale on a "
+                                         "batch"):
+        init_ttt_params(model, mode="calibrated")
+    with pytest.raises(ValueError, match="windows of 100 tokens hold no chunk of 128"):
+        init_ttt_params(model, mode="calibrated", batch=torch.randint(0, 257, (1, 100)))
