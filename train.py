@@ -149,10 +149,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttt-init", default="paper", choices=TTT_INITS,
                    help="where the TTT parameters start (a fresh run; model.TTT_INITS): paper = "
                         "conv 0, P diagonal N(0, 0.02^2); zero-conv = conv 0, P = I; zero-proj = "
-                        "conv on the target's tap (t+1), P = 0: these three start exactly as the "
-                        "base model. next-token = conv tap t+1 and P = I, centre = tap t and "
-                        "P = I: both change the model from step 0. All but paper overwrite TTT "
-                        "weights a --init checkpoint has")
+                        "conv on the target's tap (t+1), P = 0; calibrated = conv 0, P = I / rho "
+                        "measured on the first batch: these four start exactly as the base model. "
+                        "next-token = conv tap t+1 and P = I, centre = tap t and P = I: both change "
+                        "the model from step 0. All but paper overwrite TTT weights a --init "
+                        "checkpoint has")
     # data
     p.add_argument("--data", nargs="+", help=".txt / .jsonl ('text' field) files or directories, "
                                              "or one pre-tokenised .npz: 'tokens' (N,) ids, "
@@ -590,11 +591,12 @@ def setup_distributed(device_arg=None):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def full_model(cfg, init, seed, ttt_init="paper") -> Transformer:
+def full_model(cfg, init, seed, ttt_init="paper", batch=None) -> Transformer:
     """A complete fp32 CPU model: HF weights (new TTT parameters as init_ttt_params sets them) or a
-    fresh init; ttt_init other than "paper" then resets every TTT parameter to that start. Seeded,
-    so the run starts the same whatever the world size. It lives in rank 0's host memory while the
-    shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
+    fresh init; ttt_init other than "paper" then resets every TTT parameter to that start
+    ("calibrated" measures its P on `batch`, token ids (B, T)). Seeded, so the run starts the same
+    whatever the world size. It lives in rank 0's host memory while the shards are filled (4 bytes
+    per parameter: 32 GB for an 8B model)."""
     torch.manual_seed(seed)  # the random diagonal of new ttt_proj weights draws from it
     if init:  # fp32: master weights, whatever dtype the checkpoint was stored in
         try:
@@ -608,16 +610,17 @@ def full_model(cfg, init, seed, ttt_init="paper") -> Transformer:
         model.to_empty(device="cpu")
         model.init_weights(generator=torch.Generator().manual_seed(seed))
     if ttt_init != "paper":  # a deterministic start (no random draws): study.py's matched starts
-        init_ttt_params(model, mode=ttt_init)
+        init_ttt_params(model, mode=ttt_init, batch=batch)
     return model
 
 
-def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", fill=True,
+def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", calibration=None, fill=True,
                 train_only="all", activation_checkpointing=False, compile=False,
                 precision=None) -> Transformer:
     """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root ->
     real memory, filled from full_model() (weights of `init` or a seeded fresh init, TTT
-    parameters as ttt_init says) unless a checkpoint load will fill it (fill=False). train_only
+    parameters as ttt_init says, calibration: the token ids its "calibrated" start measures on)
+    unless a checkpoint load will fill it (fill=False). train_only
     "ttt" freezes all but the TTT parameters. compile: True (inductor) or a torch.compile backend
     name, e.g. "aot_eager". precision "bf16" / "fp32" (None: DEFAULT_PRECISION for the device)."""
     with torch.device("meta"):  # shapes only: even rank 0 never holds the model on the GPU whole
@@ -640,7 +643,8 @@ def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", fill=True,
     register_fsdp_forward_method(model, "loss")  # loss() bypasses forward(): FSDP must hook it too
     model.to_empty(device=device)  # real memory for the shards only, contents undefined
     if fill:  # rank 0 alone holds the full model; the others receive their shards from it
-        source = full_model(cfg, init, seed, ttt_init).state_dict() if dist.get_rank() == 0 else {}
+        source = full_model(cfg, init, seed, ttt_init, calibration).state_dict() \
+            if dist.get_rank() == 0 else {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, source, options=options)
         del source  # free rank 0's full copy before training allocates
@@ -1020,8 +1024,11 @@ def setup_run(args) -> Run | None:
         log(f"--resume: no intact checkpoint in {out / 'ckpt'}, starting at step 0")
     elif damaged:
         log(f"falling back to {resume_from}, the newest checkpoint that is intact")
+    first = None  # the "calibrated" start measures its scale on rank 0's windows of step 0
+    if args.ttt_init == "calibrated" and resume_from is None and rank == 0:
+        first = torch.cat([x for x, _ in step_batches(tokens, args.seed, 0, args.seq_len, layout, 0)])
     model = build_model(cfg, device, init=args.init, seed=args.seed, ttt_init=args.ttt_init,
-                        fill=resume_from is None,
+                        calibration=first, fill=resume_from is None,
                         train_only=args.train_only, compile=args.compile,
                         activation_checkpointing=args.activation_checkpointing,
                         precision=args.precision)
