@@ -155,6 +155,7 @@ class Sizes:
     baseline_seeds: tuple = (0, 1, 2)  # the no-TTT arms, which barely vary between seeds
     recall_lr: float = 3e-3
     recall_val_every: int = 10  # train.py's ‖ΣΔW‖/‖W0‖ every 10 steps: the mechanism's curves
+    recall_val_windows: int = 32
     train_seqs: int = 8192  # the pool training windows are drawn from
     eval_seqs: int = 512  # fresh sequences (another seed) for scoring
     # real text: the speeches; the last val_speeches are held out from every run, the base's too
@@ -162,11 +163,12 @@ class Sizes:
     val_speeches: int = 6  # 284K bytes: every text export is scored on all of it
     text_steps: int = 150
     text_seeds: tuple = (0, 1, 2)
-    text_seq_len: int = 4096  # 32 windows of W: a memory beyond the window has room to matter
+    text_seq_len: int = 1024  # 8 windows of W (4096 would double the cost per token on a CPU)
     text_window: int = 128  # W of the SWA arms; C = W too
-    text_batch: int = 4096
+    text_batch: int = 2048
     val_windows: int = 8  # train.py's own validation (curves over steps); scoring uses all
     text_val_every: int = 25
+    check_windows: int = 100  # the anomaly checks score the first 100 windows only
     # continual pretraining: the quick start's `python train.py --no-ttt` (base_steps), then --init
     base_steps: int = 400
     base_seq_len: int = 1024
@@ -189,8 +191,9 @@ QUICK = Sizes(task=RecallTask(T=32, n_live=4, W=4), recall_model=FULL.recall_mod
                               for f in ("1790-Washington-1.txt", "1790-Washington-2.txt",
                                         "1791-Washington-1.txt")),
               val_speeches=1, text_steps=2, text_seeds=(0,), text_seq_len=128, text_window=64,
-              text_batch=256, val_windows=2, text_val_every=1, base_steps=2, base_seq_len=128, base_batch=256,
-              cpt_steps=2, cpt_batch=256, cpt_warmup=1, cpt_seeds=(0,), cpt_val_every=1, cpt_chunk=32)
+              text_batch=256, val_windows=2, text_val_every=1, check_windows=8, base_steps=2,
+              base_seq_len=128, base_batch=256, cpt_steps=2, cpt_batch=256, cpt_warmup=1,
+              cpt_seeds=(0,), cpt_val_every=1, cpt_chunk=32)
 
 SWA = ["sliding_window={W}"]
 RECON = ["sliding_window={W}", "ttt_lookahead=false"]
@@ -201,20 +204,22 @@ RECALL_ARMS = {
     "paper": ("SWA + TTT, paper start: conv 0, P diag N(0, 0.02²)", SWA, ["--ttt-init", "paper"]),
     "zero-conv": ("SWA + TTT, conv 0, P = I", SWA, ["--ttt-init", "zero-conv"]),
     "zero-proj": ("SWA + TTT, conv tap t+1, P = 0", SWA, ["--ttt-init", "zero-proj"]),
+    "calibrated": ("SWA + TTT, conv 0, P = I · 100 / ρ", SWA, ["--ttt-init", "calibrated"]),
     "next-token": ("SWA + TTT, conv tap t+1, P = I (not exact: the ceiling)", SWA,
                    ["--ttt-init", "next-token"]),
-    "recon-paper": ("reconstruction target, paper start", RECON, ["--ttt-init", "paper"]),
     "recon-zero-conv": ("reconstruction target, conv 0, P = I", RECON,
                         ["--ttt-init", "zero-conv"]),
     "recon-zero-proj": ("reconstruction target, conv tap t, P = 0", RECON,
                         ["--ttt-init", "zero-proj"]),
+    "recon-calibrated": ("reconstruction target, conv 0, P = I · 100 / ρ", RECON,
+                         ["--ttt-init", "calibrated"]),
 }
-ANSWER_ARMS = ("paper", "zero-conv", "zero-proj", "next-token")  # the picture of section 5
+ANSWER_ARMS = ("paper", "calibrated", "next-token")  # the picture of section 5
 TEXT_ARMS = {
     "full": ("full attention, no TTT", [], ["--no-ttt"]),
     "swa": ("SWA, no TTT", SWA, ["--no-ttt"]),
-    "swa+ttt": ("SWA + TTT (layers 1, 3, η 1, C = W), zero-conv start", SWA,
-                ["--ttt-init", "zero-conv"]),
+    "swa+ttt": ("SWA + TTT (layers 1, 3, η 1, C = W), calibrated start", SWA,
+                ["--ttt-init", "calibrated"]),
 }
 # --init from the base model's export; TTT as in issue 17's probe: layers 1 and 3, C 128, η 1,
 # the recipe's target (the MLP input)
@@ -223,6 +228,7 @@ CPT_ARMS = {
     "paper": ("paper start: conv 0, P diag N(0, 0.02²)", ["--ttt-init", "paper"]),
     "zero-conv": ("conv 0, P = I", ["--ttt-init", "zero-conv"]),
     "zero-proj": ("conv tap t+1, P = 0", ["--ttt-init", "zero-proj"]),
+    "calibrated": ("conv 0, P = I · 100 / ρ", ["--ttt-init", "calibrated"]),
 }
 
 
@@ -273,7 +279,8 @@ def plan(sizes: Sizes, out: Path) -> list[Job]:
                                     "--override", f"max_position_embeddings={L}",
                                     *(f.format(W=W) for f in fields), *flags, *ttt_flags])
     recall_data = ["--data", str(out / "data" / "recall_train.npz"),
-                   "--val-data", str(out / "data" / "recall_val.npz"), "--val-windows", "64",
+                   "--val-data", str(out / "data" / "recall_val.npz"),
+                   "--val-windows", str(sizes.recall_val_windows),
                    "--seq-len", str(task.T), "--batch-tokens", str(sizes.recall_batch * task.T),
                    "--steps", str(sizes.recall_steps), "--lr", str(sizes.recall_lr),
                    "--warmup", str(max(1, sizes.recall_steps // 6)),
@@ -315,9 +322,9 @@ def run_job(job: Job, sizes: Sizes, out: Path) -> dict:
     scores = {"acc": lambda: recall_accuracy(hf, out / "data" / "recall_eval.npz",
                                              sizes.task)["acc"]}
     if job.part != "recall":
-        scores = {f"text.{v}": lambda v=v: text_scores(hf, *held_out(job.argv), v,
-                                                       sizes.text_window)
-                  for v in text_variants(job)}
+        scores = {f"text.{v}": lambda v=v: text_scores(
+            hf, *held_out(job.argv), v, sizes.text_window,
+            None if v in ("on", "off") else sizes.check_windows) for v in text_variants(job)}
     if ttt_arm:
         scores.update(start_grad=lambda: start_gradients(job.argv), taps=lambda: conv_taps(hf))
     for key, score in scores.items():
@@ -397,10 +404,11 @@ def attend_with_sink(attn, q, k, v, kv=None, pos=None):
 
 
 @torch.no_grad()
-def text_scores(hf_dir, val: train.TokenStream, L, variant="on", window=None, batch=4) -> dict:
-    """Mean loss per window and position bucket (position_edges) of the HF export in hf_dir on all
-    of the held-out stream `val`, in windows of L tokens laid back to back: the same
-    windows for every arm. variant "on": as trained; "off": the fast-weight updates switched off
+def text_scores(hf_dir, val: train.TokenStream, L, variant="on", window=None, n=None,
+                batch=4) -> dict:
+    """Mean loss per window and position bucket (position_edges) of the HF export in hf_dir on the
+    held-out stream `val`, in windows of L tokens laid back to back (all that fit, or the first n):
+    the same windows for every arm. variant "on": as trained; "off": the fast-weight updates off
     (same weights); "sink": every query also sees the window's first token; "window": attention
     limited to the last `window` keys plus the first token; "shift": the windows start half a
     context later (the same text at other positions)."""
@@ -411,7 +419,7 @@ def text_scores(hf_dir, val: train.TokenStream, L, variant="on", window=None, ba
     if variant in ("sink", "window"):  # on this model's modules only: other threads score too
         for block in model.model.layers:
             block.self_attn._attend = attend_with_sink.__get__(block.self_attn)
-    n = (len(val) - 1 - L // 2) // L  # as many windows with the shift as without
+    n = min(n or len(val), (len(val) - 1 - L // 2) // L)  # as many with the shift as without
     starts = np.arange(n) * L + (L // 2 if variant == "shift" else 0)
     edges, rows = position_edges(L), []
     for i in range(0, n, batch):
@@ -562,8 +570,10 @@ def paired(a_runs, b_runs, a_variant="on", b_variant="on", span=(0, None), b_spa
     much another sample of text could move it), and each seed's."""
     a, b = ({r["seed"]: r for r in runs} for runs in (a_runs, b_runs))
     seeds = sorted(a.keys() & b.keys())
-    d = np.stack([window_loss(b[s], b_variant, *(b_span or span))
-                  - window_loss(a[s], a_variant, *span) for s in seeds])  # (seeds, windows)
+    wa = [window_loss(a[s], a_variant, *span) for s in seeds]
+    wb = [window_loss(b[s], b_variant, *(b_span or span)) for s in seeds]
+    n = min(len(w) for w in wa + wb)  # the checks score the first windows only
+    d = np.stack([y[:n] - x[:n] for x, y in zip(wa, wb)])  # (seeds, windows)
     per_seed, n = d.mean(1), len(seeds)
     ci = T975[n - 2] * per_seed.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
     se = d.mean(0).std(ddof=1) / math.sqrt(d.shape[1])
@@ -711,14 +721,16 @@ def anomalies_md(results, sizes: Sizes) -> list[str]:
     edges = full[0]["text.on"]["edges"]
     buckets = [f"{lo}-{hi}" for lo, hi in zip(edges, edges[1:])]
     lines = ["", "#### The two anomalies", "",
-             "Loss by position, mean over seeds, for the checks (text_scores' variants): sink = "
+             f"Loss by position on the first {sizes.check_windows} held-out windows, mean over "
+             "seeds, for the checks (text_scores' variants): sink = "
              "every query also sees the window's first token; window = full attention's trained "
              f"weights limited at evaluation to the last {W} keys plus the first token; shifted = "
              f"windows starting {L // 2} tokens later (the text at {L // 2}-{L} now at 0-{L // 2}).",
              "", "| arm, check | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
+    n = sizes.check_windows  # the windows every check scored
     for arm, variants in (("swa", ("on", "sink", "shift")), ("full", ("on", "window", "shift"))):
         for v in variants:
-            cells = [np.mean([np.mean(np.array(r[f"text.{v}"]["windows"])[:, j])
+            cells = [np.mean([np.mean(np.array(r[f"text.{v}"]["windows"])[:n, j])
                               for r in arms[arm]]) for j in range(len(buckets))]
             lines.append(f"| {arm}, {v} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     half = (L // 2, L)

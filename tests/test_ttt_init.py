@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train
-from model import (EXACT_TTT_INITS, PRESETS, TTT_INITS, Transformer, init_ttt_params,
-                   is_ttt_param, update_scale)
+from model import (CALIBRATED_UPDATE, EXACT_TTT_INITS, PRESETS, TTT_INITS, Transformer,
+                   init_ttt_params, is_ttt_param, update_scale)
 
 NEW_EXACT = [m for m in EXACT_TTT_INITS if m != "paper"]
 
@@ -137,7 +137,7 @@ def test_zero_proj_without_lookahead_reads_the_centre_tap_and_stays_exact():
 
 
 @pytest.mark.parametrize("target", ["hidden_states", "input_embed"])
-def test_calibrated_p_is_one_over_the_update_the_next_token_start_makes(target):
+def test_calibrated_p_scales_the_update_the_next_token_start_makes(target):
     _, exact = base_and_ttt("bytes", target, "paper")
     idx = torch.randint(0, 257, (3, 3 * 128 + 5))
     rho = update_scale(exact, idx)[1]
@@ -151,7 +151,7 @@ def test_calibrated_p_is_one_over_the_update_the_next_token_start_makes(target):
     assert rho == pytest.approx(ratio.mean().item(), rel=1e-4)
     init_ttt_params(exact, mode="calibrated", batch=idx)
     P = exact.model.layers[1].mlp.ttt_proj.weight
-    assert torch.equal(P, torch.eye(128) / rho)
+    assert torch.equal(P, torch.eye(128) * (CALIBRATED_UPDATE / rho))
 
 
 def test_calibrated_needs_a_batch_with_a_whole_chunk():
