@@ -174,7 +174,7 @@ class Sizes:
     base_seq_len: int = 1024
     base_batch: int = 4096
     cpt_steps: int = 100
-    cpt_batch: int = 4096
+    cpt_batch: int = 2048
     cpt_lr: float = 1e-3
     cpt_warmup: int = 10
     cpt_seeds: tuple = (0, 1, 2)
@@ -215,11 +215,13 @@ RECALL_ARMS = {
                          ["--ttt-init", "calibrated"]),
 }
 ANSWER_ARMS = ("paper", "calibrated", "next-token")  # the picture of section 5
-TEXT_ARMS = {
+TEXT_ARMS = {  # TTT as the bytes preset has it: layers 1 and 3, η 1, embedding targets; C = W
     "full": ("full attention, no TTT", [], ["--no-ttt"]),
     "swa": ("SWA, no TTT", SWA, ["--no-ttt"]),
-    "swa+ttt": ("SWA + TTT (layers 1, 3, η 1, C = W), calibrated start", SWA,
-                ["--ttt-init", "calibrated"]),
+    "swa+ttt-paper": ("SWA + TTT, paper start", SWA, ["--ttt-init", "paper"]),
+    "swa+ttt-zero-conv": ("SWA + TTT, conv 0, P = I", SWA, ["--ttt-init", "zero-conv"]),
+    "swa+ttt-calibrated": ("SWA + TTT, conv 0, P = I · 100 / ρ", SWA,
+                           ["--ttt-init", "calibrated"]),
 }
 # --init from the base model's export; TTT as in issue 17's probe: layers 1 and 3, C 128, η 1,
 # the recipe's target (the MLP input)
@@ -326,7 +328,8 @@ def run_job(job: Job, sizes: Sizes, out: Path) -> dict:
             hf, *held_out(job.argv), v, sizes.text_window,
             None if v in ("on", "off") else sizes.check_windows) for v in text_variants(job)}
     if ttt_arm:
-        scores.update(start_grad=lambda: start_gradients(job.argv), taps=lambda: conv_taps(hf))
+        scores.update(start_grad=lambda: start_gradients(job.argv), rho=lambda: start_rho(job.argv),
+                      taps=lambda: conv_taps(hf))
     for key, score in scores.items():
         if key not in result:
             result[key] = score()
@@ -428,9 +431,8 @@ def text_scores(hf_dir, val: train.TokenStream, L, variant="on", window=None, n=
     return {"edges": edges, "windows": rows}
 
 
-def start_gradients(argv) -> dict:
-    """Gradient norms of the conv, P and W0 (the TTT layers' down_proj) at a run's first step: its
-    starting model and first batch, as train.py builds them (before clipping)."""
+def first_step(argv) -> tuple:
+    """(starting model, first batch [(x, y)]) of a run, as train.py builds them."""
     args = train.parse_args(argv)
     cfg = train.model_config(args.preset, args.init, dict(args.override), args.ttt_layers,
                              args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
@@ -442,6 +444,22 @@ def start_gradients(argv) -> dict:
     batches = train.step_batches(data, args.seed, 0, args.seq_len, layout, 0)
     model = train.full_model(cfg, args.init, args.seed, args.ttt_init,
                              torch.cat([x for x, _ in batches]))
+    return model, batches
+
+
+def start_rho(argv) -> float:
+    """model.update_scale on a run's first batch, mean over the TTT layers: ‖ΣΔW‖/‖W0‖ per unit of
+    conv weight on the target's tap with P = I. A start's P multiplies it: the paper's ~0.016
+    makes the update per unit conv weight 0.016 rho, whatever rho is in this model."""
+    model, batches = first_step(argv)
+    return float(np.mean(list(modeling.update_scale(model, torch.cat([x for x, _ in batches])
+                                                    ).values())))
+
+
+def start_gradients(argv) -> dict:
+    """Gradient norms of the conv, P and W0 (the TTT layers' down_proj) at a run's first step
+    (before clipping)."""
+    model, batches = first_step(argv)
     for x, y in batches:
         (model.loss(x, y) / len(batches)).backward()
     names = {"conv": "mlp.ttt_conv.weight", "proj": "mlp.ttt_proj.weight",
@@ -631,20 +649,23 @@ def recall_md(results, sizes: Sizes) -> list[str]:
 
 def mechanism_md(results, sizes: Sizes) -> list[str]:
     lines = ["", "### 2. Why the paper's start stalls", "",
-             "Gradient norms at step 0 (each run's starting model and first batch, one backward; "
-             "mean over seeds), and ‖ΣΔW‖/‖W0‖ (train.py's, on its validation windows) during "
-             "training, mean over seeds.", ""]
+             "ρ: ‖ΣΔW‖/‖W0‖ over a window per unit of conv weight on the target's tap with "
+             "P = I (model.update_scale on the first batch): what a start's P multiplies. Gradient "
+             "norms at step 0 (each run's starting model and first batch, one backward), and "
+             "‖ΣΔW‖/‖W0‖ (train.py's, on its validation windows) during training; means over "
+             "seeds.", ""]
     for part, steps in (("recall", sizes.recall_steps), ("cpt", sizes.cpt_steps)):
         marks = sorted({max(1, round(f * steps)) for f in (0.1, 0.25, 0.5, 1.0)})
-        lines += [f"| {part}: start | ‖∂L/∂conv‖ | ‖∂L/∂P‖ | ‖∂L/∂W0‖ | "
+        lines += [f"| {part}: start | ρ | ‖∂L/∂conv‖ | ‖∂L/∂P‖ | ‖∂L/∂W0‖ | "
                   + " | ".join(f"ΣΔW at {s}" for s in marks) + " |",
-                  "|---|---|---|---|" + "---|" * len(marks)]
+                  "|---|---|---|---|---|" + "---|" * len(marks)]
         for arm, rs in by_arm(results, part).items():
             if start_of(rs[0]) == "—":
                 continue
             grads = [np.mean([r["start_grad"][k] for r in rs]) for k in ("conv", "proj",
                                                                           "down_proj")]
-            lines.append(f"| {arm} | " + " | ".join(f"{g:.2e}" for g in grads) + " | "
+            lines.append(f"| {arm} | {np.mean([r['rho'] for r in rs]):.3g} | "
+                         + " | ".join(f"{g:.2e}" for g in grads) + " | "
                          + " | ".join(f"{np.mean([at_step(r, s) for r in rs]):.3g}"
                                       for s in marks) + " |")
         lines.append("")
@@ -699,8 +720,10 @@ def text_md(results, sizes: Sizes) -> list[str]:
         lines.append(f"| {arm} | {TEXT_ARMS[arm][0]} | "
                      f"{mean_sd([window_loss(r).mean() for r in rs])} | " + " | ".join(pos)
                      + f" | {np.mean([r['wall_s'] for r in rs]):.0f} |")
-    pairs = [("swa − full", "full", "swa", "on", "on"), ("swa+ttt − swa", "swa", "swa+ttt", "on", "on"),
-             ("swa+ttt, updates off − on", "swa+ttt", "swa+ttt", "on", "off")]
+    ttt_arms = [arm for arm in arms if "+ttt" in arm]
+    pairs = [("swa − full", "full", "swa", "on", "on")]
+    pairs += [(f"{arm} − swa", "swa", arm, "on", "on") for arm in ttt_arms]
+    pairs += [(f"{arm}, updates off − on", arm, arm, "on", "off") for arm in ttt_arms]
     lines += ["", f"Paired differences, b − a (same seed, same windows): mean ± the 95% "
                   f"t-interval over seeds (windows: standard error over windows; **real**: outside "
                   f"both), over all positions, inside the first window (0-{W}) and beyond it.", "",

@@ -310,7 +310,7 @@ def by_hand(model, val, starts, L):
 def test_text_scores_are_the_loss_by_position_on_the_held_out_windows(quick):
     out, results = quick
     n_check = study.QUICK.check_windows
-    for arm, variant, offset, n in (("swa+ttt", "on", 0, None), ("swa+ttt", "off", 0, None),
+    for arm, variant, offset, n in (("swa+ttt-calibrated", "on", 0, None), ("swa+ttt-calibrated", "off", 0, None),
                                     ("swa", "shift", "half", n_check)):
         job, val, L, model = held_out_model(out, "text", arm)
         model.ttt_enabled = variant != "off"
@@ -322,7 +322,7 @@ def test_text_scores_are_the_loss_by_position_on_the_held_out_windows(quick):
         for j, (lo, hi) in enumerate(zip(edges, edges[1:])):
             assert [w[j] for w in got["windows"]] == pytest.approx(
                 want[:, lo:hi].mean(1).tolist(), rel=1e-5)
-    swa_ttt = next(r for r in results if r["part"] == "text" and r["arm"] == "swa+ttt")
+    swa_ttt = next(r for r in results if r["part"] == "text" and r["arm"] == "swa+ttt-calibrated")
     assert swa_ttt["text.off"] != swa_ttt["text.on"]
 
 
@@ -362,7 +362,7 @@ def test_a_finished_study_is_not_trained_again_and_a_missing_score_is_added(quic
     out, results = quick
     monkeypatch.setattr(study.subprocess, "call",
                         lambda *a, **k: pytest.fail("a finished arm ran again"))
-    job = next(j for j in study.plan(study.QUICK, out) if j.part == "text" and j.arm == "swa+ttt")
+    job = next(j for j in study.plan(study.QUICK, out) if j.part == "text" and j.arm == "swa+ttt-calibrated")
     older = json.loads((job.out / "result.json").read_text())  # as an older study.py wrote it
     del older["text.off"], older["taps"]
     (job.out / "result.json").write_text(json.dumps(older))
