@@ -40,7 +40,7 @@ import torch.nn as nn
 from checkpoint import (RUN_FILES, TRAIN_META, load_train_checkpoint, read_train_meta,
                         remove_orphans, tmp_sibling, verify_checkpoint)
 from model import (PRESETS, TTT_RECIPE, ModelConfig, Transformer, init_ttt_params, is_ttt_param,
-                   rope_inv_freq)
+                   rope_inv_freq, ttt_init_problem)
 from tokenizer import Tokenizer
 
 ARCHS = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
@@ -636,9 +636,8 @@ def model_config(preset="bytes", init=None, override=None, ttt_layers=None, ttt_
 
 def check_config(cfg: ModelConfig, ttt_init, export: bool):
     """Settings that fail only with this config, refused before any data or weights load."""
-    if ttt_init == "next-token" and not cfg.ttt_lookahead:
-        raise SystemExit("--ttt-init next-token sets the conv's t+1 tap, which ttt_lookahead=False "
-                         "masks to zero: use --ttt-init centre")
+    if cfg.ttt_layers and (why := ttt_init_problem(cfg, ttt_init)):
+        raise SystemExit(f"--ttt-init {ttt_init} {why}")
     if export:  # a config HF cannot express must fail now, not after the last step
         try:
             config_to_hf(cfg, torch.float32)
@@ -646,9 +645,10 @@ def check_config(cfg: ModelConfig, ttt_init, export: bool):
             raise SystemExit(f"{e}; or pass --no-export") from None
 
 
-def full_model(cfg, init, seed, ttt_init="paper") -> Transformer:
+def full_model(cfg, init, seed, ttt_init="paper", batch=None) -> Transformer:
     """A complete fp32 CPU model: HF weights (new TTT parameters as init_ttt_params sets them) or a
-    fresh init; ttt_init other than "paper" then resets every TTT parameter to that start. Seeded,
+    fresh init; ttt_init other than "paper" then resets every TTT parameter to that start
+    ("calibrated" measures its P on `batch`, token ids (B, T)). Seeded,
     so the run starts the same whatever the world size. It lives in rank 0's host memory while the
     shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
     torch.manual_seed(seed)  # the random diagonal of new ttt_proj weights draws from it
@@ -663,7 +663,7 @@ def full_model(cfg, init, seed, ttt_init="paper") -> Transformer:
         model.to_empty(device="cpu")
         model.init_weights(generator=torch.Generator().manual_seed(seed))
     if ttt_init != "paper":  # a deterministic start (no random draws): study.py's matched starts
-        init_ttt_params(model, mode=ttt_init)
+        init_ttt_params(model, mode=ttt_init, batch=batch)
     return model
 
 

@@ -104,7 +104,11 @@ def ttt_flags(p: argparse.ArgumentParser):
     g.add_argument("--train-only", default="all", choices=["all", "ttt"],
                    help="ttt: train only mlp.ttt_conv and mlp.ttt_proj")
     g.add_argument("--ttt-init", default="paper", choices=TTT_INITS,
-                   help="where a fresh run's TTT weights start (model.init_ttt_params)")
+                   help="where a fresh run's TTT weights start (model.TTT_INITS): paper = conv 0, "
+                        "P diag N(0, 0.02^2); zero-conv = conv 0, P = I; zero-proj = conv on the "
+                        "target's tap, P = 0; calibrated = conv 0, P = I * 100 / rho measured on "
+                        "the first batch (these four start exactly as the base model); "
+                        "next-token / centre = tap t+1 / t and P = I (not exact)")
 
 
 def data_flags(p: argparse.ArgumentParser):
@@ -262,12 +266,13 @@ def cp_shard(cp_group) -> tuple[int, int]:
     return (0, 1) if cp_group is None else (dist.get_rank(cp_group), dist.get_world_size(cp_group))
 
 
-def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", fill=True,
+def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", calibration=None, fill=True,
                 train_only="all", activation_checkpointing=False, compile=False,
                 precision=None) -> Transformer:
     """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root ->
     real memory, filled from load_hf.full_model() (weights of `init` or a seeded fresh init, TTT
-    parameters as ttt_init says) unless a checkpoint load will fill it (fill=False). train_only
+    parameters as ttt_init says; calibration: the token ids a "calibrated" start measures on) unless
+    a checkpoint load will fill it (fill=False). train_only
     "ttt" freezes all but the TTT parameters. compile: True (inductor) or a torch.compile backend
     name, e.g. "aot_eager". precision "bf16" / "fp32" (None: load_hf.default_dtype of the device)."""
     with torch.device("meta"):  # shapes only: even rank 0 never holds the model on the GPU whole
@@ -291,7 +296,8 @@ def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", fill=True,
     model.to_empty(device=device)  # real memory for the shards only, contents undefined
     if fill:  # rank 0 alone holds the full model; the others receive their shards from it
         first = dist.get_rank() == 0
-        source = load_hf.full_model(cfg, init, seed, ttt_init).state_dict() if first else {}
+        source = load_hf.full_model(cfg, init, seed, ttt_init, calibration).state_dict() \
+            if first else {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, source, options=options)
         del source  # free rank 0's full copy before training allocates
@@ -520,8 +526,11 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
             f"gradient")
     resume_from, damaged = (pick_resume(out / "ckpt", existing, args.overwrite, log) if args.resume
                             else (None, []))
+    first = None  # the "calibrated" start measures its scale on rank 0's whole windows of step 0
+    if args.ttt_init == "calibrated" and resume_from is None and rank == 0:
+        first = torch.cat([x for x, _ in step_batches(tokens, args.seed, 0, args.seq_len, layout, 0)])
     model = build_model(cfg, device, init=init, seed=args.seed, ttt_init=args.ttt_init,
-                        fill=resume_from is None, train_only=args.train_only,
+                        calibration=first, fill=resume_from is None, train_only=args.train_only,
                         compile=args.compile, precision=args.precision,
                         activation_checkpointing=args.activation_checkpointing)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)

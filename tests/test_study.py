@@ -11,13 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import package_dir
+
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+import load_hf
 import study
 import train
 from data import TokenStream, load_npz, read_stream, split_data, window_batch
 from load_hf import full_model, load_config, model_config
-from model import PRESETS, Transformer
+from model import PRESETS, TTT_INITS, Transformer
 from tokenizer import Tokenizer
 
 TASK = study.RecallTask(T=64, n_live=8, W=8)
@@ -104,7 +106,8 @@ def test_train_py_ignores_masked_targets_in_training_and_validation(tmp_path, re
     train.main(argv)
     rows = metrics(tmp_path / "run")
     args = train.parse_args(argv)
-    cfg = model_config(args.preset, override=dict(args.override), ttt_layers=(1,), ttt_chunk=8)
+    cfg = model_config(args.preset, override=dict(args.override), ttt_layers=(1,),
+                             ttt_chunk=8)
     model = starting_model(cfg)
     data, val = load_npz(train_npz, 64, 257), load_npz(val_npz, 64, 257)
 
@@ -130,8 +133,8 @@ def test_val_loss_by_position_buckets_sum_back_to_the_mean_and_split_by_position
     text = Path(SPEECH).read_bytes()[:seq_len * windows + 1]
     val = TokenStream(np.frombuffer(text, np.uint8).astype(np.uint32))
     cfg = model_config(override={"hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
-                                 "num_heads": 2, "num_kv_heads": 2, "head_dim": 16},
-                       ttt_layers=(1,), ttt_chunk=32)
+                                       "num_heads": 2, "num_kv_heads": 2, "head_dim": 16},
+                             ttt_layers=(1,), ttt_chunk=32)
     plain = starting_model(cfg)
     try:
         rank, world, device = train.setup_distributed("cpu")
@@ -227,38 +230,141 @@ def test_a_qwen3_without_qk_norm_is_refused_before_training_not_exported_unloada
 
 
 # -----------------------------------------------------------------------------
+# Summaries
+
+
+def text_result(seed, windows, edges=(0, 64, 128)):
+    return {"seed": seed, "text.on": {"edges": list(edges), "windows": windows}}
+
+
+def test_paired_differences_are_per_seed_means_over_the_same_windows_with_a_t_interval():
+    a = [text_result(s, [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]) for s in (0, 1, 2)]
+    shifts = {0: 0.1, 1: 0.2, 2: 0.6}
+    b = [text_result(s, [[1.0 + shifts[s], 2.0], [3.0, 4.0 + 2 * shifts[s]], [5.0, 6.0]])
+         for s in (0, 1, 2)]
+    p = study.paired(a, b)
+    per_seed = [(shifts[s] * 64 + 2 * shifts[s] * 64) / 128 / 3 for s in (0, 1, 2)]
+    assert p["seeds"] == pytest.approx(per_seed)
+    assert p["mean"] == pytest.approx(np.mean(per_seed))
+    assert p["ci"] == pytest.approx(4.303 * np.std(per_seed, ddof=1) / np.sqrt(3), rel=1e-3)
+    late = study.paired(a, b, span=(64, 128))
+    assert late["seeds"] == pytest.approx([2 * shifts[s] / 3 for s in (0, 1, 2)])
+    moved = study.paired(a, a, span=(64, 128), b_span=(0, 64))  # b's early against a's late
+    assert moved["mean"] == pytest.approx(-1.0) and moved["se"] == pytest.approx(0.0)
+
+
+# -----------------------------------------------------------------------------
 # The whole study at toy sizes
 
 
-def test_quick_study_runs_every_arm_writes_the_table_and_resumes(tmp_path, monkeypatch, capsys):
-    results = study.main(["--quick", "--out", str(tmp_path)])
-    table = (tmp_path / "RESULTS.md").read_text()
-    jobs = study.plan(study.QUICK, tmp_path)
-    assert len(results) == len(jobs) == 4 + 2 + 6 + 1  # text, long, recall, sweep
-    W = {"text": study.QUICK.text_window}
-    for job in jobs:
-        assert (job.out / "result.json").is_file() and f"| {job.arm} |" in table
-        cfg = load_config(job.out / "hf")  # each arm is the model it claims to be
-        arm = job.arm if job.part != "sweep" else "swa+ttt"
-        assert cfg.sliding_window == (W.get(job.part, study.QUICK.task.W) if "swa" in arm else None)
-        assert bool(cfg.ttt_layers) == ("ttt" in arm or "recon" in arm)
-        assert cfg.ttt_lookahead == ("recon" not in arm)
-    text = {r["arm"]: r for r in results if r["part"] == "text"}
-    assert "val_loss_pos_no_updates" not in text["full"]
-    run = jobs[[j.name for j in jobs].index("text/full+ttt/seed0")]
-    again = study.text_loss_by_position(run.out / "hf", run.argv)  # the windows train.py used
-    assert again == pytest.approx(text["full+ttt"]["val_loss_pos"], rel=1e-5)
-    assert text["full+ttt"]["val_loss_pos_no_updates"].keys() == again.keys()
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return out, study.main(["--quick", "--out", str(out)])
+
+
+def test_quick_study_runs_every_arm_as_the_model_and_start_it_claims(quick):
+    out, results = quick
+    jobs = study.plan(study.QUICK, out)
+    parts = [j.part for j in jobs]
+    assert len(results) == len(jobs) and parts == sorted(parts, key=["base", "text", "recall",
+                                                                      "cpt"].index)
+    assert [parts.count(p) for p in ("base", "text", "recall", "cpt")] == [
+        1, len(study.TEXT_ARMS), len(study.RECALL_ARMS), len(study.CPT_ARMS)]
+    table = (out / "RESULTS.md").read_text()
+    for job, r in zip(jobs, results):
+        assert (job.out / "result.json").is_file()
+        assert job.part == "base" or f"| {job.arm}" in table  # the base: in the cpt part's text
+        cfg = load_config(job.out / "hf")
+        arms = {"recall": study.RECALL_ARMS, "text": study.TEXT_ARMS}
+        what, fields, flags = arms.get(job.part, {}).get(job.arm, ("", [], []))
+        W = study.QUICK.task.W if job.part == "recall" else study.QUICK.text_window
+        assert cfg.sliding_window == (W if "sliding_window={W}" in fields else None)
+        assert bool(cfg.ttt_layers) == ("--no-ttt" not in job.argv)
+        assert cfg.ttt_lookahead == ("ttt_lookahead=false" not in fields)
+        if cfg.ttt_layers:  # the start shows in the first step's gradients
+            start, grad = job.argv[job.argv.index("--ttt-init") + 1], r["start_grad"]
+            conv, P = TTT_INITS[start]  # a factor at zero passes no gradient to the other
+            assert (grad["proj"] == 0) == (conv == "zero") and (grad["conv"] == 0) == (P == "zero")
+        if job.part == "cpt":
+            assert json.loads((job.out / "study_argv.json").read_text())[
+                job.argv.index("--init") + 1] == str(jobs[0].out / "hf")
     recall = [r for r in results if r["part"] == "recall"]
     buckets = {"d<W", "d>=W", "[1,4)", "[4,8)", "[8,16)", "[16,32)"}
-    assert all(set(r["acc"]) == buckets for r in recall)
-    assert all(0 <= a <= 1 for r in recall for a in r["acc"].values())
-    assert "study took" in capsys.readouterr().out
+    assert all(set(r["acc"]) == buckets and 0 <= min(r["acc"].values()) for r in recall)
+    for name in ("study.png", "text.png", "learned.png"):  # matplotlib may be absent
+        assert (out / name).is_file() or study.pyplot() is None
+
+
+def held_out_model(out, part, arm):
+    job = next(j for j in study.plan(study.QUICK, out) if j.part == part and j.arm == arm)
+    val, L = study.held_out(job.argv)
+    return job, val, L, load_hf.load_model(job.out / "hf").eval()
+
+
+def by_hand(model, val, starts, L):
+    x, y = window_batch(val, starts, L)
+    with torch.no_grad():
+        return F.cross_entropy(model(x).transpose(1, 2), y, reduction="none")  # (n, L)
+
+
+def test_text_scores_are_the_loss_by_position_on_the_held_out_windows(quick):
+    out, results = quick
+    n_check = study.QUICK.check_windows
+    for arm, variant, offset, n in (("swa+ttt-calibrated", "on", 0, None), ("swa+ttt-calibrated", "off", 0, None),
+                                    ("swa", "shift", "half", n_check)):
+        job, val, L, model = held_out_model(out, "text", arm)
+        model.ttt_enabled = variant != "off"
+        n = min(n or len(val), (len(val) - 1 - L // 2) // L)
+        want = by_hand(model, val, (L // 2 if offset else 0) + np.arange(n) * L, L)
+        got = next(r for r in results if r["part"] == "text" and r["arm"] == arm)[f"text.{variant}"]
+        assert got["edges"] == study.position_edges(L) and len(got["windows"]) == n
+        edges = got["edges"]
+        for j, (lo, hi) in enumerate(zip(edges, edges[1:])):
+            assert [w[j] for w in got["windows"]] == pytest.approx(
+                want[:, lo:hi].mean(1).tolist(), rel=1e-5)
+    swa_ttt = next(r for r in results if r["part"] == "text" and r["arm"] == "swa+ttt-calibrated")
+    assert swa_ttt["text.off"] != swa_ttt["text.on"]
+
+
+def test_the_sink_and_window_checks_change_only_what_they_claim(quick):
+    out, results = quick
+    W, n = study.QUICK.text_window, study.QUICK.check_windows
+    job, val, L, swa = held_out_model(out, "text", "swa")
+    r = next(x for x in results if x["part"] == "text" and x["arm"] == "swa")
+    late = {k: study.window_loss(r, k, W, None)[:n] for k in ("on", "sink")}
+    assert not np.allclose(late["on"], late["sink"])  # beyond the window key 0 is new
+    early = {k: study.window_loss(r, k, 0, W)[:n] for k in ("on", "sink")}
+    assert early["sink"] == pytest.approx(early["on"], rel=1e-6)  # key 0 is in view anyway
+    full_job, _, _, full = held_out_model(out, "text", "full")
+    want = by_hand(full, val, np.arange(n) * L, L)
+    windowed = study.text_scores(full_job.out / "hf", val, L, "window", window=L, n=n)  # sees all
+    assert study.window_loss({"text.window": windowed}, "window") == pytest.approx(
+        want.mean(1).tolist(), rel=1e-5)
+
+
+def test_the_fast_weights_answers_reproduce_the_forward(quick):
+    out, _ = quick
+    job = next(j for j in study.plan(study.QUICK, out) if j.arm == "next-token")
+    task, data = study.QUICK.task, out / "data" / "recall_eval.npz"
+    rows = study.fast_weight_answers(job.out / "hf", data, task, index=1)
+    model = load_hf.load_model(job.out / "hf").eval()
+    tokens = np.load(data)["tokens"][task.T:2 * task.T + 1].astype(np.int64)
+    with torch.no_grad():
+        probs = model(torch.from_numpy(tokens[None, :-1]))[0].softmax(-1)  # (T, V)
+    assert rows and all(row["d"] >= task.W for row in rows)
+    for row in rows:
+        assert row["used"] == pytest.approx(probs[row["t"], tokens[row["t"] + 1]].item(),
+                                            rel=1e-4)
+        assert tokens[row["t"] - row["d"]] == tokens[row["t"]]  # the key, d back
+
+
+def test_a_finished_study_is_not_trained_again_and_a_missing_score_is_added(quick, monkeypatch):
+    out, results = quick
     monkeypatch.setattr(study.subprocess, "call",
                         lambda *a, **k: pytest.fail("a finished arm ran again"))
-    assert study.main(["--quick", "--out", str(tmp_path)]) == results
-    older = json.loads((run.out / "result.json").read_text())  # as an older study.py wrote it
-    del older["val_loss_pos_no_updates"]
-    (run.out / "result.json").write_text(json.dumps(older))
-    assert study.main(["--quick", "--out", str(tmp_path)]) == results  # scored, not trained again
-
+    job = next(j for j in study.plan(study.QUICK, out) if j.part == "text" and j.arm == "swa+ttt-calibrated")
+    older = json.loads((job.out / "result.json").read_text())  # as an older study.py wrote it
+    del older["text.off"], older["taps"]
+    (job.out / "result.json").write_text(json.dumps(older))
+    assert study.main(["--quick", "--out", str(out)]) == results  # scored, not trained again
