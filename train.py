@@ -73,6 +73,14 @@ INIT_LR, INIT_WARMUP_FRACTION = 5e-6, 0.02
 # 3.0), and 2% of a short run is a warmup of a few steps, too short for Adam's second-moment
 # estimates to settle.
 SCRATCH_LR, SCRATCH_WARMUP = 3e-3, 5
+# Where new TTT weights start (study.py, README "Does TTT help?"). With --init: the official start
+# (conv 0, P diag N(0, 0.02^2)), whose small P keeps continual pretraining stable; the starts that
+# learn faster spike there (zero-conv, zero-proj) or gain nothing over it (calibrated). From scratch:
+# zero-conv (conv 0, P = I), also exactly the base model at step 0, but its conv gets the full
+# gradient, so it learns the recall task where the official start stalls, and its fast weight stays
+# bounded on text (calibrated's does not: its scale, measured on the untrained model, is far too
+# large once training grows the activations).
+INIT_TTT_INIT, SCRATCH_TTT_INIT = "paper", "zero-conv"
 # Dense bf16 peak FLOP/s per GPU for MFU. First match wins, so "H100 PCIe" precedes "H100".
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
               ("A100", 312e12), ("L40S", 362e12), ("B200", 2250e12)]
@@ -103,12 +111,10 @@ def ttt_flags(p: argparse.ArgumentParser):
     g.add_argument("--no-ttt", action="store_true", help="no TTT layers: the baseline")
     g.add_argument("--train-only", default="all", choices=["all", "ttt"],
                    help="ttt: train only mlp.ttt_conv and mlp.ttt_proj")
-    g.add_argument("--ttt-init", default="paper", choices=TTT_INITS,
-                   help="where a fresh run's TTT weights start (model.TTT_INITS): paper = conv 0, "
-                        "P diag N(0, 0.02^2); zero-conv = conv 0, P = I; zero-proj = conv on the "
-                        "target's tap, P = 0; calibrated = conv 0, P = I * 100 / rho measured on "
-                        "the first batch (these four start exactly as the base model); "
-                        "next-token / centre = tap t+1 / t and P = I (not exact)")
+    g.add_argument("--ttt-init", choices=TTT_INITS,
+                   help="where a fresh run's conv and P start (model.TTT_INITS; paper, zero-conv, "
+                        "zero-proj and calibrated keep the model exact) (default: "
+                        f"{INIT_TTT_INIT} with --init, {SCRATCH_TTT_INIT} from scratch)")
 
 
 def data_flags(p: argparse.ArgumentParser):
@@ -191,8 +197,10 @@ def parse_args(argv=None):
         p.error("--override changes a preset's shape; with --init the checkpoint fixes the shape")
     if args.train_only == "ttt" and args.no_ttt:
         p.error("--train-only ttt needs TTT layers (not --no-ttt)")
-    if args.ttt_init != "paper" and args.no_ttt:
+    if args.ttt_init is not None and args.no_ttt:
         p.error(f"--ttt-init {args.ttt_init} needs TTT layers (not --no-ttt)")
+    if args.ttt_init is None:
+        args.ttt_init = INIT_TTT_INIT if args.init else SCRATCH_TTT_INIT
     if args.lr is None:
         args.lr = INIT_LR if args.init else SCRATCH_LR
     if args.warmup is None:
