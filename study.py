@@ -874,7 +874,8 @@ def plot_study(results, sizes: Sizes, path: Path, plt):
 
 
 def plot_text(results, sizes: Sizes, path: Path, plt):
-    """Loss by position per arm, the anomaly checks, and full − SWA over training."""
+    """Loss by position per arm, the anomaly checks (every line on the windows the checks scored,
+    as their table), and full − SWA over training."""
     arms = by_arm(results, "text")
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, variants in ((a, {"on": "-", "off": ":"}),
@@ -883,7 +884,8 @@ def plot_text(results, sizes: Sizes, path: Path, plt):
             for v, style in variants.items():
                 if f"text.{v}" in rs[0] and (ax is a or arm in ("full", "swa")):
                     edges = rs[0][f"text.{v}"]["edges"]
-                    ys = np.mean([np.array(r[f"text.{v}"]["windows"]).mean(0) for r in rs], 0)
+                    n = None if ax is a else sizes.check_windows  # same windows in a panel
+                    ys = np.mean([np.array(r[f"text.{v}"]["windows"])[:n].mean(0) for r in rs], 0)
                     ax.plot(range(len(ys)), ys, style, marker="o", color=f"C{i}",
                             label=arm if v == "on" else f"{arm}, {v}")
         ax.set_xticks(range(len(edges) - 1), [f"{lo}-{hi}" for lo, hi in zip(edges, edges[1:])],
