@@ -73,13 +73,13 @@ INIT_LR, INIT_WARMUP_FRACTION = 5e-6, 0.02
 # 3.0), and 2% of a short run is a warmup of a few steps, too short for Adam's second-moment
 # estimates to settle.
 SCRATCH_LR, SCRATCH_WARMUP = 3e-3, 5
-# Where new TTT weights start (study.py, README "Does TTT help?"). With --init: the official start
-# (conv 0, P diag N(0, 0.02^2)), whose small P keeps continual pretraining stable; the starts that
-# learn faster spike there (zero-conv, zero-proj) or gain nothing over it (calibrated). From scratch:
-# zero-conv (conv 0, P = I), also exactly the base model at step 0, but its conv gets the full
-# gradient, so it learns the recall task where the official start stalls, and its fast weight stays
-# bounded on text (calibrated's does not: its scale, measured on the untrained model, is far too
-# large once training grows the activations).
+# Where new TTT weights start (study.py; README "Does In-Place TTT help, and how should it start?").
+# With --init: the official start (conv 0, P diag N(0, 0.02^2)), whose small P keeps continual
+# pretraining stable; the starts that learn faster spike there (zero-conv, zero-proj) or gain
+# nothing over it (calibrated). From scratch: zero-conv (conv 0, P = I), also exactly the base model
+# at step 0, but its conv gets the full gradient, so it learns the recall task where the official
+# start stalls, and its fast weight stays bounded on text (calibrated's does not: its scale,
+# measured on the untrained model, is far too large once training grows the activations).
 INIT_TTT_INIT, SCRATCH_TTT_INIT = "paper", "zero-conv"
 # Dense bf16 peak FLOP/s per GPU for MFU. First match wins, so "H100 PCIe" precedes "H100".
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
