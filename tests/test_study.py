@@ -368,3 +368,19 @@ def test_a_finished_study_is_not_trained_again_and_a_missing_score_is_added(quic
     del older["text.off"], older["taps"]
     (job.out / "result.json").write_text(json.dumps(older))
     assert study.main(["--quick", "--out", str(out)]) == results  # scored, not trained again
+
+
+def test_the_long_context_probe_asks_train_py_for_what_it_says():
+    import importlib.util
+    path = Path(study.__file__).parent / "study" / "long_context.py"
+    spec = importlib.util.spec_from_file_location("long_context", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    train_files, val_files = study.text_files(study.FULL)
+    for arm in probe.ARMS:
+        args = train.parse_args(probe.argv(arm, 1))
+        assert (args.seq_len, args.batch_tokens, args.steps, args.seed) == (4096, 4096, 150, 1)
+        assert args.data == train_files and args.val_data == val_files
+        assert args.val_windows * 4096 == 282_624  # every held-out token, as the study scores them
+        assert dict(args.override)["sliding_window"] == 128
+        assert args.no_ttt == (arm == "swa") and (arm == "swa" or args.ttt_init == arm)
