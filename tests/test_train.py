@@ -298,7 +298,7 @@ def test_update_probe_reads_the_forward_state_and_matches_the_naive_loop(target,
 
 @pytest.mark.parametrize("flag, default", [("--steps", "400"), ("--seq-len", "1024"), ("--batch-tokens", "4096"),
                                            ("--val-every", "25"), ("--save-every", "50"), ("--keep", "2"),
-                                           ("--ttt-init", "paper with --init, zero-conv from scratch"),
+                                           ("--ttt-init", "paper"),
                                            ("--lr", "5e-06 with --init")])
 def test_help_shows_each_flags_default(flag, default, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside a flag's help

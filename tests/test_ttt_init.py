@@ -163,10 +163,9 @@ def test_calibrated_needs_a_batch_with_a_whole_chunk():
         init_ttt_params(model, mode="calibrated", batch=torch.randint(0, 257, (1, 100)))
 
 
-def test_the_default_start_is_the_official_one_with_init_and_zero_conv_from_scratch(tmp_path):
-    assert train.parse_args([]).ttt_init == train.SCRATCH_TTT_INIT == "zero-conv"
-    assert train.parse_args(["--init", str(tmp_path)]).ttt_init == train.INIT_TTT_INIT == "paper"
+def test_the_default_start_is_the_official_one(tmp_path):
+    assert train.parse_args([]).ttt_init == train.DEFAULT_TTT_INIT == "paper"
+    assert train.parse_args(["--init", str(tmp_path)]).ttt_init == "paper"
     assert train.parse_args(["--init", str(tmp_path), "--ttt-init", "calibrated"]).ttt_init == "calibrated"
-    assert train.parse_args(["--no-ttt"]).ttt_init == "zero-conv"  # unused: the model has no TTT layers
     with pytest.raises(SystemExit):  # naming a start for a model without TTT layers is a mistake
-        train.parse_args(["--no-ttt", "--ttt-init", "paper"])
+        train.parse_args(["--no-ttt", "--ttt-init", "zero-conv"])
