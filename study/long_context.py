@@ -7,8 +7,9 @@ section 4.)
 SWA without TTT and SWA + TTT from the `paper` and `zero-conv` starts (C = W = 128, TTT as the
 bytes preset has it), seeds 0-2: each a `python train.py` run on the study's training speeches, 150
 steps of one 4,096-byte window, two at a time on one thread each. Scored as study.py scores its
-text arms (study.text_scores): every held-out window of 4,096 (the same 69 for every arm, 282,624
-tokens), as trained and with the fast-weight updates off, with paired differences over seeds.
+text arms (study.text_scores): the held-out windows of 4,096 (the same 68 for every arm, 278,528
+tokens; train.py's own validation uses all 69), as trained and with the fast-weight updates off,
+with paired differences over seeds.
 Prints the tables; runs and scores stay in out/long/.
 """
 
