@@ -40,7 +40,8 @@ import torch.nn as nn
 from checkpoint import (RUN_FILES, TRAIN_META, load_train_checkpoint, read_train_meta,
                         remove_orphans, tmp_sibling, verify_checkpoint)
 from model import (PRESETS, TTT_RECIPE, ModelConfig, Transformer, init_ttt_params, is_ttt_param,
-                   rope_inv_freq, ttt_init_problem)
+                   rope_inv_freq)
+from starts import start_ttt_params, ttt_init_problem
 from tokenizer import Tokenizer
 
 ARCHS = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
@@ -663,7 +664,7 @@ def full_model(cfg, init, seed, ttt_init="paper", batch=None) -> Transformer:
         model.to_empty(device="cpu")
         model.init_weights(generator=torch.Generator().manual_seed(seed))
     if ttt_init != "paper":  # a deterministic start (no random draws): study.py's matched starts
-        init_ttt_params(model, mode=ttt_init, batch=batch)
+        start_ttt_params(model, mode=ttt_init, batch=batch)
     return model
 
 

@@ -3,7 +3,8 @@
 Parameter names are Hugging Face's (`model.layers.{i}.self_attn.q_proj`, `mlp.down_proj`, ...), so
 loading a checkpoint is a checked copy (load_hf.py) and the fast weight of the paper is literally
 `mlp.down_proj`. All TTT arithmetic lives in ttt.py; the MLP here only calls it. Reading order:
-config and presets, RoPE, norm, attention, MLP (+TTT), block, the model, the cache.
+config and presets, RoPE, norm, attention, MLP (+TTT), block, the model (with the paper's start of
+the TTT parameters, init_ttt_params; the other starts are an extension, starts.py), the cache.
 
 Batches and padding: there is none. A forward without a cache takes equal-length rows starting at
 position 0. With a cache (incremental decoding) every row carries its own position: a ragged batch
@@ -565,114 +566,17 @@ def is_ttt_param(name: str) -> bool:
     return ".mlp.ttt_" in name or name.startswith("mlp.ttt_")
 
 
-# Where the TTT parameters start (init_ttt_params, train.py --ttt-init): (conv, P) per start. The
-# conv's 5 taps read positions t-2..t+2 (tap 3 reads s_{t+1}, tap 2 reads s_t). V_hat = conv(s) P is
-# a product, so a factor's gradient is scaled by the other factor: with both at or near zero (the
-# paper's start) the target sits at a saddle and grows like the product of two small numbers. The
-# other exact starts put one factor at exactly zero, so V_hat = 0 and the model is still exactly
-# the base model, and the other at full scale, so the zero factor gets its full gradient at once
-# (as LoRA starts B = 0 beside a full-scale A).
-TTT_INITS = {
-    "paper": ("zero", "diag-0.02"),  # the official release's: conv 0, P diagonal N(0, 0.02^2)
-    "next-token": ("t+1", "identity"),  # not exact: V_hat_t = s_{t+1} from the first step
-    "centre": ("t", "identity"),  # not exact: V_hat_t = s_t, the reconstruction target's start
-    "zero-conv": ("zero", "identity"),  # exact; the conv's gradient is the target's, unscaled
-    "zero-proj": ("target", "zero"),  # exact; the conv reads the target's own tap (t+1, or t
-    # with ttt_lookahead=False), so P's gradient is the target's, unscaled
-    "calibrated": ("zero", "calibrated"),  # exact; conv 0, P = I * CALIBRATED_UPDATE / rho
-    # (update_scale): a conv weight w on the target's tap makes ‖ΣΔW‖/‖W0‖ about 100 w
-}
-# The calibrated start's ‖ΣΔW‖/‖W0‖ per unit of conv weight on the target's tap. Adam moves the
-# conv by about lr per step, so the fast weight grows by at most ~100 lr of W0 per step, whatever
-# the scale of the model's activations. Chosen by probes before the study (README, "Does In-Place
-# TTT help?"): from scratch on the recall task 10 and 40 recalled 0.11-0.78 beyond the window, 100
-# every binding in 3 of 3 seeds; continuing the quick start's model, 1 to 2000 tried, 100 best
-# (zero-conv's P = I is ~2000 there, and spikes).
-CALIBRATED_UPDATE = 100.0
-# The starts whose converted model computes exactly the base model (logits bit for bit).
-EXACT_TTT_INITS = tuple(k for k, (conv, P) in TTT_INITS.items() if "zero" in (conv, P))
-
-
-def ttt_init_problem(cfg: ModelConfig, mode: str) -> str | None:
-    """Why `mode` cannot start cfg's TTT layers (a phrase after the mode's name), or None."""
-    conv, P = TTT_INITS[mode]
-    if conv == "t+1" and not cfg.ttt_lookahead:
-        return ("sets the conv's t+1 tap, which ttt_lookahead=False masks to zero: use centre, or "
-                "zero-proj (which puts the conv on tap t there)")
-    if P in ("zero", "calibrated") and not cfg.ttt_proj:  # V_hat = conv(s): one factor only
-        return (f"{'starts P at zero' if P == 'zero' else 'scales P'}, but ttt_proj=False has no "
-                f"P (V_hat = conv(s)): there the paper's zero conv is already the exact start "
-                f"with a full-scale gradient")
-    return None
-
-
-def target_tap(cfg: ModelConfig) -> int:
-    """The conv tap the target reads: t+1 (tap 3) with look-ahead, t (tap 2) without."""
-    return 3 if cfg.ttt_lookahead else 2
-
-
 @torch.no_grad()
-def update_scale(model: Transformer, idx) -> dict[int, float]:
-    """rho per TTT layer: ‖ΣΔW‖/‖W0‖ over the windows idx (B, T), mean over the windows, for the
-    target V_hat_t = s at the target's tap (conv 1 there, P = I), from the activations of the base
-    model (W0 alone, as every exact start computes). It spans orders of magnitude: ~0.2 for a
-    fresh 2-layer model with embedding targets, ~2000 for a trained one with MLP-input targets."""
-    seen = {}
-    hooks = [model.model.layers[i].mlp.register_forward_hook(
-        lambda mlp, args, out, i=i: seen.update({i: args[0]})) for i in model.ttt_layers]
-    enabled, model.ttt_enabled = model.ttt_enabled, False
-    try:
-        model.hidden(idx)
-    finally:
-        model.ttt_enabled = enabled
-        for hook in hooks:
-            hook.remove()
-    cfg, T = model.config, idx.shape[1]
-    C, n = cfg.ttt_chunk, T // cfg.ttt_chunk
-    if n == 0:
-        raise ValueError(f"update_scale: windows of {T} tokens hold no chunk of {C}")
-    embeds = model.model.embed_tokens(idx)
-    scale = {}
-    for i, x in seen.items():  # x: the MLP input (B, T, D)
-        mlp = model.model.layers[i].mlp
-        s = (x if cfg.ttt_target == "hidden_states" else embeds)[:, :n * C]  # (B, nC, D)
-        h = (F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))[:, :n * C]  # (B, nC, F)
-        conv = torch.zeros_like(mlp.ttt_conv.weight)
-        conv[:, :, target_tap(cfg)] = 1.0
-        dW = ttt.chunk_update(s.unflatten(1, (n, C)), h.unflatten(1, (n, C)), conv, None,
-                              cfg.ttt_lr).sum(1)  # (B, D, F) ΣΔW of each window
-        w0 = mlp.down_proj.weight
-        scale[i] = (torch.linalg.matrix_norm(dW.float()) / torch.linalg.matrix_norm(w0.float())
-                    ).mean().item()
-    return scale
-
-
-@torch.no_grad()
-def init_ttt_params(model: Transformer, generator=None, mode="paper", batch=None):
-    """TTT parameters as TTT_INITS[mode] says, selected by name, never by shape (o_proj is square
-    too). generator: the paper's random diagonal of P. batch: token ids (B, T) the "calibrated"
-    start measures update_scale on (train.py: the run's first batch). Raises ValueError for an
-    unknown mode, one ttt_init_problem refuses, or "calibrated" without a batch."""
-    if mode not in TTT_INITS:
-        raise ValueError(f"TTT init {mode!r}: expected one of {', '.join(TTT_INITS)}")
-    if why := ttt_init_problem(model.config, mode):
-        raise ValueError(f"TTT init {mode!r} {why}")
-    conv, P = TTT_INITS[mode]
-    if P == "calibrated" and batch is None:
-        raise ValueError("TTT init 'calibrated' measures the update's scale on a batch of token "
-                         "ids: pass batch")
-    scale = update_scale(model, batch) if P == "calibrated" else {}
-    tap = {"zero": None, "t": 2, "t+1": 3, "target": target_tap(model.config)}[conv]
+def init_ttt_params(model: Transformer, generator=None):
+    """The paper's start of the TTT parameters (the official release's): the conv at zero and P
+    diagonal with entries N(0, 0.02^2) drawn from `generator`. V_hat = conv(s) P is then zero, so
+    the model computes exactly the base model until training moves the conv. Parameters are
+    selected by name, never by shape (o_proj is square too). Other starts: starts.py."""
     for name, p in model.named_parameters():
         if not is_ttt_param(name):
             continue
         p.zero_()
-        if name.endswith("ttt_conv.weight") and tap is not None:
-            p[:, :, tap] = 1.0  # (D, 1, 5): every channel reads the same position
-        elif name.endswith("ttt_proj.weight") and P in ("identity", "calibrated"):
-            layer = int(name.split(".")[-4])  # model.layers.{i}.mlp.ttt_proj.weight
-            p.diagonal().fill_(CALIBRATED_UPDATE / scale[layer] if scale else 1.0)
-        elif name.endswith("ttt_proj.weight") and P == "diag-0.02":
+        if name.endswith("ttt_proj.weight"):
             d = torch.randn(p.shape[0], generator=generator, dtype=torch.float32) * 0.02
             p.diagonal().copy_(d.to(p.device, p.dtype))
 

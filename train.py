@@ -61,7 +61,8 @@ from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, seq
                   split_data, step_batches, validation_starts, window_batch)
 from load_hf import (AtLeast, HelpFormatter, default_device, default_dtype, parse_layers,
                      parse_override)
-from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
+from model import PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
+from starts import TTT_INITS
 
 # Continual pretraining (--init) defaults to the official release's optimizer settings
 # (configs/pretrain/qwen3_longct.yaml and llama3_longct.yaml): peak lr 5e-6, linear warmup over 2%
@@ -113,7 +114,7 @@ def ttt_flags(p: argparse.ArgumentParser):
                    help="ttt: train only mlp.ttt_conv and mlp.ttt_proj")
     # The default, with --init and from scratch, is the official start: see DEFAULT_TTT_INIT.
     g.add_argument("--ttt-init", default=DEFAULT_TTT_INIT, choices=TTT_INITS,
-                   help="where a fresh run's conv and P start (model.TTT_INITS; paper, zero-conv, "
+                   help="where a fresh run's conv and P start (starts.TTT_INITS; paper, zero-conv, "
                         "zero-proj and calibrated keep the model exact)")
 
 

@@ -198,10 +198,10 @@ def test_keep_state_leaves_the_forwards_final_state_equal_to_token_by_token_deco
 
 @pytest.mark.parametrize("mode, shift", [("next-token", 1), ("centre", 0)])
 def test_tap_inits_make_the_target_the_next_or_the_current_embedding(mode, shift):
-    from model import init_ttt_params
+    from starts import start_ttt_params
 
     model, C = ttt_model("input_embed", chunk=6, layers=(1,)), 6
-    init_ttt_params(model, mode=mode)
+    start_ttt_params(model, mode=mode)
     mlp = model.model.layers[1].mlp
     x, s = torch.randn(2, 2 * C, 128, dtype=torch.float64), torch.randn(2, 2 * C, 128, dtype=torch.float64)
     with torch.no_grad():
@@ -216,6 +216,7 @@ def test_tap_inits_make_the_target_the_next_or_the_current_embedding(mode, shift
 
 def test_paper_init_leaves_the_model_exactly_the_base_model_and_unknown_inits_are_refused():
     from model import init_ttt_params
+    from starts import start_ttt_params
 
     model = ttt_model("hidden_states")
     init_ttt_params(model, torch.Generator().manual_seed(0))
@@ -225,4 +226,4 @@ def test_paper_init_leaves_the_model_exactly_the_base_model_and_unknown_inits_ar
         model.ttt_enabled = False
         assert torch.equal(with_ttt, model(idx))
     with pytest.raises(ValueError, match="TTT init 'zero': expected one of paper, next-token, centre"):
-        init_ttt_params(model, mode="zero")
+        start_ttt_params(model, mode="zero")

@@ -19,7 +19,8 @@ import study
 import train
 from data import TokenStream, load_npz, read_stream, split_data, window_batch
 from load_hf import full_model, load_config, model_config
-from model import PRESETS, TTT_INITS, Transformer
+from model import PRESETS, Transformer
+from starts import TTT_INITS
 from tokenizer import Tokenizer
 
 TASK = study.RecallTask(T=64, n_live=8, W=8)

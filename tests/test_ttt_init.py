@@ -1,4 +1,4 @@
-"""Where the TTT parameters start (model.TTT_INITS): the exact starts compute the base model bit for
+"""Where the TTT parameters start (starts.TTT_INITS): the exact starts compute the base model bit for
 bit, the zero factor of zero-conv / zero-proj gets the gradient the paper's start scales down, and
 impossible combinations are refused by name."""
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import train
-from model import (CALIBRATED_UPDATE, EXACT_TTT_INITS, PRESETS, TTT_INITS, Transformer,
-                   init_ttt_params, is_ttt_param, update_scale)
+from model import PRESETS, Transformer, is_ttt_param
+from starts import (CALIBRATED_UPDATE, EXACT_TTT_INITS, TTT_INITS, start_ttt_params,
+                    update_scale)
 
 NEW_EXACT = [m for m in EXACT_TTT_INITS if m != "paper"]
 
@@ -28,7 +29,7 @@ def base_and_ttt(preset, target, mode, proj=True, seed=0):
                 p.uniform_(0.5, 2.0)
     batch = torch.randint(0, cfg.vocab_size, (2, 2 * cfg.ttt_chunk),
                           generator=torch.Generator().manual_seed(seed))  # for "calibrated"
-    init_ttt_params(model, torch.Generator().manual_seed(seed), mode=mode, batch=batch)
+    start_ttt_params(model, torch.Generator().manual_seed(seed), mode=mode, batch=batch)
     plain = Transformer(replace(cfg, ttt_layers=()))
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not is_ttt_param(k)})
     return plain.eval(), model.eval()
@@ -63,7 +64,7 @@ def test_a_start_touches_only_the_ttt_parameters_chosen_by_name(mode):
     model = Transformer(cfg)
     model.init_weights(generator=torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    init_ttt_params(model, mode=mode, batch=torch.randint(0, 257, (2, 256)))
+    start_ttt_params(model, mode=mode, batch=torch.randint(0, 257, (2, 256)))
     after = model.state_dict()
     for key, value in before.items():  # o_proj and ttt_proj are both D x D: only the name tells
         assert torch.equal(after[key], value) or is_ttt_param(key)
@@ -128,7 +129,7 @@ def test_without_p_zero_conv_is_exact_and_zero_proj_is_refused(tmp_path):
 def test_zero_proj_without_lookahead_reads_the_centre_tap_and_stays_exact():
     plain, model = base_and_ttt("bytes", "input_embed", "zero-proj")
     model.config.ttt_lookahead = False
-    init_ttt_params(model, mode="zero-proj")
+    start_ttt_params(model, mode="zero-proj")
     conv = model.model.layers[1].mlp.ttt_conv.weight
     assert conv[:, 0, 2].eq(1).all() and conv[:, 0, [0, 1, 3, 4]].eq(0).all()
     idx = torch.randint(0, 257, (1, 300))
@@ -149,7 +150,7 @@ def test_calibrated_p_scales_the_update_the_next_token_start_makes(target):
     ratio = torch.linalg.matrix_norm(mlp.last_state.dW) / torch.linalg.matrix_norm(
         mlp.down_proj.weight)  # (B,): the three windows' ‖ΣΔW‖/‖W0‖
     assert rho == pytest.approx(ratio.mean().item(), rel=1e-4)
-    init_ttt_params(exact, mode="calibrated", batch=idx)
+    start_ttt_params(exact, mode="calibrated", batch=idx)
     P = exact.model.layers[1].mlp.ttt_proj.weight
     assert torch.equal(P, torch.eye(128) * (CALIBRATED_UPDATE / rho))
 
@@ -158,9 +159,9 @@ def test_calibrated_needs_a_batch_with_a_whole_chunk():
     _, model = base_and_ttt("bytes", "input_embed", "paper")
     with pytest.raises(ValueError, match="TTT init 'calibrated' measures the update's scale on a "
                                          "batch"):
-        init_ttt_params(model, mode="calibrated")
+        start_ttt_params(model, mode="calibrated")
     with pytest.raises(ValueError, match="windows of 100 tokens hold no chunk of 128"):
-        init_ttt_params(model, mode="calibrated", batch=torch.randint(0, 257, (1, 100)))
+        start_ttt_params(model, mode="calibrated", batch=torch.randint(0, 257, (1, 100)))
 
 
 def test_the_default_start_is_the_official_one(tmp_path):
