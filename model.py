@@ -306,6 +306,11 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        # A switch for probes, off in training and in every checkpoint: True keeps key 0 (the
+        # window's first token, an "attention sink") in view of every query whatever the sliding
+        # window, to ask whether a windowed model misses its first token (study/probes.py). Key 0
+        # is position 0: a whole window or a cache, not a context-parallel shard.
+        self.sink = False
 
     def forward(self, x, cos, sin, kv=None, pos=None, cp_group=None):
         """x (B, T, D). kv: this layer's cache (k, v), each (B, KV, S, hd), written at pos (B,).
@@ -330,6 +335,8 @@ class Attention(nn.Module):
             rows = torch.arange(B, device=q.device)
             kv[0][rows, :, pos], kv[1][rows, :, pos] = k[:, :, 0], v[:, :, 0]
             mask = _mask(pos[:, None], kv[0].shape[2], W)[:, None]  # (B, 1, 1, S): the whole cache
+            if self.sink:
+                mask[..., 0] = True
             return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, enable_gqa=True)
         if kv is not None:  # prefill, or its continuation: every row at position p
             p = int(pos[0])
@@ -337,12 +344,15 @@ class Attention(nn.Module):
             k, v = kv[0][:, :, :p + T], kv[1][:, :, :p + T]  # (B, KV, S, hd) with S = p + T
         S = k.shape[2]
         # Causal with the diagonal at the bottom right: query t sits at position S - T + t.
-        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        flash = flash_attn_func is not None and q.is_cuda and not self.sink
+        if flash and q.dtype in (torch.float16, torch.bfloat16):
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                 causal=True, window_size=(W - 1 if W else -1, 0))
             return y.transpose(1, 2)
-        if W is not None:
+        if W is not None or self.sink:
             mask = _mask(torch.arange(S - T, S, device=q.device)[None], S, W)[:, None]  # (1,1,T,S)
+            if self.sink:  # key 0 is at or before every query: still causal
+                mask[..., 0] = True
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         bias = None if S == T else causal_lower_right(T, S)  # never a (T, S) mask for a long prefill
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=S == T,

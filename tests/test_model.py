@@ -79,3 +79,35 @@ def test_loss_without_reduction_is_each_tokens_cross_entropy_and_zero_where_igno
     torch.testing.assert_close(per_token.sum() / (tgt != -100).sum(), model.loss(idx, tgt))
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'none', got 'sum'"):
         model.loss(idx, tgt, reduction="sum")
+
+
+@pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
+def test_the_sink_switch_keeps_key_0_in_view_and_nothing_else(window):
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"].with_ttt(layers=())
+    cfg.vocab_size, cfg.sliding_window = 300, window
+    attn = Transformer(cfg).double().model.layers[0].self_attn
+    q, k, v = (torch.randn(2, n, 9, 32, dtype=torch.float64) for n in (4, 2, 2))
+    t, s = torch.arange(9)[:, None], torch.arange(9)[None]
+    seen = (s <= t) & ((s > t - window) if window else True)
+    seen[:, 0] = True  # by hand: causal, windowed, plus key 0
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 32 ** 0.5  # (B, H, T, S)
+    want = scores.masked_fill(~seen, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)
+    attn.sink = True
+    torch.testing.assert_close(attn._attend(q, k, v, None, None), want, rtol=1e-12, atol=1e-12)
+    attn.sink = False
+    assert window is None or not torch.allclose(attn._attend(q, k, v, None, None), want)
+
+
+def test_the_sink_switch_decodes_as_the_full_forward_computes():
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"].with_ttt(layers=())
+    cfg.vocab_size, cfg.sliding_window = 300, 4
+    model = Transformer(cfg).double()
+    model.init_weights()
+    for block in model.model.layers:
+        block.self_attn.sink = True
+    idx = torch.randint(0, 300, (2, 16))
+    cache = model.new_cache(2, 16)
+    outs = [model(idx[:, :6], cache)] + [model(idx[:, t:t + 1], cache) for t in range(6, 16)]
+    torch.testing.assert_close(torch.cat(outs, 1), model(idx), rtol=1e-10, atol=1e-10)
