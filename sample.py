@@ -1,11 +1,11 @@
-"""Generate text: a chunked prefill builds the KV cache and fast weights, then one token per step.
+r"""Generate text: a chunked prefill builds the KV cache and fast weights, then one token per step.
 
-    python sample.py                                  # the byte-level model `python train.py` wrote
+    python sample.py  # the byte-level model `python train.py` wrote
     python sample.py --model HuggingFaceTB/SmolLM2-135M-Instruct --chat \
         --prompt "What is the capital of France?"
     python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --max-new-tokens 200 --no-echo
-    python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --no-ttt   # W0 only
-    python sample.py --model DIR --prompts-file prompts.jsonl   # {"prompt": ...} per line: a batch
+    python sample.py --model Qwen/Qwen3-0.6B-Base --prompt-file book.txt --no-ttt  # W0 only
+    python sample.py --model DIR --prompts-file prompts.jsonl  # {"prompt": ...} per line: a batch
     python sample.py --model DIR --prompt-tokens 32768 --max-new-tokens 256 --ignore-eos --compile
 
 Output: the prompt, then the continuation as it is made (--no-echo: the continuation alone); the
@@ -306,9 +306,10 @@ def summary(stats, device, compiled: bool) -> str:
 
 
 def fail(message: str):
-    """Exit with one line for input that parses but cannot be used (a prompt too long, a directory
-    that is not a checkpoint): argparse's error() would bury it under the whole usage block. Errors
-    of flag syntax and value stay argparse's."""
+    """Exit with one line for input that parses but cannot be used (a flag's value out of range, a
+    prompt too long, a directory that is not a checkpoint): argparse's error() would bury it under
+    the whole usage block. Errors of flag syntax (an unknown flag, a number that is not one) stay
+    argparse's."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(1)
 
@@ -330,12 +331,15 @@ def build_parser():
                    help="same checkpoint with fast-weight updates off (W0 only)")
     p.add_argument("--rope-scaling", type=parse_rope_scaling, metavar="JSON",
                    help="HF rope_scaling dict to extend the context, e.g. Qwen3's YaRN (see above)")
-    p.add_argument("--device", default=default_device())
+    p.add_argument("--device", default=default_device(),
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu: "
+                        "%(default)s here)")
     p.add_argument("--dtype", type=parse_dtype,
                    help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     # the prompt: one of these (default: a short text prompt)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="The meaning of life is", help="prompt text")
+    src.add_argument("--prompt", default="The meaning of life is",
+                     help="prompt text (default: %(default)r)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file")
     src.add_argument("--prompt-tokens", type=int, metavar="N",
                      help="a random prompt of N tokens, for speed runs (never printed)")
@@ -372,20 +376,20 @@ def build_parser():
     return p
 
 
-def check_flags(parser, args):
-    """Flag values argparse's types let through; errors are argparse's, as they are about a flag."""
+def check_flags(args):
+    """Flag values argparse's types let through. Each is one line naming the flag, the value and
+    what is allowed (fail): the usage block would bury a message about one value."""
     for name in ("max_new_tokens", "prompt_tokens", "prefill_chunk", "top_k", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     # float() accepts nan and inf: nan poisons the softmax, inf silently makes it uniform.
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        parser.error(f"--temperature must be a finite number >= 0 (0: greedy), "
-                     f"got {args.temperature}")
+        fail(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:  # nan fails this comparison too
-        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+        fail(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.chat and args.prompt_tokens is not None:  # random ids have no text to wrap
-        parser.error("--chat wraps text prompts; it cannot be used with --prompt-tokens")
+        fail("--chat wraps text prompts; it cannot be used with --prompt-tokens")
 
 
 def read_inputs(args):
@@ -413,7 +417,7 @@ def read_inputs(args):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_flags(parser, args)
+    check_flags(args)
     try:  # everything that can be wrong with the input is checked before the weights are read
         path, cfg, tok, texts, prompts = read_inputs(args)
     except (OSError, ValueError) as e:

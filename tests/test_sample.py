@@ -235,13 +235,22 @@ BAD = {
                     "not allowed with argument"),
     "missing-weights": (["--model", "{ckpt}", "--max-new-tokens", "2"], "no model.safetensors"),
     "zero-threads": (["--model", "{ckpt}", "--threads", "0"], "--threads must be at least 1, got 0"),
+    "negative-new-tokens": (["--model", "{ckpt}", "--max-new-tokens", "-1"],
+                            "error: --max-new-tokens must be at least 1, got -1\n"),
+    "minus-one-temperature": (["--model", "{ckpt}", "--temperature", "-1"],
+                              "error: --temperature must be a finite number >= 0 (0: greedy), "
+                              "got -1.0\n"),
 }
 
 
-# Input that parses but cannot be used: one line, not argparse's usage block.
+# Input that parses but cannot be used, or a flag's value out of its range: one line, not
+# argparse's usage block.
 ONE_LINE = {"unknown-model", "not-a-checkpoint", "no-default-checkpoint", "empty-prompt",
             "blank-prompt-file", "unreadable-file", "jsonl-without-prompt", "jsonl-empty-prompt",
-            "too-long", "too-long-in-batch", "corrupt-tokenizer", "missing-weights"}
+            "too-long", "too-long-in-batch", "corrupt-tokenizer", "missing-weights",
+            "zero-new-tokens", "zero-top-k", "nan-temperature", "inf-temperature",
+            "negative-temperature", "zero-top-p", "large-top-p", "nan-top-p", "chat-random-prompt",
+            "zero-threads", "negative-new-tokens", "minus-one-temperature"}
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
@@ -265,6 +274,19 @@ def test_bad_input_is_a_clear_error(case, weightless, tmp_path, monkeypatch, cap
         assert err.startswith("error: ") and err.count("\n") == 1
     else:  # about a flag's syntax or value: argparse's usage, then its error
         assert err.startswith("usage: ")
+
+
+def test_help_shows_the_prompts_default_and_the_device_and_examples_keep_their_lines(capsys,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps help at the terminal's width
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    out = capsys.readouterr().out
+    assert "prompt text (default: 'The meaning of life is')" in out
+    assert "cpu, cuda, cuda:1, ... (default: cuda when available, else cpu: " in out
+    examples = [line for line in out.splitlines() if line.startswith("    python sample.py")]
+    assert len(examples) == 6 and not any("   " in line.strip() for line in examples)
+    assert "--chat \\\n        --prompt" in out  # the continued example stays two lines
 
 
 def test_the_prompt_comes_first_and_no_echo_prints_the_continuation_alone(tiny_ckpt, capsys):
