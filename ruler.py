@@ -1,4 +1,4 @@
-"""RULER (Hsieh et al., 2024): long-context evaluation, generated, run and scored in one file.
+r"""RULER (Hsieh et al., 2024): long-context evaluation, generated, run and scored in one file.
 
 RULER's 13 tasks, same ids: eight needle-in-a-haystack variants (niah_*), variable tracking (vt),
 common and frequent word extraction (cwe, fwe), and single-hop / two-hop question answering over
@@ -8,11 +8,11 @@ task whose smallest prompt does not fit L (vt and cwe at 1K on a byte-level mode
 saying so, and reads "skipped" in the table. Scoring is RULER's substring match.
 
     python ruler.py --model Qwen/Qwen3-0.6B-Base --lengths 4k,8k,16k --tasks all --samples 100
-    python ruler.py --model out/qwen3-ttt --lengths 4k,32k --compare-ttt   # TTT on and off: 2 rows
+    python ruler.py --model out/qwen3-ttt --lengths 4k,32k --compare-ttt  # TTT on and off: 2 rows
     # past Qwen3's 40K context; rerun the same command after a crash: it resumes
     python ruler.py --model out/qwen3-ttt --lengths 64k,128k --batch-size 4 \
         --rope-scaling '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
-    python ruler.py --tokenizer Qwen/Qwen3-0.6B --lengths 4k --generate-only   # jsonl, no model
+    python ruler.py --tokenizer Qwen/Qwen3-0.6B --lengths 4k --generate-only  # jsonl, no model
 
 A rerun into the same --out reuses a finished prediction only if everything that could change it is
 the same: the weights and tokenizer files, dtype, RoPE scaling, TTT settings, chat, the task's token
@@ -770,6 +770,13 @@ def default_out(source: str) -> Path:
     return Path("out/ruler", *parts[-2:])
 
 
+def unknown_tasks(unknown: list[str]) -> str:
+    """"unknown tasks [...]", and which ids a name begins, as "niah" begins the eight niah_*."""
+    starts = {t: [k for k in TASKS if k.startswith(t)] for t in unknown}
+    hints = [f"{t!r} begins {len(ks)}: {', '.join(ks)}" for t, ks in starts.items() if ks]
+    return f"unknown tasks {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+
+
 def build_parser():
     import load_hf  # torch and the model, imported only by the commands that run one
     from sample import default_threads
@@ -885,7 +892,8 @@ def main(argv=None):
     lengths = args.lengths  # parsed, checked and sorted by parse_lengths
     tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")
     if unknown := [t for t in tasks if t not in TASKS]:
-        ap.error(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
+        fail(f"--tasks {args.tasks}: {unknown_tasks(unknown)}; allowed: all, or comma-separated "
+             f"ids from {', '.join(TASKS)}")
     try:
         device = torch.device(load_hf.default_device(args.device))
     except RuntimeError:

@@ -408,6 +408,11 @@ BAD_ARGS = {
     "batch-size-text": (["--batch-size", "two"],
                         "argument --batch-size: 'two' is not a whole number >= 1"),
     "unknown-task": (["--tasks", "vt,niah"], "unknown tasks ['niah']"),
+    "ambiguous-task": (["--tasks", "niah"],
+                       "error: --tasks niah: unknown tasks ['niah'] ('niah' begins 8: "
+                       "niah_single_1, niah_single_2, niah_single_3, niah_multikey_1, "
+                       "niah_multikey_2, niah_multikey_3, niah_multivalue, niah_multiquery); "
+                       "allowed: all, or comma-separated ids from niah_single_1, "),
     "dtype": (["--dtype", "fp8"], "argument --dtype: unknown dtype 'fp8'"),
     "device": (["--device", "gpu"], "--device 'gpu' is not a torch device"),
     "rope-scaling": (["--rope-scaling", '{"rope_type": "yarn"}'], "argument --rope-scaling"),
@@ -545,10 +550,10 @@ def test_default_out_keeps_two_models_apart(tmp_path, monkeypatch):
     assert ruler.default_out(str(tmp_path / "base-run" / "hf")) == Path("out/ruler/base-run/hf")
 
 
-ONE_LINE = ["past-context", "no-model", "corrupt-tokenizer"]
+ONE_LINE = ["past-context", "no-model", "corrupt-tokenizer", "unknown-task", "ambiguous-task"]
 
 
-@pytest.mark.parametrize("case", ONE_LINE + ["length-0", "unknown-task"])
+@pytest.mark.parametrize("case", ONE_LINE + ["length-0"])
 def test_input_errors_are_one_line_and_flag_errors_keep_the_usage(tiny_ttt_dir, tmp_path, capsys,
                                                                    case):
     shutil.copytree(tiny_ttt_dir[1], tmp_path / "badtok",
