@@ -342,12 +342,14 @@ def lr_at(step, lr, min_lr, warmup, steps) -> float:
 # Watching: validation loss by position and the size of each TTT layer's fast-weight update
 
 
-def position_buckets(seq_len) -> list[tuple[int, int]]:
+def position_buckets(seq_len, growth=4) -> list[tuple[int, int]]:
     """Log-spaced position ranges [0, 64), [64, 256), [256, 1024), ... cut at seq_len. A model that
-    uses distant context (attention far back, or a fast weight) has lower loss in later buckets."""
+    uses distant context (attention far back, or a fast weight) has lower loss in later buckets.
+    growth 2 (study/probes.py): [64, 128), [128, 256), ..., so the inside and the outside of a
+    128-token window fall in different buckets."""
     edges = [0, 64]
     while edges[-1] < seq_len:
-        edges.append(edges[-1] * 4)
+        edges.append(edges[-1] * growth)
     edges = [min(e, seq_len) for e in edges]
     return [(lo, hi) for lo, hi in zip(edges, edges[1:]) if lo < hi]
 
@@ -501,6 +503,14 @@ class Run:
                 f.write(json.dumps(row) + "\n")
 
 
+def run_config(args) -> tuple[str | None, ModelConfig]:
+    """(init, cfg): the checkpoint the run continues (None: from scratch) and the model config
+    the flags ask for. study/probes.py rebuilds a run's starting point with it."""
+    init = load_hf.resolve_init(args.init)
+    return init, load_hf.model_config(args.preset, init, dict(args.override), args.ttt_layers,
+                                      args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
+
+
 def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     """Flags -> process group, config, tokenizer, data, model and optimizer; None after
     --prepare-only. Bad flags and an --out holding another run fail here, before weights load.
@@ -511,9 +521,7 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     log = print if rank == 0 else (lambda *a: None)
     # Cheap checks first (config, ranks, batch split, tokenizer, what --out holds), then the data,
     # then the checkpoints' integrity, then the weights.
-    init = load_hf.resolve_init(args.init)
-    cfg = load_hf.model_config(args.preset, init, dict(args.override), args.ttt_layers,
-                               args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
+    init, cfg = run_config(args)
     dp_rank, dp, cp_group = context_parallel(args.cp, args.seq_len, cfg, device,
                                              ranks=not args.prepare_only)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, dp)
