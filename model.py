@@ -113,13 +113,13 @@ def _llama3_rope(factor):
 
 
 PRESETS = {
-    # The CPU demo and study.py (train.py's default): byte-level, tokenizer.write_byte_tokenizer's
+    # The CPU demo and the study (train.py's default): byte-level, tokenizer.write_byte_tokenizer's
     # 257 ids (not padded: on a CPU a round size buys no speed, and padding rows would be ids the
     # sampler could draw but training never shows). 0.85M parameters besides the 33K embedding,
     # about 5,000 tokens/s through loss, backward and AdamW on one core at context 1024. TTT in
     # layers 1 and 3, after an attention layer has mixed context into the MLP input (H then says
     # where in the text we are); C = 1024 / 8, the recipe's 4096-of-32K ratio; from-scratch targets
-    # from the token embeddings, as train.py defaults; eta 1.0, what study.py's recall task uses.
+    # from the token embeddings, as train.py defaults; eta 1.0, what the study's recall task uses.
     "bytes": ModelConfig(
         arch="qwen3", vocab_size=257, hidden_size=128, intermediate_size=384, num_layers=4,
         num_heads=4, num_kv_heads=4, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e4,

