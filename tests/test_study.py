@@ -385,3 +385,14 @@ def test_the_long_context_probe_asks_train_py_for_what_it_says():
         assert args.val_windows * 4096 == 282_624  # every held-out token, as the study scores them
         assert dict(args.override)["sliding_window"] == 128
         assert args.no_ttt == (arm == "swa") and (arm == "swa" or args.ttt_init == arm)
+
+
+def test_help_names_every_file_the_study_writes_and_its_measured_times(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        run.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m study")
+    for name in ("RESULTS.md", "study.png", "text.png", "learned.png"):
+        assert f"<out>/{name}" in out
+    assert "about 47 minutes on 2 cores" in out and "toy sizes: about 3 minutes" in out
