@@ -37,7 +37,6 @@ share. The README explains the flags at more length.
 import argparse
 import json
 import math
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -48,20 +47,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import load_hf
-import ttt
 from checkpoint import (TRAIN_META, check_out, hold_out, pick_resume, prepare_out, refuse_links,
                         resume, run_files, save_checkpoint, stop_nonfinite)
-from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, seq_shard,
-                  split_data, step_batches, validation_starts, window_batch)
+from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
+                  step_batches, validation_starts, window_batch)
 from load_hf import (AtLeast, HelpFormatter, default_device, default_dtype, parse_layers,
                      parse_override)
 from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
+from parallel import (context_parallel, cp_shard, parallelize, seq_shard, setup_distributed,
+                      shard_loss)
 
 # Continual pretraining (--init) defaults to the official release's optimizer settings
 # (configs/pretrain/qwen3_longct.yaml and llama3_longct.yaml): peak lr 5e-6, linear warmup over 2%
@@ -222,59 +220,9 @@ def parse_args(argv=None):
 # Distributed setup, the model and its optimizer
 
 
-def setup_distributed(device_arg=None):
-    """Join the torchrun group, or make a world of one (in-process store, no ports), so `python` and
-    `torchrun` run the same FSDP2 code. device_arg "cpu" / "cuda" / None (cuda when available).
-    Returns (rank, world, device)."""
-    use_cuda = default_device(device_arg) == "cuda"
-    local = int(os.environ.get("LOCAL_RANK", 0))  # torchrun's GPU index on this node
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:  # before the process group, so NCCL binds this rank to its own GPU
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():  # tests call this again within one process
-        backend = "nccl" if use_cuda else "gloo"
-        if "RANK" in os.environ:  # started by torchrun: it set the rendezvous variables
-            dist.init_process_group(backend, device_id=device if use_cuda else None)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def context_parallel(cp, seq_len, cfg: ModelConfig, device, ranks=True
-                     ) -> tuple[int, int, dist.ProcessGroup | None]:
-    """The world as dp x cp ranks: rank g holds shard g % cp of the windows its data-parallel rank
-    g // cp reads (a group's ranks are consecutive: one node's GPUs carry its K/V gathers). Returns
-    (data-parallel rank, dp, the context-parallel group or None for cp 1). Refused by name: shards
-    that are not whole TTT chunks (ttt.check_cp_shard), a world that cp does not divide (unless
-    `ranks` is False: --prepare-only, which may tokenise in one process for a job of many)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if cp > 1:  # one rank takes any length: only shards must be whole chunks
-        ttt_layers = [i for i in cfg.ttt_layers if i < cfg.num_layers]  # as Transformer keeps
-        try:
-            ttt.check_cp_shard(seq_len, cp, cfg.ttt_chunk if ttt_layers else None)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-    if not ranks:
-        return rank, world, None
-    if world % cp:
-        raise SystemExit(f"--cp {cp}: {world} rank(s) do not form groups of {cp} (torchrun "
-                         f"--nproc_per_node times the nodes must be a multiple of --cp)")
-    if cp == 1:  # no group: the one-rank code path, unchanged
-        return rank, world, None
-    # FSDP still shards over all ranks (build_model's 1-D mesh, torchtitan's dp_shard_cp): the
-    # gradients average over dp x cp ranks, which the loss's x R / the group's count expects.
-    mesh = init_device_mesh(device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
-    return mesh.get_local_rank("dp"), world // cp, mesh["cp"].get_group()
-
-
-def cp_shard(cp_group) -> tuple[int, int]:
-    """(r, R): this rank holds part r of R of every window (data.seq_shard); (0, 1) without CP."""
-    return (0, 1) if cp_group is None else (dist.get_rank(cp_group), dist.get_world_size(cp_group))
-
-
 def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", calibration=None, fill=True,
                 train_only="all", activation_checkpointing=False, compile=False,
-                precision=None) -> Transformer:
+                precision=None, cp_group=None) -> Transformer:
     """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root ->
     real memory, filled from load_hf.full_model() (weights of `init` or a seeded fresh init, TTT
     parameters as ttt_init says; calibration: the token ids a "calibrated" start measures on) unless
@@ -283,22 +231,9 @@ def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", calibration
     name, e.g. "aot_eager". precision "bf16" / "fp32" (None: load_hf.default_dtype of the device)."""
     with torch.device("meta"):  # shapes only: even rank 0 never holds the model on the GPU whole
         model = Transformer(cfg)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # one dimension: plain FSDP
-    # bf16: FSDP2 casts the gathered weights to bf16 for compute and reduces the gradients in fp32
-    # into fp32 master weights, which the optimizer updates. The TTT state stays fp32 regardless
-    # (cfg.ttt_fp32_state): bf16 would round small per-chunk updates away.
     bf16 = precision == "bf16" if precision else default_dtype(device) == torch.bfloat16
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
-    for block in model.model.layers:  # a block is the unit of all-gather, recompute and compile
-        if activation_checkpointing:
-            # the composable API keeps parameter names (no wrapper module in the key)
-            from torch.distributed._composable import checkpoint
-            checkpoint(block)
-        if compile:  # per block: every block has the same graph, compiled once
-            block.compile(backend="inductor" if compile is True else compile)
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embeddings, final norm, (tied) head
-    register_fsdp_forward_method(model, "loss")  # loss() bypasses forward(): FSDP must hook it too
+    parallelize(model, device, cp_group=cp_group, bf16=bf16,
+                activation_checkpointing=activation_checkpointing, compile=compile)
     model.to_empty(device=device)  # real memory for the shards only, contents undefined
     if fill:  # rank 0 alone holds the full model; the others receive their shards from it
         first = dist.get_rank() == 0
@@ -380,7 +315,7 @@ def validate(model, val: TokenStream, seq_len, val_windows, micro_batch, rank, w
         x, y = window_batch(val, starts[np.where(chunk < val_windows, chunk, 0)], seq_len)
         y = y.masked_fill(~real[:, None], -100)  # out of place: x and y share memory
         x, y = seq_shard((x.to(device), y.to(device)), shard)
-        losses = model.loss(x, y, reduction="none", cp_group=cp_group)  # (b, T/R), 0 if ignored
+        losses = shard_loss(model, x, y, cp_group, reduction="none")  # (b, T/R), 0 if ignored
         pos_sum[cols] += losses.sum(0)  # this shard's positions
         pos_count[cols] += (y != -100).sum(0)
         for j, mlp in enumerate(mlps if last else []):  # (b,) ratios; padding windows weigh 0
@@ -430,8 +365,8 @@ def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_para
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)  # on the device: no sync per micro-batch
     for x, y in batches:  # under CP a loss whose mean over the group is the sequences' mean
-        loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                          cp_group=cp_group)
+        loss = shard_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                          cp_group)
         (loss / len(batches)).backward()
         loss_sum += loss.detach()
     dist.all_reduce(loss_sum)  # a sum: gloo has no AVG
@@ -457,7 +392,7 @@ def batch_loss(model, batches, device, world, cp_group=None) -> float:
     ranks: train_step's loss without the gradient or the update."""
     loss_sum = torch.zeros((), device=device)
     for x, y in batches:
-        loss_sum += model.loss(x.to(device), y.to(device), cp_group=cp_group)
+        loss_sum += shard_loss(model, x.to(device), y.to(device), cp_group)
     model.reshard()  # a no-grad forward leaves the root unsharded
     dist.all_reduce(loss_sum)
     return loss_sum.item() / (len(batches) * world)
@@ -538,7 +473,7 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     model = build_model(cfg, device, init=init, seed=args.seed, ttt_init=args.ttt_init,
                         calibration=first, fill=resume_from is None, train_only=args.train_only,
                         compile=args.compile, precision=args.precision,
-                        activation_checkpointing=args.activation_checkpointing)
+                        activation_checkpointing=args.activation_checkpointing, cp_group=cp_group)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n) and p.requires_grad]
     # train.json records everything needed to rebuild the model (export) and to check a resume.
@@ -577,8 +512,7 @@ def run_loop(run: Run, start: int, args) -> Path:
     t_start, row = time.perf_counter(), None
     for step in bar:  # `step` steps done so far; the row written is step + 1
         t0 = time.perf_counter()
-        batches = step_batches(run.tokens, args.seed, step, args.seq_len, run.layout, run.dp_rank,
-                               cp_shard(run.cp_group))
+        batches = batches_at(run, args, step)
         lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
         loss, grad_norm, ttt_norm = train_step(run.model, run.optimizer, batches, lr,
                                                args.grad_clip, run.device, run.world,
@@ -601,6 +535,13 @@ def run_loop(run: Run, start: int, args) -> Path:
         run.log(f"step {args.steps}: loss {row['loss']:.4f}{summary(row)}; {n:,} tokens in "
                 f"{wall:.0f} s, {n / wall:,.0f} tokens/s")
     return good  # the resumed checkpoint when there was nothing left to do
+
+
+def batches_at(run: Run, args, step) -> list:
+    """This rank's micro-batches [(x, y)] of `step`: its data-parallel windows, its CP shard."""
+    shard = cp_shard(run.cp_group)
+    return [seq_shard(b, shard) for b in step_batches(run.tokens, args.seed, step, args.seq_len,
+                                                      run.layout, run.dp_rank)]
 
 
 def describe(run: Run, args) -> str:
@@ -638,8 +579,7 @@ def checked_save(run: Run, args, step, good: Path | None) -> Path:
     """Checkpoint the weights after `step` steps once they gave a finite loss on the batch the
     next step trains on (one forward more, a third of a step): saved unchecked, a checkpoint could
     hold the very weights that make the next step non-finite. Returns the checkpoint."""
-    after = step_batches(run.tokens, args.seed, step, args.seq_len, run.layout, run.dp_rank,
-                         cp_shard(run.cp_group))
+    after = batches_at(run, args, step)
     next_loss = batch_loss(run.model, after, run.device, run.world, run.cp_group)
     if not math.isfinite(next_loss):
         stop_nonfinite(f"step {step}: the updated weights give loss {next_loss} on the next "

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 import checkpoint
 import load_hf
 import train
-from data import seq_shard
+from parallel import cp_shard, seq_shard, shard_loss
 
 STEPS, RESUME_AT = 4, 2
 IDX = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(0))  # as test_train_precision.py
@@ -52,9 +52,10 @@ def compiled_grads(idx, path):
     cfg = small_config().with_ttt(lr=3.0)  # as test_train_precision.py's eager oracle
     _, _, device = train.setup_distributed("cpu")
     _, _, group = train.context_parallel(2, idx.shape[1] - 1, cfg, device)
-    model = train.build_model(cfg, device, fill=False, compile="aot_eager", activation_checkpointing=True)
+    model = train.build_model(cfg, device, fill=False, compile="aot_eager", activation_checkpointing=True,
+                              cp_group=group)
     set_model_state_dict(model, full_state(cfg), options=StateDictOptions(full_state_dict=True))
-    loss = model.loss(*seq_shard((idx[:, :-1], idx[:, 1:]), train.cp_shard(group)), cp_group=group)
+    loss = shard_loss(model, *seq_shard((idx[:, :-1], idx[:, 1:]), cp_shard(group)), group)
     loss.backward()
     dist.all_reduce(mean := loss.detach().clone())
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
