@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from load_hf import default_device, parse_dtype
+from cli import default_device, parse_dtype
 from model import MLP, ModelConfig, is_ttt_param
 
 # -----------------------------------------------------------------------------

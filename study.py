@@ -52,9 +52,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cli
 import load_hf
 import model as modeling
 import train
+import train_model
 import ttt
 from checkpoint import atomic_write
 from data import (TokenStream, batch_layout, byte_tokenizer, data_files, load_npz, load_tokenizer,
@@ -436,8 +438,8 @@ def text_scores(hf_dir, val: TokenStream, L, variant="on", window=None, n=None,
 def first_step(argv) -> tuple:
     """(starting model, first batch [(x, y)]) of a run, as train.py builds them."""
     args = train.parse_args(argv)
-    init = load_hf.resolve_init(args.init)
-    cfg = load_hf.model_config(args.preset, init, dict(args.override), args.ttt_layers,
+    init = train_model.resolve_init(args.init)
+    cfg = train_model.model_config(args.preset, init, dict(args.override), args.ttt_layers,
                                args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
     tokenizer = args.tokenizer or (None if init else byte_tokenizer(args.cache, 0))
     tok_dir, sep, tok = load_tokenizer(tokenizer, init, cfg)
@@ -445,7 +447,7 @@ def first_step(argv) -> tuple:
                          args.cache, 0, cfg.vocab_size, tok)
     layout = batch_layout(args.batch_tokens, args.seq_len, None, 1)
     batches = step_batches(data, args.seed, 0, args.seq_len, layout, 0)
-    model = load_hf.full_model(cfg, init, args.seed, args.ttt_init,
+    model = train_model.full_model(cfg, init, args.seed, args.ttt_init,
                                torch.cat([x for x, _ in batches]))
     return model, batches
 
@@ -950,10 +952,10 @@ def picture_answers(results, sizes: Sizes, out: Path) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=load_hf.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--quick", action="store_true", help="toy sizes: the pipeline in a minute")
     p.add_argument("--out", help="study directory (default: out/study, or out/study-quick)")
-    p.add_argument("--jobs", type=int, action=load_hf.AtLeast, low=1, default=2,
+    p.add_argument("--jobs", type=int, action=cli.AtLeast, low=1, default=2,
                    help="train.py runs at a time (one thread each)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL

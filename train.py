@@ -46,20 +46,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import load_hf
 from checkpoint import (TRAIN_META, check_out, hold_out, pick_resume, prepare_out, refuse_links,
                         resume, run_files, save_checkpoint, stop_nonfinite)
+from cli import AtLeast, HelpFormatter, default_device, default_dtype, parse_layers
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
                   step_batches, validation_starts, window_batch)
-from load_hf import (AtLeast, HelpFormatter, default_device, default_dtype, parse_layers,
-                     parse_override)
 from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
-from parallel import (context_parallel, cp_shard, parallelize, seq_shard, setup_distributed,
-                      shard_loss)
+from parallel import context_parallel, cp_shard, seq_shard, setup_distributed, shard_loss
+from train_model import build_model, check_config, model_config, parse_override, resolve_init
 
 # Continual pretraining (--init) defaults to the official release's optimizer settings
 # (configs/pretrain/qwen3_longct.yaml and llama3_longct.yaml): peak lr 5e-6, linear warmup over 2%
@@ -218,34 +216,6 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # Distributed setup, the model and its optimizer
-
-
-def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", calibration=None, fill=True,
-                train_only="all", activation_checkpointing=False, compile=False,
-                precision=None, cp_group=None) -> Transformer:
-    """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root ->
-    real memory, filled from load_hf.full_model() (weights of `init` or a seeded fresh init, TTT
-    parameters as ttt_init says; calibration: the token ids a "calibrated" start measures on) unless
-    a checkpoint load will fill it (fill=False). train_only
-    "ttt" freezes all but the TTT parameters. compile: True (inductor) or a torch.compile backend
-    name, e.g. "aot_eager". precision "bf16" / "fp32" (None: load_hf.default_dtype of the device)."""
-    with torch.device("meta"):  # shapes only: even rank 0 never holds the model on the GPU whole
-        model = Transformer(cfg)
-    bf16 = precision == "bf16" if precision else default_dtype(device) == torch.bfloat16
-    parallelize(model, device, cp_group=cp_group, bf16=bf16,
-                activation_checkpointing=activation_checkpointing, compile=compile)
-    model.to_empty(device=device)  # real memory for the shards only, contents undefined
-    if fill:  # rank 0 alone holds the full model; the others receive their shards from it
-        first = dist.get_rank() == 0
-        source = load_hf.full_model(cfg, init, seed, ttt_init, calibration).state_dict() \
-            if first else {}
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, source, options=options)
-        del source  # free rank 0's full copy before training allocates
-    if train_only == "ttt":  # the base weights stay exactly the checkpoint's
-        for name, p in model.named_parameters():
-            p.requires_grad_(is_ttt_param(name))
-    return model
 
 
 def make_optimizer(model, lr, weight_decay, device) -> torch.optim.AdamW:
@@ -445,13 +415,13 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     log = print if rank == 0 else (lambda *a: None)
     # Cheap checks first (config, ranks, batch split, tokenizer, what --out holds), then the data,
     # then the checkpoints' integrity, then the weights.
-    init = load_hf.resolve_init(args.init)
-    cfg = load_hf.model_config(args.preset, init, dict(args.override), args.ttt_layers,
+    init = resolve_init(args.init)
+    cfg = model_config(args.preset, init, dict(args.override), args.ttt_layers,
                                args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
     dp_rank, dp, cp_group = context_parallel(args.cp, args.seq_len, cfg, device,
                                              ranks=not args.prepare_only)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, dp)
-    load_hf.check_config(cfg, args.ttt_init, export=not args.no_export)
+    check_config(cfg, args.ttt_init, export=not args.no_export)
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, rank)
     out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
     refuse_links(out)  # before the lock: its own file could be a link

@@ -18,7 +18,8 @@ import load_hf
 import study
 import train
 from data import TokenStream, load_npz, read_stream, split_data, window_batch
-from load_hf import full_model, load_config, model_config
+from load_hf import load_config
+from train_model import full_model, model_config
 from model import PRESETS, TTT_INITS, Transformer
 from tokenizer import Tokenizer
 

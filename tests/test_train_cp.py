@@ -28,8 +28,8 @@ from test_train_precision import full_state, loss_and_grads, small_config
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import checkpoint
-import load_hf
 import train
+import train_model
 from parallel import cp_shard, seq_shard, shard_loss
 
 STEPS, RESUME_AT = 4, 2
@@ -196,7 +196,7 @@ def test_prepare_only_tokenises_in_one_process_for_a_cp_job(tmp_path, byte_token
 
 def test_one_rank_takes_a_length_that_is_not_whole_chunks(byte_tokenizer):
     flags = train.parse_args(small_args(byte_tokenizer, "", ""))
-    cfg = load_hf.model_config(override=dict(flags.override), ttt_layers=flags.ttt_layers, ttt_chunk=16)
+    cfg = train_model.model_config(override=dict(flags.override), ttt_layers=flags.ttt_layers, ttt_chunk=16)
     try:
         _, _, device = train.setup_distributed("cpu")
         assert train.context_parallel(1, 40, cfg, device) == (0, 1, None)
