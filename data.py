@@ -337,11 +337,21 @@ def batch_layout(batch_tokens, seq_len, micro_batch, dp) -> tuple[int, int, int]
     n_windows = batch_tokens // seq_len
     share = n_windows // dp  # a global batch, so the trajectory does not depend on the ranks
     micro = micro_batch or share  # None: a rank's whole share in one forward
-    # Unequal shares would make ranks disagree on the number of FSDP collectives and hang.
-    if batch_tokens % seq_len or n_windows % dp or not micro or share % micro:
-        raise SystemExit(f"--batch-tokens {batch_tokens} must split into windows of --seq-len "
-                         f"{seq_len}, shared equally by {dp} data-parallel rank(s) in "
-                         f"micro-batches of {micro} windows")
+    # Unequal shares would make ranks disagree on the number of FSDP collectives and hang. Each
+    # message names the flags the user passed, and a value that works.
+    step = f"--batch-tokens {batch_tokens}"
+    if batch_tokens % seq_len or not n_windows:
+        fits = max(n_windows, 1) * seq_len
+        raise SystemExit(f"{step} is not a whole number of windows of --seq-len {seq_len}: a step "
+                         f"is whole windows, e.g. --batch-tokens {fits}")
+    if n_windows % dp:
+        raise SystemExit(f"{step} is {n_windows} windows of --seq-len {seq_len}, which {dp} "
+                         f"data-parallel ranks cannot share equally: use a multiple of "
+                         f"{dp} x {seq_len} = {dp * seq_len}")
+    if share % micro:
+        raise SystemExit(f"--micro-batch {micro} does not divide the {share} windows each "
+                         f"data-parallel rank takes per step ({step} / --seq-len {seq_len} / "
+                         f"{dp} rank(s))")
     return n_windows, share, micro
 
 

@@ -43,21 +43,20 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-import load_hf
-from checkpoint import (TRAIN_META, check_out, hold_out, pick_resume, prepare_out, refuse_links,
-                        resume, run_files, save_checkpoint, stop_nonfinite)
+from checkpoint import pick_resume, prepare_out, resume, save_checkpoint, stop_nonfinite
 from cli import AtLeast, HelpFormatter, default_device, default_dtype, parse_layers
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
-                  step_batches, validation_starts, window_batch)
+                  step_batches)
 from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 from parallel import context_parallel, cp_shard, seq_shard, setup_distributed, shard_loss
+from run_dir import claim_out, export_final
 from train_model import build_model, check_config, model_config, parse_override, resolve_init
+from watch import mfu, summary, validate
 
 # Continual pretraining (--init) defaults to the official release's optimizer settings
 # (configs/pretrain/qwen3_longct.yaml and llama3_longct.yaml): peak lr 5e-6, linear warmup over 2%
@@ -77,9 +76,6 @@ SCRATCH_LR, SCRATCH_WARMUP = 3e-3, 5
 # a default must not: pass --ttt-init zero-conv or calibrated for a memory task, and watch
 # ‖ΣΔW‖/‖W0‖.
 DEFAULT_TTT_INIT = "paper"
-# Dense bf16 peak FLOP/s per GPU for MFU. First match wins, so "H100 PCIe" precedes "H100".
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-              ("A100", 312e12), ("L40S", 362e12), ("B200", 2250e12)]
 
 
 # -----------------------------------------------------------------------------
@@ -215,161 +211,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Distributed setup, the model and its optimizer
-
-
-def make_optimizer(model, lr, weight_decay, device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms and the TTT conv (scales and a smoothing kernel, not feature
-    maps). Parameters frozen by train_only="ttt" are left out."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            plain = name.endswith("norm.weight") or name.endswith("ttt_conv.weight")
-            (no_decay if plain else decay).append(p)
-    groups = [dict(params=decay, weight_decay=weight_decay),
-              dict(params=no_decay, weight_decay=0.0)]
-    # betas (0.9, 0.95): the usual LLM pretraining choice; fused kernels exist on CUDA only
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type == "cuda" or None)
-
-
-def lr_at(step, lr, min_lr, warmup, steps) -> float:
-    """Linear warmup to lr over `warmup` steps, then cosine decay to min_lr at step `steps`: a pure
-    function of the step, so a checkpoint needs no scheduler state."""
-    if step < warmup:
-        return lr * (step + 1) / warmup  # step 0 already moves: lr / warmup, never 0
-    progress = (step - warmup) / max(1, steps - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-# -----------------------------------------------------------------------------
-# Watching: validation loss by position and the size of each TTT layer's fast-weight update
-
-
-def position_buckets(seq_len) -> list[tuple[int, int]]:
-    """Log-spaced position ranges [0, 64), [64, 256), [256, 1024), ... cut at seq_len. A model that
-    uses distant context (attention far back, or a fast weight) has lower loss in later buckets."""
-    edges = [0, 64]
-    while edges[-1] < seq_len:
-        edges.append(edges[-1] * 4)
-    edges = [min(e, seq_len) for e in edges]
-    return [(lo, hi) for lo, hi in zip(edges, edges[1:]) if lo < hi]
-
-
-@torch.no_grad()
-def validate(model, val: TokenStream, seq_len, val_windows, micro_batch, rank, world,
-             device, cp_group=None) -> dict:
-    """Mean loss over the first val_windows windows of `val`, also per position bucket
-    ("val_loss_pos.LO-HI"), and ‖ΣΔW‖ / ‖W0‖ per TTT layer over a window ("ttt_dw_rel.I", the
-    first sign of an unstable TTT run, measured by each TTT MLP from the state its forward
-    computed: MLP.measure_update). The windows are shared by the `world` data-parallel ranks
-    (`rank` is this one's), each split over cp_group's ranks. Every rank runs the same number of
-    forwards (FSDP all-gathers in each); windows past the end are padding with ignored targets and
-    weight 0. micro_batch None: a rank's windows in one forward."""
-    per_rank = -(-val_windows // world)  # ceil: the last rank may get padding
-    mb = min(micro_batch or per_rank, per_rank)  # the training micro-batch bounds memory here too
-    ids = np.arange(rank * per_rank, (rank + 1) * per_rank)
-    starts = validation_starts(val, val_windows, seq_len)
-    shard = cp_shard(cp_group)
-    cols = slice(shard[0] * seq_len // shard[1], (shard[0] + 1) * seq_len // shard[1])
-    last = shard[0] == shard[1] - 1  # the only shard whose state sums the whole window's ΔW
-    pos_sum = torch.zeros(seq_len, device=device)  # summed loss and number of targets per position
-    pos_count = torch.zeros(seq_len, device=device)
-    mlps = [model.model.layers[i].mlp for i in model.ttt_layers]
-    ratios = torch.zeros(len(mlps), device=device)  # summed over the real windows, per TTT layer
-    for mlp in mlps:
-        mlp.measure_update = True
-    for i in range(0, per_rank, mb):
-        chunk = ids[i:i + mb]
-        real = torch.from_numpy(chunk < val_windows)
-        x, y = window_batch(val, starts[np.where(chunk < val_windows, chunk, 0)], seq_len)
-        y = y.masked_fill(~real[:, None], -100)  # out of place: x and y share memory
-        x, y = seq_shard((x.to(device), y.to(device)), shard)
-        losses = shard_loss(model, x, y, cp_group, reduction="none")  # (b, T/R), 0 if ignored
-        pos_sum[cols] += losses.sum(0)  # this shard's positions
-        pos_count[cols] += (y != -100).sum(0)
-        for j, mlp in enumerate(mlps if last else []):  # (b,) ratios; padding windows weigh 0
-            ratios[j] += (mlp.update_ratio * real.to(device, torch.float32)).sum()
-    for mlp in mlps:  # training forwards measure nothing
-        mlp.measure_update, mlp.update_ratio = False, None
-    model.reshard()  # a no-grad forward leaves the root unsharded; training and saving want shards
-    totals = torch.cat([pos_sum, pos_count, ratios])
-    dist.all_reduce(totals)
-    pos_sum, pos_count, ratios = totals[:seq_len], totals[seq_len:2 * seq_len], totals[2 * seq_len:]
-    # Token-weighted means (the same as window-weighted when every target counts, as in text).
-    row = {"val_loss": (pos_sum.sum() / pos_count.sum().clamp(min=1)).item()}
-    for lo, hi in position_buckets(seq_len):
-        n = pos_count[lo:hi].sum()
-        if n > 0:  # a masked stream may have no target in a bucket: no number rather than 0
-            row[f"val_loss_pos.{lo}-{hi}"] = (pos_sum[lo:hi].sum() / n).item()
-    means = (ratios / val_windows).tolist()  # each real window counts once over all ranks
-    row.update({f"ttt_dw_rel.{i}": r for i, r in zip(model.ttt_layers, means)})
-    return row
-
-
-def peak_flops(device) -> float | None:
-    """Dense bf16 peak FLOP/s of `device` from PEAK_FLOPS; None on a CPU or an unlisted GPU."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"  # matches none
-    return next((f for key, f in PEAK_FLOPS if key in name), None)
-
-
-def summary(row) -> str:
-    """', val_loss 2.01 (by position 0-64 2.10, 64-256 2.00)' from a metrics row, or ''."""
-    if "val_loss" not in row:
-        return ""
-    buckets = [f"{k.split('.')[1]} {v:.4f}" for k, v in row.items() if k.startswith("val_loss_pos")]
-    return f", val_loss {row['val_loss']:.4f} (by position {', '.join(buckets)})"
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_params,
-               cp_group=None):
-    """One optimizer step at learning rate `lr` over this rank's micro-batches `batches` [(x, y)]
-    (with cp_group: its shards of them). Returns (mean loss over all ranks, grad norm, TTT grad
-    norm or None); gradients average over the `world` ranks in FSDP's reduce-scatter and over
-    micro-batches by the 1/accum scale. grad_clip 0: no clipping."""
-    for group in optimizer.param_groups:  # the schedule lives in lr_at, not in a scheduler object
-        group["lr"] = lr
-    loss_sum = torch.zeros((), device=device)  # on the device: no sync per micro-batch
-    for x, y in batches:  # under CP a loss whose mean over the group is the sequences' mean
-        loss = shard_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                          cp_group)
-        (loss / len(batches)).backward()
-        loss_sum += loss.detach()
-    dist.all_reduce(loss_sum)  # a sum: gloo has no AVG
-    params = [p for p in model.parameters() if p.grad is not None]  # frozen ones have none
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    # The norm of sharded gradients is a DTensor: full_tensor() reduces it over the ranks.
-    value = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).item()
-    loss, grad_norm = loss_sum.item() / (len(batches) * world), value(norm)
-    # Their own norm: a zero-initialised conv gets tiny gradients early, hidden in the total.
-    ttt_grads = [p.grad for p in ttt_params if p.grad is not None]
-    ttt_norm = value(torch.nn.utils.get_total_norm(ttt_grads)) if ttt_params else None
-    if math.isfinite(loss) and math.isfinite(grad_norm):  # else the caller stops, weights untouched
-        if grad_clip:  # with the norm computed above: no second pass over the gradients
-            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # frees the gradient memory until the next backward
-    return loss, grad_norm, ttt_norm
-
-
-@torch.no_grad()
-def batch_loss(model, batches, device, world, cp_group=None) -> float:
-    """The mean loss the current weights give on this rank's micro-batches `batches`, over all
-    ranks: train_step's loss without the gradient or the update."""
-    loss_sum = torch.zeros((), device=device)
-    for x, y in batches:
-        loss_sum += shard_loss(model, x.to(device), y.to(device), cp_group)
-    model.reshard()  # a no-grad forward leaves the root unsharded
-    dist.all_reduce(loss_sum)
-    return loss_sum.item() / (len(batches) * world)
-
-
-# -----------------------------------------------------------------------------
-# The run: setup, resume, the loop, export
+# Setup: the process group, the model, the data
 
 
 @dataclass
@@ -413,20 +255,21 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     hold = ExitStack() if hold is None else hold
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a: None)
-    # Cheap checks first (config, ranks, batch split, tokenizer, what --out holds), then the data,
-    # then the checkpoints' integrity, then the weights.
+    # Cheap checks first (data paths, config, ranks, batch split, tokenizer, what --out holds),
+    # then the data, then the checkpoints' integrity, then the weights.
+    for flag, paths in (("--data", args.data), ("--val-data", args.val_data or [])):
+        if missing := [p for p in paths if not Path(p).exists()]:
+            raise SystemExit(f"{flag} {missing[0]}: no such file or directory")
     init = resolve_init(args.init)
-    cfg = model_config(args.preset, init, dict(args.override), args.ttt_layers,
-                               args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
+    cfg = model_config(args.preset, init, dict(args.override), args.ttt_layers, args.ttt_chunk,
+                       args.ttt_lr, args.ttt_target, args.no_ttt)
     dp_rank, dp, cp_group = context_parallel(args.cp, args.seq_len, cfg, device,
                                              ranks=not args.prepare_only)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, dp)
     check_config(cfg, args.ttt_init, export=not args.no_export)
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, rank)
     out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
-    refuse_links(out)  # before the lock: its own file could be a link
-    hold.enter_context(hold_out(out, rank, log))  # one run at a time writes into --out
-    existing = check_run_dir(out, export, args.resume, args.overwrite)
+    existing = claim_out(out, export, args.resume, args.overwrite, rank, log, hold)
     tokens, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
                              args.cache, rank, cfg.vocab_size, tok)
     if args.prepare_only:  # e.g. tokenise on a CPU node before a GPU job
@@ -446,27 +289,50 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
                         activation_checkpointing=args.activation_checkpointing, cp_group=cp_group)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n) and p.requires_grad]
-    # train.json records everything needed to rebuild the model (export) and to check a resume.
-    # The JSON round trip turns tuples into lists, so both compare equal to a saved train.json's.
-    # "data": the files each stream was read from, with sizes and sha256 (a resume compares them).
-    data = {"data": tokens.files, "val_data": val.files if args.val_data and val else None}
-    meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir),
-            "world_size": world, "args": json.loads(json.dumps(vars(args))), "data": data}
+    meta = run_meta(args, cfg, tok_dir, world, tokens, val)
     return Run(rank, world, dp_rank, dp, cp_group, device, cfg, tokens, val, layout, out, meta,
                model, optimizer, ttt_params, resume_from, damaged, hold)
 
 
-def check_run_dir(out: Path, export: Path | None, resume, overwrite) -> list[Path]:
-    """Refuse a run that would replace what it did not write: an --export-hf onto this run's own
-    checkpoints or metrics, or onto what is not an earlier export (without --overwrite,
-    load_hf.check_export_target); and a fresh start into an --out holding a previous run
-    (checkpoint.check_out). Returns the checkpoints found."""
-    if export is not None:
-        try:
-            load_hf.check_export_target(export, overwrite, run_files(out))
-        except OSError as e:
-            raise SystemExit(f"--export-hf {export}: {e}") from None
-    return check_out(out, export, resume, overwrite)
+def run_meta(args, cfg, tok_dir, world, tokens, val) -> dict:
+    """train.json: everything needed to rebuild the model (export) and to check a resume. The
+    JSON round trip turns tuples into lists, so both compare equal to a saved train.json's.
+    "data": the files each stream was read from, with sizes and sha256 (a resume compares them)."""
+    data = {"data": tokens.files, "val_data": val.files if args.val_data and val else None}
+    return {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir),
+            "world_size": world, "args": json.loads(json.dumps(vars(args))), "data": data}
+
+
+# -----------------------------------------------------------------------------
+# The optimizer and its schedule
+
+
+def make_optimizer(model, lr, weight_decay, device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms and the TTT conv (scales and a smoothing kernel, not feature
+    maps). Parameters frozen by train_only="ttt" are left out."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            plain = name.endswith("norm.weight") or name.endswith("ttt_conv.weight")
+            (no_decay if plain else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
+    # betas (0.9, 0.95): the usual LLM pretraining choice; fused kernels exist on CUDA only
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type == "cuda" or None)
+
+
+def lr_at(step, lr, min_lr, warmup, steps) -> float:
+    """Linear warmup to lr over `warmup` steps, then cosine decay to min_lr at step `steps`: a pure
+    function of the step, so a checkpoint needs no scheduler state."""
+    if step < warmup:
+        return lr * (step + 1) / warmup  # step 0 already moves: lr / warmup, never 0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# -----------------------------------------------------------------------------
+# The loop: step, log, validate, save
 
 
 def run_loop(run: Run, start: int, args) -> Path:
@@ -514,19 +380,47 @@ def batches_at(run: Run, args, step) -> list:
                                                       run.layout, run.dp_rank)]
 
 
-def describe(run: Run, args) -> str:
-    """The run's opening line: the model, the ranks, the precision and the batch."""
-    n_windows, share, micro = run.layout
-    model = run.model
-    ranks, shards = f"{run.world} rank(s)", ""
-    if args.cp > 1:  # each window split over a group of ranks
-        ranks = f"{run.world} ranks ({run.dp} data x {args.cp} context parallel)"
-        shards = f", each window in shards of {args.seq_len // args.cp} tokens"
-    return (f"{run.cfg.arch} {model.num_params() / 1e6:.1f}M params "
-            f"({model.num_params(True) / 1e6:.2f}M without the embedding), TTT layers "
-            f"{list(model.ttt_layers) or 'none'}; {ranks} on {run.device.type}, "
-            f"{args.precision}; {len(run.tokens):,} training tokens; {n_windows} x {args.seq_len} "
-            f"tokens per step, {share // micro} micro-batch(es) of {micro} per rank{shards}")
+def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_params,
+               cp_group=None):
+    """One optimizer step at learning rate `lr` over this rank's micro-batches `batches` [(x, y)]
+    (with cp_group: its shards of them). Returns (mean loss over all ranks, grad norm, TTT grad
+    norm or None); gradients average over the `world` ranks in FSDP's reduce-scatter and over
+    micro-batches by the 1/accum scale. grad_clip 0: no clipping."""
+    for group in optimizer.param_groups:  # the schedule lives in lr_at, not in a scheduler object
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)  # on the device: no sync per micro-batch
+    for x, y in batches:  # under CP a loss whose mean over the group is the sequences' mean
+        loss = shard_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                          cp_group)
+        (loss / len(batches)).backward()
+        loss_sum += loss.detach()
+    dist.all_reduce(loss_sum)  # a sum: gloo has no AVG
+    params = [p for p in model.parameters() if p.grad is not None]  # frozen ones have none
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # The norm of sharded gradients is a DTensor: full_tensor() reduces it over the ranks.
+    value = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).item()
+    loss, grad_norm = loss_sum.item() / (len(batches) * world), value(norm)
+    # Their own norm: a zero-initialised conv gets tiny gradients early, hidden in the total.
+    ttt_grads = [p.grad for p in ttt_params if p.grad is not None]
+    ttt_norm = value(torch.nn.utils.get_total_norm(ttt_grads)) if ttt_params else None
+    if math.isfinite(loss) and math.isfinite(grad_norm):  # else the caller stops, weights untouched
+        if grad_clip:  # with the norm computed above: no second pass over the gradients
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # frees the gradient memory until the next backward
+    return loss, grad_norm, ttt_norm
+
+
+@torch.no_grad()
+def batch_loss(model, batches, device, world, cp_group=None) -> float:
+    """The mean loss the current weights give on this rank's micro-batches `batches`, over all
+    ranks: train_step's loss without the gradient or the update."""
+    loss_sum = torch.zeros((), device=device)
+    for x, y in batches:
+        loss_sum += shard_loss(model, x.to(device), y.to(device), cp_group)
+    model.reshard()  # a no-grad forward leaves the root unsharded
+    dist.all_reduce(loss_sum)
+    return loss_sum.item() / (len(batches) * world)
 
 
 def step_row(run: Run, args, step, loss, lr, grad_norm, ttt_norm, dt) -> dict:
@@ -536,10 +430,10 @@ def step_row(run: Run, args, step, loss, lr, grad_norm, ttt_norm, dt) -> dict:
     if ttt_norm is not None:
         row["ttt_grad_norm"] = ttt_norm
     # MFU is against the bf16 peak: an fp32 run on a GPU would show a misleadingly low one.
-    peak = peak_flops(run.device) if args.precision == "bf16" else None
-    if peak:  # a known GPU in bf16: MFU over all ranks
-        flops = run.model.flops_per_token(args.seq_len)
-        row["mfu"] = round(flops * args.batch_tokens / dt / (peak * run.world), 4)
+    util = mfu(run.model, args.seq_len, args.batch_tokens / dt, run.device, run.world) \
+        if args.precision == "bf16" else None
+    if util is not None:  # a known GPU in bf16: MFU over all ranks
+        row["mfu"] = util
     if run.device.type == "cuda":  # this rank's memory high-water mark
         row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
     return row
@@ -558,21 +452,23 @@ def checked_save(run: Run, args, step, good: Path | None) -> Path:
                            meta=run.meta, keep=args.keep, rank=run.rank, loss=next_loss)
 
 
-def export_final(run: Run, args, final: Path, finished: bool):
-    """Rank 0 exports the final checkpoint to --export-hf (one process reads every rank's shards).
-    A run resumed when already `finished` exports only when the export is missing or older than
-    its final checkpoint (a kill between the last save and the export)."""
-    target = Path(args.export_hf)
-    mark, meta = target / load_hf.EXPORT_MARK, final / TRAIN_META
-    if finished and mark.is_file() and mark.stat().st_mtime_ns >= meta.stat().st_mtime_ns:
-        run.log(f"its export {target} was written after {final}: kept as it is")
-        return
-    if run.rank == 0:
-        # Checked at setup too; again here, since the target may have changed during the run.
-        # verify=False: the run has just written (or verified) this checkpoint.
-        out = load_hf.export_checkpoint(final, target, overwrite=args.overwrite,
-                                        protect=run_files(run.out), verify=False)
-        run.log(f"exported {out} (from {final})")
+def describe(run: Run, args) -> str:
+    """The run's opening line: the model, the ranks, the precision and the batch."""
+    n_windows, share, micro = run.layout
+    model = run.model
+    ranks, shards = f"{run.world} rank(s)", ""
+    if args.cp > 1:  # each window split over a group of ranks
+        ranks = f"{run.world} ranks ({run.dp} data x {args.cp} context parallel)"
+        shards = f", each window in shards of {args.seq_len // args.cp} tokens"
+    return (f"{run.cfg.arch} {model.num_params() / 1e6:.1f}M params "
+            f"({model.num_params(True) / 1e6:.2f}M without the embedding), TTT layers "
+            f"{list(model.ttt_layers) or 'none'}; {ranks} on {run.device.type}, "
+            f"{args.precision}; {len(run.tokens):,} training tokens; {n_windows} x {args.seq_len} "
+            f"tokens per step, {share // micro} micro-batch(es) of {micro} per rank{shards}")
+
+
+# -----------------------------------------------------------------------------
+# From start to export
 
 
 def train(args):
@@ -596,7 +492,8 @@ def train_run(run: Run, args):
                 f"this run is finished (a larger --steps continues it)")
     final = run.resume_from if finished else run_loop(run, start, args)
     if not args.no_export:
-        export_final(run, args, final, finished)
+        export_final(final, Path(args.export_hf), run.out, args.overwrite, finished, run.rank,
+                     run.log)
     return run.model
 
 
@@ -607,6 +504,10 @@ def main(argv=None):
         if dist.is_initialized():  # ranks that skip the export wait for rank 0: all leave together
             dist.barrier()
         return model
+    except SystemExit as e:  # a message about the input: one line, as the other scripts print it
+        if isinstance(e.code, str) and not e.code.startswith("error: "):
+            raise SystemExit(f"error: {e.code}") from None
+        raise
     finally:  # also after an error: tests call main() again in the same process
         if dist.is_initialized():
             dist.destroy_process_group()
