@@ -1,11 +1,11 @@
 """What the command-line scripts share: help that shows defaults, checked numbers, the device and
-dtype defaults, the --dtype and --rope-scaling flags, and where a checkpoint named on the command
-line lives (a local directory, or a Hugging Face hub id fetched on first use).
+dtype defaults, the values of --dtype, --rope-scaling and --ttt-layers, and where a checkpoint
+named on the command line lives (a local directory, or a Hugging Face hub id fetched on first use).
 
-    from cli import AtLeast, HelpFormatter, resolve
+    from cli import AtLeast, HelpFormatter, parse_dtype, resolve
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--steps", type=int, action=AtLeast, low=1, default=400)
-    dtype_flag(p, "compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", type=parse_dtype, help="bf16, fp16 or fp32")
 
 A leaf: it imports torch and the standard library only, so data.py and every script may use it.
 """
@@ -100,10 +100,6 @@ def parse_dtype(text: str) -> torch.dtype:
     return DTYPES[key]
 
 
-def dtype_flag(p, help: str, default=None):
-    p.add_argument("--dtype", type=parse_dtype, default=default, help=help)
-
-
 # -----------------------------------------------------------------------------
 # RoPE scaling
 
@@ -127,10 +123,6 @@ def parse_rope_scaling(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"{text} is malformed: {key} must be a positive "
                                              f"number, got {v!r}")
     return value
-
-
-def rope_scaling_flag(p, help: str):
-    p.add_argument("--rope-scaling", type=parse_rope_scaling, metavar="JSON", help=help)
 
 
 # -----------------------------------------------------------------------------

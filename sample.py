@@ -203,7 +203,10 @@ def find_checkpoint(src) -> Path:
                 return candidate
         raise FileNotFoundError(f"{path} has neither config.json nor hf/config.json: not an HF "
                                 f"checkpoint or a train.py output directory")
-    return resolve(src)
+    try:  # a local-looking path that is not there fails at once, without asking the hub
+        return resolve(src)
+    except OSError as e:
+        raise FileNotFoundError(f"--model {src}: {e}") from None
 
 
 def hf_adds_bos(path: Path) -> bool:

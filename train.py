@@ -12,26 +12,23 @@ or many (FSDP2).
     torchrun --nproc_per_node=8 train.py ... --resume   # same flags: continue the latest checkpoint
     python load_hf.py export out/Qwen3-0.6B-Base/ckpt/step_001000 out/qwen3-ttt-1000   # -> HF
 
-What happens, in order: flags -> model config (load_hf.model_config: a preset or an HF
-config.json, plus TTT settings) -> data (data.py: documents tokenised once into a uint32 cache,
-separated by EOS; or a pre-tokenised .npz, which may also mask targets and fix where windows
-start) -> the model built on the meta device, sharded with FSDP2 block by block, then filled from a
-full CPU copy (init or HF weights) or from a checkpoint -> the loop: micro-batches, one AdamW step
-per global batch, validation, checkpoints (checkpoint.py) -> HF export (load_hf.export_checkpoint).
+What happens, in order, as this file reads: flags -> setup (the process group, the model config:
+a preset or an HF config.json plus TTT settings, train_model.py; the data: documents tokenised
+once into a uint32 cache or a pre-tokenised .npz, data.py; --out claimed, run_dir.py) -> the model
+built on the meta device, sharded with FSDP2 block by block (parallel.py), filled from a full CPU
+copy or from a checkpoint -> the loop: one AdamW step per global batch, the metrics row, validation
+(watch.py), a checkpoint once its weights gave a finite loss (checkpoint.py) -> the HF export.
 
 Nothing a run did not write is replaced: a rerun into an --out holding a run needs --resume or
---overwrite, an export replaces only an earlier export, rotation deletes only step_NNNNNN. A
-checkpoint is saved only once its weights gave a finite loss (on the next step's batch), with the
-sizes and sha256 of its files in train.json; --resume takes the newest one that still matches.
+--overwrite, an export replaces only an earlier export, rotation deletes only step_NNNNNN.
+--resume takes the newest checkpoint whose files still match the sizes and sha256 in train.json.
 
-A single process is a world of one: the same FSDP2 code runs on a one-rank group, so there is one
-code path. Training windows are a pure function of (seed, step), so a resumed run sees exactly the
-data the uninterrupted run would have seen, whatever the number of ranks. With --cp N the world is
-dp x N ranks: a group of N consecutive ranks reads the same windows, each rank a contiguous 1/N of
-every window, and computes the one-rank losses and gradients (model.loss(cp_group=...)); FSDP
-shards the parameters over all ranks. Rank 0 writes the token cache and train.json and all ranks
-write checkpoint shards, so with several nodes --out and --cache must be on a filesystem they
-share. The README explains the flags at more length.
+A single process is a world of one: the same FSDP2 code runs on a one-rank group. Training windows
+are a pure function of (seed, step), so a resumed run sees exactly the data the uninterrupted run
+would have, whatever the number of ranks. With --cp N a group of N consecutive ranks reads the same
+windows, each rank a contiguous 1/N of every window (parallel.shard_loss computes the one-rank
+losses and gradients). Rank 0 writes the token cache and train.json and all ranks write checkpoint
+shards, so with several nodes --out and --cache must be on a shared filesystem.
 """
 
 import argparse
@@ -80,7 +77,7 @@ DEFAULT_TTT_INIT = "paper"
 
 # -----------------------------------------------------------------------------
 # Flags: one group per part of the run; each number's range is checked where it is declared
-# (load_hf.AtLeast), combinations and defaults that depend on other flags in parse_args.
+# (cli.AtLeast), combinations and defaults that depend on other flags in parse_args.
 
 
 def model_flags(p: argparse.ArgumentParser):
@@ -95,9 +92,19 @@ def model_flags(p: argparse.ArgumentParser):
 
 def ttt_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("TTT", "unset: the checkpoint's or preset's own, else TTT_RECIPE's")
-    g.add_argument("--ttt-layers", type=parse_layers, help="layer indices, e.g. 5,11,17")
-    g.add_argument("--ttt-chunk", type=int, action=AtLeast, low=1, help="C: tokens per update")
-    g.add_argument("--ttt-lr", type=float, action=AtLeast, low=0, help="eta: fast-weight step size")
+    # The defaults depend on --preset / --init, so the help says where they come from and what
+    # the default run (the bytes preset) and a checkpoint without TTT (TTT_RECIPE) get.
+    own, recipe = PRESETS["bytes"], TTT_RECIPE
+    g.add_argument("--ttt-layers", type=parse_layers,
+                   help=f"layer indices, e.g. 5,11,17 (default: the preset's or checkpoint's own, "
+                        f"bytes {','.join(map(str, own.ttt_layers))}; else every "
+                        f"{recipe['every']}th from 0)")
+    g.add_argument("--ttt-chunk", type=int, action=AtLeast, low=1,
+                   help=f"C: tokens per update (default: bytes {own.ttt_chunk}; else "
+                        f"{recipe['chunk']})")
+    g.add_argument("--ttt-lr", type=float, action=AtLeast, low=0,
+                   help=f"eta: fast-weight step size (default: bytes {own.ttt_lr:g}; else "
+                        f"{recipe['lr']:g})")
     g.add_argument("--ttt-target", choices=["hidden_states", "input_embed"],
                    help=f"default: {TTT_RECIPE['target']} with --init, input_embed from scratch")
     g.add_argument("--no-ttt", action="store_true", help="no TTT layers: the baseline")
