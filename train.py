@@ -45,13 +45,15 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from checkpoint import pick_resume, prepare_out, resume, save_checkpoint, stop_nonfinite
+import load_hf
+from checkpoint import (TRAIN_META, pick_resume, prepare_out, resume, run_files, save_checkpoint,
+                        stop_nonfinite)
 from cli import AtLeast, HelpFormatter, default_device, default_dtype, parse_layers
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
                   step_batches)
 from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 from parallel import context_parallel, cp_shard, seq_shard, setup_distributed, shard_loss
-from run_dir import claim_out, export_final
+from run_dir import claim_out
 from train_model import build_model, check_config, model_config, parse_override, resolve_init
 from watch import mfu, summary, validate
 
@@ -476,6 +478,22 @@ def describe(run: Run, args) -> str:
 
 # -----------------------------------------------------------------------------
 # From start to export
+
+
+def export_final(final: Path, target: Path, out: Path, overwrite, finished, rank, log):
+    """Rank 0 exports the final checkpoint to `target` (one process reads every rank's shards). A
+    run resumed when already `finished` exports only when the export is missing or older than its
+    final checkpoint (a kill between the last save and the export)."""
+    mark, meta = target / load_hf.EXPORT_MARK, final / TRAIN_META
+    if finished and mark.is_file() and mark.stat().st_mtime_ns >= meta.stat().st_mtime_ns:
+        log(f"its export {target} was written after {final}: kept as it is")
+        return
+    if rank == 0:
+        # Checked at setup too; again here, since the target may have changed during the run.
+        # verify=False: the run has just written (or verified) this checkpoint.
+        written = load_hf.export_checkpoint(final, target, overwrite=overwrite,
+                                            protect=run_files(out), verify=False)
+        log(f"exported {written} (from {final})")
 
 
 def train(args):
