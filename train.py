@@ -256,6 +256,14 @@ class Run:
                 f.write(json.dumps(row) + "\n")
 
 
+def run_config(args) -> tuple[Path | None, ModelConfig]:
+    """(init, cfg): the checkpoint the run continues (None: from scratch) and the model config
+    the flags ask for (train_model.py). The study rebuilds a run's starting point with it."""
+    init = resolve_init(args.init)
+    return init, model_config(args.preset, init, dict(args.override), args.ttt_layers,
+                              args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
+
+
 def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     """Flags -> process group, config, tokenizer, data, model and optimizer; None after
     --prepare-only. Bad flags and an --out holding another run fail here, before weights load.
@@ -269,9 +277,7 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     for flag, paths in (("--data", args.data), ("--val-data", args.val_data or [])):
         if missing := [p for p in paths if not Path(p).exists()]:
             raise SystemExit(f"{flag} {missing[0]}: no such file or directory")
-    init = resolve_init(args.init)
-    cfg = model_config(args.preset, init, dict(args.override), args.ttt_layers, args.ttt_chunk,
-                       args.ttt_lr, args.ttt_target, args.no_ttt)
+    init, cfg = run_config(args)
     dp_rank, dp, cp_group = context_parallel(args.cp, args.seq_len, cfg, device,
                                              ranks=not args.prepare_only)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, dp)

@@ -26,12 +26,14 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200
 
 
 
-def position_buckets(seq_len) -> list[tuple[int, int]]:
+def position_buckets(seq_len, growth=4) -> list[tuple[int, int]]:
     """Log-spaced position ranges [0, 64), [64, 256), [256, 1024), ... cut at seq_len. A model that
-    uses distant context (attention far back, or a fast weight) has lower loss in later buckets."""
+    uses distant context (attention far back, or a fast weight) has lower loss in later buckets.
+    growth 2 (the study's probes): [64, 128), [128, 256), ..., so the inside and the outside of a
+    128-token window fall in different buckets."""
     edges = [0, 64]
     while edges[-1] < seq_len:
-        edges.append(edges[-1] * 4)
+        edges.append(edges[-1] * growth)
     edges = [min(e, seq_len) for e in edges]
     return [(lo, hi) for lo, hi in zip(edges, edges[1:]) if lo < hi]
 

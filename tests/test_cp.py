@@ -6,12 +6,14 @@ One start of four ranks runs every case (starting ranks costs seconds on 2 cores
 fraction of one): R = 4 cases on all four, R = 2 cases on the pairs {0, 1} and {2, 3}, half each. The ranks save
 what they computed; each test computes its oracle here, in one process, and compares."""
 
+import ast
 import datetime
 import gc
 import re
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,3 +300,17 @@ def test_a_shard_attends_to_what_the_whole_sequence_does(device, dtype, window):
             kv = parallel.reachable(parts, r, window)
             part = attn._attend(q[:, :, r * n:(r + 1) * n], kv[0], kv[1], None, None)
             torch.testing.assert_close(part, full[:, :, r * n:(r + 1) * n], **tol)
+
+
+# ---- parallelism lives in parallel.py: the model and ttt.py read as single-device code
+
+
+@pytest.mark.parametrize("name", ["model.py", "ttt.py"])
+def test_the_model_and_ttt_import_no_torch_distributed_and_take_no_group(name):
+    tree = ast.parse((Path(__file__).resolve().parents[1] / name).read_text())
+    imports = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imports += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert [m for m in imports if m.startswith("torch.distributed")] == []
+    args = [a.arg for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+            for a in n.args.args + n.args.kwonlyargs]
+    assert [a for a in args if "group" in a] == []
