@@ -302,6 +302,18 @@ def test_a_shard_attends_to_what_the_whole_sequence_does(device, dtype, window):
             torch.testing.assert_close(part, full[:, :, r * n:(r + 1) * n], **tol)
 
 
+# ---- what a shard adds to the state, without the scan: the token loop's state after it
+
+
+@pytest.mark.parametrize("proj, clip_tau", [(True, None), (False, None), (True, 0.5)],
+                         ids=["proj", "no-proj", "clipped"])
+def test_a_shards_updates_are_the_loops_state_after_it(proj, clip_tau):
+    w0, conv_w, proj_w = make_params(0, proj=proj)
+    h, s = make_inputs(0, 2, 24, target="mlp")
+    want = ttt.naive(h, s, w0, conv_w, proj_w, TTT_LR, 4, clip_tau=clip_tau)[1].dW
+    torch.testing.assert_close(ttt.updates(h, s, conv_w, proj_w, TTT_LR, 4, clip_tau), want, **F64)
+
+
 # ---- parallelism lives in parallel.py: the model and ttt.py read as single-device code
 
 
