@@ -54,7 +54,8 @@ from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, spl
 from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 from parallel import context_parallel, cp_shard, seq_shard, setup_distributed, shard_loss
 from run_dir import claim_out
-from train_model import build_model, check_config, model_config, parse_override, resolve_init
+from train_model import (DEFAULT_TTT_INIT, build_model, check_config, model_config, parse_override,
+                         resolve_init)
 from watch import mfu, summary, validate
 
 # Continual pretraining (--init) defaults to the official release's optimizer settings
@@ -67,14 +68,6 @@ INIT_LR, INIT_WARMUP_FRACTION = 5e-6, 0.02
 # 3.0), and 2% of a short run is a warmup of a few steps, too short for Adam's second-moment
 # estimates to settle.
 SCRATCH_LR, SCRATCH_WARMUP = 3e-3, 5
-# Where new TTT weights start (study.py; README "Does In-Place TTT help, and how should it start?"):
-# the official start (conv 0, P diag N(0, 0.02^2)) with --init and from scratch. With --init its
-# small P keeps continual pretraining stable, where zero-conv and zero-proj spike and calibrated
-# gains nothing. From scratch it stalls on the recall task, but every start that learns there
-# diverged on text in some run (calibrated at context 1024; zero-conv at 4096, 2 of 3 seeds), and
-# a default must not: pass --ttt-init zero-conv or calibrated for a memory task, and watch
-# ‖ΣΔW‖/‖W0‖.
-DEFAULT_TTT_INIT = "paper"
 
 
 # -----------------------------------------------------------------------------

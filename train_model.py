@@ -3,7 +3,7 @@ layered on), the checks that config must pass before any data or weights load, i
 weights, and the model built sharded (parallel.py) and filled. Errors name train.py's flags.
 
     cfg = model_config("bytes", ttt_chunk=64)               # a preset with TTT_RECIPE's layers
-    model = build_model(cfg, device, seed=0, ttt_init="paper")  # after parallel.setup_distributed
+    model = build_model(cfg, device, seed=0)               # after parallel.setup_distributed
 """
 
 import argparse
@@ -20,6 +20,17 @@ from load_hf import check_field, config_to_hf, load_config, load_model
 from model import (PRESETS, TTT_RECIPE, ModelConfig, Transformer, init_ttt_params, is_ttt_param,
                    ttt_init_problem)
 from parallel import parallelize
+
+# Where new TTT weights start (train.py --ttt-init; README "Does In-Place TTT help, and how should
+# it start?"): the official start (conv 0, P diag N(0, 0.02^2)) with --init and from scratch. With
+# --init its small P keeps continual pretraining stable, where zero-conv and zero-proj spike and
+# calibrated gains nothing. From scratch it stalls on the recall task, but every start that learns there
+# diverged on text in some run (calibrated at context 1024; zero-conv at 4096, 2 of 3 seeds), and
+# a default must not: pass --ttt-init zero-conv or calibrated for a memory task, and watch
+# ‖ΣΔW‖/‖W0‖.
+DEFAULT_TTT_INIT = "paper"
+# The start model.py itself gives new TTT parameters (init_ttt_params, load_model's missing ones).
+MODEL_TTT_INIT = "paper"
 
 
 # -----------------------------------------------------------------------------
@@ -98,12 +109,12 @@ def check_config(cfg: ModelConfig, ttt_init, export: bool):
             raise SystemExit(f"{e}; or pass --no-export") from None
 
 
-def full_model(cfg, init, seed, ttt_init="paper", batch=None) -> Transformer:
+def full_model(cfg, init, seed, ttt_init=DEFAULT_TTT_INIT, batch=None) -> Transformer:
     """A complete fp32 CPU model: HF weights (new TTT parameters as init_ttt_params sets them) or a
-    fresh init; ttt_init other than "paper" then resets every TTT parameter to that start
-    ("calibrated" measures its P on `batch`, token ids (B, T)). Seeded,
-    so the run starts the same whatever the world size. It lives in rank 0's host memory while the
-    shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
+    fresh init; a ttt_init other than the model's own start (MODEL_TTT_INIT) then resets every TTT
+    parameter ("calibrated" measures its P on `batch`, token ids (B, T)). Seeded, so the run starts
+    the same whatever the world size. It lives in rank 0's host memory while the shards are filled
+    (4 bytes per parameter: 32 GB for an 8B model)."""
     torch.manual_seed(seed)  # the random diagonal of new ttt_proj weights draws from it
     if init:  # fp32: master weights, whatever dtype the checkpoint was stored in
         try:
@@ -115,7 +126,7 @@ def full_model(cfg, init, seed, ttt_init="paper", batch=None) -> Transformer:
             model = Transformer(cfg)
         model.to_empty(device="cpu")
         model.init_weights(generator=torch.Generator().manual_seed(seed))
-    if ttt_init != "paper":  # a deterministic start (no random draws): study.py's matched starts
+    if ttt_init != MODEL_TTT_INIT:  # a deterministic start (no random draws): the study's matched
         init_ttt_params(model, mode=ttt_init, batch=batch)
     return model
 
@@ -124,15 +135,15 @@ def full_model(cfg, init, seed, ttt_init="paper", batch=None) -> Transformer:
 # Built on the meta device, sharded, then filled
 
 
-def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", calibration=None, fill=True,
-                train_only="all", activation_checkpointing=False, compile=False,
+def build_model(cfg, device, *, init=None, seed=0, ttt_init=DEFAULT_TTT_INIT, calibration=None,
+                fill=True, train_only="all", activation_checkpointing=False, compile=False,
                 precision=None, cp_group=None) -> Transformer:
-    """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root ->
-    real memory, filled from full_model() (weights of `init` or a seeded fresh init, TTT
-    parameters as ttt_init says; calibration: the token ids a "calibrated" start measures on) unless
-    a checkpoint load will fill it (fill=False). train_only
-    "ttt" freezes all but the TTT parameters. compile: True (inductor) or a torch.compile backend
-    name, e.g. "aot_eager". precision "bf16" / "fp32" (None: default_dtype of the device)."""
+    """Meta-device model -> parallel.parallelize (context parallelism over cp_group, activation
+    checkpointing, compile, FSDP2) -> real memory, filled from full_model() (weights of `init` or
+    a seeded fresh init, TTT parameters as ttt_init says; calibration: the token ids a "calibrated"
+    start measures on) unless a checkpoint load will fill it (fill=False). train_only "ttt"
+    freezes all but the TTT parameters. compile: True (inductor) or a torch.compile backend name,
+    e.g. "aot_eager". precision "bf16" / "fp32" (None: default_dtype of the device)."""
     with torch.device("meta"):  # shapes only: even rank 0 never holds the model on the GPU whole
         model = Transformer(cfg)
     bf16 = precision == "bf16" if precision else default_dtype(device) == torch.bfloat16
@@ -141,8 +152,7 @@ def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", calibration
     model.to_empty(device=device)  # real memory for the shards only, contents undefined
     if fill:  # rank 0 alone holds the full model; the others receive their shards from it
         first = dist.get_rank() == 0
-        source = full_model(cfg, init, seed, ttt_init, calibration).state_dict() \
-            if first else {}
+        source = full_model(cfg, init, seed, ttt_init, calibration).state_dict() if first else {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, source, options=options)
         del source  # free rank 0's full copy before training allocates
