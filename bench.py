@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from load_hf import default_device, parse_dtype
+from cli import default_device, parse_dtype
 from model import MLP, ModelConfig, is_ttt_param
 
 # -----------------------------------------------------------------------------
@@ -435,8 +435,10 @@ TRAIN_HEADER = ["shape", "T", "TTT", "act. ckpt", "tok/s", "MFU", "peak GiB", "T
 def train_throughput(cfg, T, device, args, checkpointing):
     """(tokens/s, MFU or None, peak bytes or None) of one train.py step on a batch of one T-token sequence."""
     import train
+    import watch
+    from train_model import build_model
 
-    model = train.build_model(cfg, device, activation_checkpointing=checkpointing, compile=args.compile)
+    model = build_model(cfg, device, activation_checkpointing=checkpointing, compile=args.compile)
     optimizer = train.make_optimizer(model, 1e-4, 0.1, device)
     ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n)]
     x = torch.randint(0, cfg.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(0))
@@ -446,19 +448,19 @@ def train_throughput(cfg, T, device, args, checkpointing):
 
     peak = peak_memory(step, device)  # also the first warm-up step
     (seconds,) = median_times([step], device, args.repeats, warmup=1)
-    peak_flops = train.peak_flops(device)
+    peak_flops = watch.peak_flops(device)
     return T / seconds, peak_flops and model.flops_per_token(T) * T / seconds / peak_flops, peak
 
 
 def bench_train(args):
-    import train
     from model import PRESETS, TTT_RECIPE
+    from parallel import setup_distributed
 
     sizes = TRAIN_SMALL if args.small else TRAIN_SIZES
     shapes, seqs = (args.shapes or sizes["shapes"]).split(","), parse_list(args.seqs or sizes["seqs"])
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, _, device = train.setup_distributed(args.device)
+    _, _, device = setup_distributed(args.device)
     rows = []
     for name in shapes:
         base = PRESETS[name]

@@ -10,7 +10,7 @@ rank 0, into <cache>/<key>.bin: uint32 ids with the EOS id after each document, 
 every rank. A pre-tokenised .npz brings its own ids, and may mask targets and fix where windows
 start. A step's windows are drawn from (seed, step) alone (step_batches), so a resumed run, or one
 on another number of ranks, sees the same data; under context parallelism each rank of a group
-reads the same windows and keeps its contiguous shard of each (seq_shard).
+reads the same windows and keeps its contiguous shard of each (parallel.seq_shard).
 """
 
 import errno
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoint import atomic_write, remove_orphans, tmp_sibling
-from load_hf import resolve
+from cli import resolve
 from tokenizer import Tokenizer, package_dir, write_byte_tokenizer
 
 # Tokenizers shipped inside pip packages for from-scratch presets of each family (never downloaded,
@@ -337,11 +337,21 @@ def batch_layout(batch_tokens, seq_len, micro_batch, dp) -> tuple[int, int, int]
     n_windows = batch_tokens // seq_len
     share = n_windows // dp  # a global batch, so the trajectory does not depend on the ranks
     micro = micro_batch or share  # None: a rank's whole share in one forward
-    # Unequal shares would make ranks disagree on the number of FSDP collectives and hang.
-    if batch_tokens % seq_len or n_windows % dp or not micro or share % micro:
-        raise SystemExit(f"--batch-tokens {batch_tokens} must split into windows of --seq-len "
-                         f"{seq_len}, shared equally by {dp} data-parallel rank(s) in "
-                         f"micro-batches of {micro} windows")
+    # Unequal shares would make ranks disagree on the number of FSDP collectives and hang. Each
+    # message names the flags the user passed, and a value that works.
+    step = f"--batch-tokens {batch_tokens}"
+    if batch_tokens % seq_len or not n_windows:
+        fits = max(n_windows, 1) * seq_len
+        raise SystemExit(f"{step} is not a whole number of windows of --seq-len {seq_len}: a step "
+                         f"is whole windows, e.g. --batch-tokens {fits}")
+    if n_windows % dp:
+        raise SystemExit(f"{step} is {n_windows} windows of --seq-len {seq_len}, which {dp} "
+                         f"data-parallel ranks cannot share equally: use a multiple of "
+                         f"{dp} x {seq_len} = {dp * seq_len}")
+    if share % micro:
+        raise SystemExit(f"--micro-batch {micro} does not divide the {share} windows each "
+                         f"data-parallel rank takes per step ({step} / --seq-len {seq_len} / "
+                         f"{dp} rank(s))")
     return n_windows, share, micro
 
 
@@ -363,10 +373,10 @@ def window_batch(data: TokenStream, starts, seq_len):
     return x, y
 
 
-def step_batches(data: TokenStream, seed, step, seq_len, layout, rank, shard=(0, 1)) -> list:
-    """This rank's micro-batches [(x, y)] for `step`: `rank` is its data-parallel rank, `shard`
-    (r, R) its part of each window under context parallelism (seq_shard). Window starts are drawn
-    from (seed, step) alone, so any rank count and any resume see the same global batch."""
+def step_batches(data: TokenStream, seed, step, seq_len, layout, rank) -> list:
+    """This rank's micro-batches [(x, y)] for `step`: `rank` is its data-parallel rank (under
+    context parallelism parallel.seq_shard then takes its part of each window). Window starts are
+    drawn from (seed, step) alone, so any rank count and any resume see the same global batch."""
     n_windows, share, micro = layout
     rng = np.random.default_rng([seed, step])
     if data.starts is None:  # anywhere, crossing document boundaries (EOS marks them), as in GPT
@@ -374,12 +384,4 @@ def step_batches(data: TokenStream, seed, step, seq_len, layout, rank, shard=(0,
     else:  # only where the stream allows, e.g. at the start of a generated sequence
         starts = data.starts[rng.integers(0, len(data.starts), size=n_windows)]
     mine = starts[rank * share:(rank + 1) * share]  # rank r takes the r-th equal slice
-    return [seq_shard(window_batch(data, mine[i:i + micro], seq_len), shard)
-            for i in range(0, share, micro)]
-
-
-def seq_shard(batch, shard) -> tuple:
-    """Rank r of R context-parallel ranks: columns [rT/R, (r+1)T/R) of the inputs and targets
-    (B, T) of `batch`, a contiguous shard of every window (R = 1: the whole windows)."""
-    (r, R), T = shard, batch[0].shape[1]
-    return tuple(t[:, r * T // R:(r + 1) * T // R] for t in batch)
+    return [window_batch(data, mine[i:i + micro], seq_len) for i in range(0, share, micro)]

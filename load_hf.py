@@ -19,10 +19,8 @@ An export replaces only an earlier export (its EXPORT_MARK lists the files it wr
 --overwrite, another directory; never a file, a train.py checkpoint or run directory. A train.py
 checkpoint's train.json carries sizes and sha256 of its files, checked before an export.
 
-The flags every script shares (--device and --dtype defaults, --rope-scaling, counts >= 1, help
-that shows defaults) are parsed here too, and a training run's model is made here: a preset or an
-HF config with TTT settings layered on (model_config), its weights or a fresh init (full_model).
-This module never imports train.py or data.py.
+This module never imports train.py or data.py; the flags scripts share are cli.py's, and
+train.py's model (a preset or --init with TTT settings) is made in train_model.py.
 """
 
 import argparse
@@ -39,17 +37,12 @@ import torch.nn as nn
 
 from checkpoint import (RUN_FILES, TRAIN_META, load_train_checkpoint, read_train_meta,
                         remove_orphans, tmp_sibling, verify_checkpoint)
-from model import (PRESETS, TTT_RECIPE, ModelConfig, Transformer, init_ttt_params, is_ttt_param,
+from cli import resolve
+from model import (ModelConfig, Transformer, init_ttt_params, is_ttt_param,
                    rope_inv_freq)
-from starts import start_ttt_params, ttt_init_problem
 from tokenizer import Tokenizer
 
 ARCHS = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
-# What a hub download fetches: config, weights and tokenizer, never other repo files (GGUF, ONNX).
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors",
-             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-             "tokenizer.model", "special_tokens_map.json"]
-# Copied beside an export, so the result is a complete checkpoint for transformers and sample.py.
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json"]
 # In every export: the names save_model wrote, so a later export knows what it may replace.
@@ -134,116 +127,7 @@ def check_field(name: str, value, where: str):
 
 
 # -----------------------------------------------------------------------------
-# Flags every script shares: device and dtype defaults, counts, RoPE scaling, help with defaults;
-# and train.py's ModelConfig fields (--override KEY=VALUE, --ttt-layers), checked by RULES
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help with the module docstring as written and "(default: X)" after each flag that has a
-    default (not after None, off switches, empty lists, or a help that names its own default)."""
-
-    def _get_help_string(self, action):
-        none = action.default is None or action.default is False or action.default == []
-        if none or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class AtLeast(argparse.Action):
-    """argparse action for a number that must be finite and >= low (> low with strict=True), set
-    where the flag is declared: add_argument("--steps", type=int, action=AtLeast, low=1). The error
-    names flag and value: "--steps 0: must be >= 1"."""
-
-    def __init__(self, *args, low=1, strict=False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.low, self.strict = low, strict
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        above = self.low < value if self.strict else self.low <= value  # NaN fails both
-        if not (above and value < math.inf):
-            finite = "a finite number " if isinstance(value, float) else ""
-            parser.error(f"{option_string} {value}: must be {finite}{'>' if self.strict else '>='} "
-                         f"{self.low}")
-        setattr(namespace, self.dest, value)
-
-
-def default_device(name: str | None = None) -> str:
-    """--device as given, else "cuda" when a GPU is available, else "cpu"."""
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device) -> torch.dtype:
-    """The compute dtype without --dtype / --precision: bf16 on a GPU (tensor-core matmuls at
-    several times fp32's rate, half the memory), fp32 on a CPU, which gains little from bf16."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-# Short names first (what the help text shows); torch's own names are accepted too.
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
-          "float32": torch.float32, "float": torch.float32}
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    """argparse `type=` for --dtype: bf16 / fp16 / fp32, or torch's names (bfloat16, float16,
-    float32)."""
-    key = str(text).lower().removeprefix("torch.")  # "torch.bfloat16" as str(dtype) prints it
-    if key not in DTYPES:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}: use bf16, fp16 or fp32 "
-                                         f"(or torch's names bfloat16, float16, float32)")
-    return DTYPES[key]
-
-
-def parse_rope_scaling(text: str) -> dict:
-    """argparse `type=` for --rope-scaling: an HF rope_scaling JSON object with the keys its type
-    needs."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError('expected a JSON object like {"rope_type": "yarn", ...}')
-    kind = value.get("rope_type", value.get("type"))  # transformers 4 configs still say "type"
-    if kind not in ("llama3", "yarn"):
-        raise argparse.ArgumentTypeError(f"{text} is malformed: rope_type must be 'llama3' or "
-                                         f"'yarn', got {kind!r}")
-    for key in ("factor", "original_max_position_embeddings"):  # both types need both
-        v = value.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise argparse.ArgumentTypeError(f"{text} is malformed: {key} must be a positive "
-                                             f"number, got {v!r}")
-    return value
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """argparse `type=` for --override: KEY=VALUE with KEY a ModelConfig field and VALUE JSON (or a
-    bare string, e.g. arch=llama)."""
-    key, eq, value = text.partition("=")
-    if not eq or key not in ModelConfig.__dataclass_fields__:
-        names = ", ".join(ModelConfig.__dataclass_fields__)
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a ModelConfig "
-                                         f"field ({names})")
-    try:
-        value = json.loads(value)
-    except json.JSONDecodeError:  # not JSON: a bare string such as llama or hidden_states
-        pass
-    try:  # the field's own rule (RULES): hidden_size=abc or =64.5 is named here
-        check_field(key, value, key)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return key, value
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    """argparse `type=` for --ttt-layers: comma-separated non-negative layer indices."""
-    try:
-        layers = tuple(int(i) for i in text.split(","))
-    except ValueError:
-        layers = (-1,)  # reported just below, with the same message as a negative index
-    if any(i < 0 for i in layers):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer indices like "
-                                         f"5,11,17")
-    return layers
+# RoPE scaling on the command line (sample.py, ruler.py: --rope-scaling)
 
 
 def with_rope_scaling(cfg: ModelConfig, rope_scaling: dict) -> ModelConfig:
@@ -259,32 +143,6 @@ def with_rope_scaling(cfg: ModelConfig, rope_scaling: dict) -> ModelConfig:
         raise ValueError(f"--rope-scaling {json.dumps(rope_scaling)} is malformed "
                          f"({type(e).__name__}: {e})") from None
     return replace(cfg, rope_scaling=rope_scaling, max_position_embeddings=limit)
-
-
-# -----------------------------------------------------------------------------
-# Where the files are
-
-
-def resolve(src) -> Path:
-    """A local directory as is; otherwise a hub id, fetched (config, safetensors, tokenizer files
-    only) or taken from the hub cache."""
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise NotADirectoryError(f"{src} is a file; expected a checkpoint directory or a hub id "
-                                 f"like Qwen/Qwen3-0.6B")
-    # A typo in a local path must not turn into a confusing hub request.
-    if str(src).count("/") != 1 or str(src).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no checkpoint directory at {src} (and it is not a hub id like "
-                                f"Qwen/Qwen3-0.6B)")
-    from huggingface_hub import snapshot_download  # only when the hub is needed at all
-    try:
-        return Path(snapshot_download(str(src), allow_patterns=HUB_FILES))
-    except Exception as e:  # offline, unknown repo, gated repo: all end here with the hub's reason
-        raise FileNotFoundError(f"could not get {src} from the Hugging Face hub and it is not "
-                                f"cached locally ({type(e).__name__}: {e}). Pass a local "
-                                f"directory instead.") from None
 
 
 # -----------------------------------------------------------------------------
@@ -588,84 +446,6 @@ def _set_param(model: nn.Module, key: str, t: torch.Tensor):
 def load_tokenizer(src) -> Tokenizer:
     """The tokenizer of a checkpoint directory or hub id."""
     return Tokenizer.from_dir(resolve(src))
-
-
-# -----------------------------------------------------------------------------
-# A training run's model (train.py): its config and its starting weights. Errors name
-# train.py's flags.
-
-
-def resolve_init(init) -> Path | None:
-    """--init as a local directory: a hub id is fetched (or found in the hub cache) once, here;
-    every later step reads the directory."""
-    try:
-        return resolve(init) if init else None
-    except OSError as e:
-        raise SystemExit(f"--init {init}: {e}") from None
-
-
-def model_config(preset="bytes", init=None, override=None, ttt_layers=None, ttt_chunk=None,
-                 ttt_lr=None, ttt_target=None, no_ttt=False) -> ModelConfig:
-    """The preset (with `override` fields) or the `init` checkpoint's config, with the TTT settings
-    given here layered on its own or, where it has none, on model.TTT_RECIPE. None leaves a setting
-    as it is; no_ttt removes every TTT layer (the baseline)."""
-    if init:  # the checkpoint fixes the shape (parse_args refuses --override with --init)
-        try:
-            cfg = load_config(init)
-        except (OSError, ValueError) as e:  # the file and field are in the message
-            raise SystemExit(f"--init {init}: {e}") from None
-    else:
-        try:  # all fields at once: __post_init__ checks the combination, not each step
-            cfg = replace(PRESETS[preset], **(override or {}))
-        except (TypeError, ValueError) as e:
-            raise SystemExit(f"--override {override}: {e}") from None
-    if not cfg.ttt_layers:  # a base checkpoint or a preset without TTT: the official recipe
-        # From scratch the target source stays the token embeddings, as the bytes preset and every
-        # from-scratch run here have used: the recipe's hidden_states target is tuned for continual
-        # pretraining of a trained model, whose MLP inputs are already meaningful.
-        recipe = TTT_RECIPE if init else {**TTT_RECIPE, "target": "input_embed"}
-        cfg = cfg.with_ttt(**recipe)
-    flags = dict(chunk=ttt_chunk, lr=ttt_lr, target=ttt_target)
-    layers = () if no_ttt else ttt_layers  # None keeps the layers chosen above
-    # From a flag an index past the last layer is a mistake: an error, not model.py's warning
-    # (meant for official config.json files, which list index 36 for 36-layer models).
-    if layers and max(layers) >= cfg.num_layers:
-        raise SystemExit(f"--ttt-layers {','.join(map(str, layers))}: the model has "
-                         f"{cfg.num_layers} layers, so indices must be 0..{cfg.num_layers - 1}")
-    return cfg.with_ttt(layers=layers, **{k: v for k, v in flags.items() if v is not None})
-
-
-def check_config(cfg: ModelConfig, ttt_init, export: bool):
-    """Settings that fail only with this config, refused before any data or weights load."""
-    if cfg.ttt_layers and (why := ttt_init_problem(cfg, ttt_init)):
-        raise SystemExit(f"--ttt-init {ttt_init} {why}")
-    if export:  # a config HF cannot express must fail now, not after the last step
-        try:
-            config_to_hf(cfg, torch.float32)
-        except ValueError as e:
-            raise SystemExit(f"{e}; or pass --no-export") from None
-
-
-def full_model(cfg, init, seed, ttt_init="paper", batch=None) -> Transformer:
-    """A complete fp32 CPU model: HF weights (new TTT parameters as init_ttt_params sets them) or a
-    fresh init; ttt_init other than "paper" then resets every TTT parameter to that start
-    ("calibrated" measures its P on `batch`, token ids (B, T)). Seeded,
-    so the run starts the same whatever the world size. It lives in rank 0's host memory while the
-    shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
-    torch.manual_seed(seed)  # the random diagonal of new ttt_proj weights draws from it
-    if init:  # fp32: master weights, whatever dtype the checkpoint was stored in
-        try:
-            model = load_model(init, "cpu", torch.float32, config=cfg, init_missing_ttt=True)
-        except (OSError, ValueError, KeyError) as e:  # a flawed file: its name and flaw, no trace
-            raise SystemExit(f"--init {init}: {e}") from None
-    else:
-        with torch.device("meta"):  # no memory until to_empty, and no init work thrown away
-            model = Transformer(cfg)
-        model.to_empty(device="cpu")
-        model.init_weights(generator=torch.Generator().manual_seed(seed))
-    if ttt_init != "paper":  # a deterministic start (no random draws): study.py's matched starts
-        start_ttt_params(model, mode=ttt_init, batch=batch)
-    return model
 
 
 # -----------------------------------------------------------------------------

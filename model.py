@@ -12,9 +12,9 @@ of prompts is prefilled row by row through `cache.rows(b, b + 1)`, then decoded 
 per step, each row folding its TTT chunk updates at its own absolute chunk boundaries. No padded
 position ever reaches attention or a TTT update.
 
-Context parallelism (training): with `cp_group`, `hidden` and `loss` take one rank's contiguous
-shard of longer sequences; attention gathers the earlier shards' keys (`shard_keys`) and TTT
-starts from the earlier shards' updates (ttt.chunked), so the group computes the one-rank result.
+Parallelism is applied from outside (parallel.py): FSDP2 wraps the blocks, and context
+parallelism sets two hooks, Attention.gather_kv and MLP.incoming_state, and places a shard of
+longer sequences at its position with `start`. Without them this is single-device code.
 
     from model import PRESETS, Transformer
     model = Transformer(PRESETS["bytes"])                     # train.py's default: byte-level
@@ -26,7 +26,6 @@ import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -253,47 +252,6 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-class _GatherShards(torch.autograd.Function):
-    """Every rank's x (equal shapes) to every rank; backward: each rank's gradient summed over the
-    ranks that used it (a reduce-scatter). Returns a tuple, one tensor per rank."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return tuple(parts)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        g = torch.empty_like(grads[0])
-        dist.reduce_scatter(g, [t.contiguous() for t in grads], group=ctx.group)
-        return g, None
-
-
-@torch.compiler.disable  # a collective: kept out of compiled graphs
-def shard_keys(k, v, group, window=None):
-    """Context parallelism (Llama 3's scheme): k, v (B, KV, T, hd) of this rank's shard -> the
-    keys and values (B, KV, S, hd) its queries can reach, gathered from every rank (`reachable`).
-    With GQA they are small: KV heads, not H."""
-    parts = _GatherShards.apply(torch.stack([k, v]), group)  # R x (2, B, KV, T, hd)
-    k, v = reachable(parts, dist.get_rank(group), window).unbind(0)  # one gradient buffer, not two
-    return k, v
-
-
-def reachable(parts, r, window=None):
-    """parts: R x (..., T, hd), shard j holding positions [jT, (j+1)T). -> (..., S, hd) positions
-    [lo, (r+1)T): the keys shard r's queries reach, its own last, so attention masks causally with
-    the diagonal at the bottom right, as in a prefill. lo = 0, or with a sliding window W the
-    first key the shard's first query sees, rT − (W − 1): in the previous shard when W <= T,
-    further back when W > T. Only these are copied (and kept for backward); parts[r] is always
-    among them, so every rank uses the gather and runs its backward."""
-    T = parts[0].shape[-2]
-    lo = 0 if window is None else max(0, r * T - (window - 1))
-    return torch.cat([p[..., max(0, lo - j * T):, :] for j, p in enumerate(parts[:r + 1])
-                      if (j + 1) * T > lo], dim=-2)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -311,10 +269,13 @@ class Attention(nn.Module):
         # window, to ask whether a windowed model misses its first token (study/probes.py). Key 0
         # is position 0: a whole window or a cache, not a context-parallel shard.
         self.sink = False
+        # k, v (B, KV, T, hd) -> the keys and values these queries reach, theirs last, as in a
+        # prefill. None: this call's own. Context parallelism (parallel.py) sets it to gather the
+        # earlier shards' of a split sequence.
+        self.gather_kv = None
 
-    def forward(self, x, cos, sin, kv=None, pos=None, cp_group=None):
-        """x (B, T, D). kv: this layer's cache (k, v), each (B, KV, S, hd), written at pos (B,).
-        cp_group: x is this rank's shard of the sequence (Transformer.hidden); no cache."""
+    def forward(self, x, cos, sin, kv=None, pos=None):
+        """x (B, T, D). kv: this layer's cache (k, v), each (B, KV, S, hd), written at pos (B,)."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, -1, hd)  # (B, T, H, hd)
@@ -324,8 +285,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H|KV, T, hd)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if cp_group is not None:  # the keys this shard's queries reach, theirs last: as a prefill
-            k, v = shard_keys(k, v, cp_group, self.cfg.sliding_window)  # (B, KV, S, hd)
+        if self.gather_kv is not None:  # a shard of a split sequence: no cache
+            k, v = self.gather_kv(k, v)  # (B, KV, S, hd)
         y = self._attend(q, k, v, kv, pos)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -381,6 +342,10 @@ class MLP(nn.Module):
         # validation probe, taken here because only inside the forward is W0 whole under FSDP.
         self.keep_state, self.last_state = False, None
         self.measure_update, self.update_ratio = False, None
+        # (h, s, w0, conv_w, proj_w, lr, chunk, clip_tau, fp32_state) -> the ttt.TTTState these
+        # tokens start from. None: position 0 (or the cache's state). Context parallelism
+        # (parallel.py) sets it to the state the earlier shards of a split sequence leave.
+        self.incoming_state = None
         D, Fd = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = nn.Linear(D, Fd, bias=False)
         self.up_proj = nn.Linear(D, Fd, bias=False)
@@ -390,10 +355,9 @@ class MLP(nn.Module):
             if cfg.ttt_proj:
                 self.ttt_proj = nn.Linear(D, D, bias=False)  # weight P used as stored: V_hat = U P
 
-    def forward(self, x, embeds, state=None, enabled=True, cp_group=None):
+    def forward(self, x, embeds, state=None, enabled=True):
         """x, embeds (B, T, D). state: this layer's ttt.TTTState in a decoding cache, updated in
-        place; a one-token step takes each row at its own position (then `fold`). cp_group: x is
-        this rank's shard of the sequence; ttt.chunked starts it from the earlier ranks'."""
+        place; a one-token step takes each row at its own position (then `fold`)."""
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # H: (B, T, F)
         if not (self.use_ttt and enabled):
             return self.down_proj(h)
@@ -401,9 +365,12 @@ class MLP(nn.Module):
         s = x if cfg.ttt_target == "hidden_states" else embeds  # (B, T, D)
         if state is not None and h.shape[1] == 1:
             return ttt.decode_step(h, s, state)
-        out, new = ttt.chunked(h, s, *self._ttt_weights(), cfg.ttt_chunk, initial_state=state,
-                               clip_tau=cfg.ttt_clip_tau, fp32_state=cfg.ttt_fp32_state,
-                               cp_group=cp_group)
+        opts = dict(clip_tau=cfg.ttt_clip_tau, fp32_state=cfg.ttt_fp32_state)
+        start = state
+        if self.incoming_state is not None:  # a shard of a split sequence: no cache
+            start = self.incoming_state(h, s, *self._ttt_weights(), cfg.ttt_chunk, **opts)
+        out, new = ttt.chunked(h, s, *self._ttt_weights(), cfg.ttt_chunk, initial_state=start,
+                               **opts)
         if self.keep_state:
             self.last_state = new.detach()
         if self.measure_update:  # fp32 norms: (B, D, F) -> (B,), over (D, F) -> ()
@@ -433,11 +400,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, use_ttt)
 
-    def forward(self, x, embeds, cos, sin, cache=None, layer=None, ttt_enabled=True, cp_group=None):
+    def forward(self, x, embeds, cos, sin, cache=None, layer=None, ttt_enabled=True):
         kv = None if cache is None else (cache.k[layer], cache.v[layer])
         pos, state = (None, None) if cache is None else (cache.pos, cache.ttt.get(layer))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos, cp_group)
-        return x + self.mlp(self.post_attention_layernorm(x), embeds, state, ttt_enabled, cp_group)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos)
+        return x + self.mlp(self.post_attention_layernorm(x), embeds, state, ttt_enabled)
 
 
 # -----------------------------------------------------------------------------
@@ -463,16 +430,16 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.ttt_enabled = True  # False: TTT layers apply W0 only and never update (`--no-ttt`)
 
-    def hidden(self, idx, cache=None, cp_group=None):
+    def hidden(self, idx, cache=None, start=0):
         """Final-norm hidden states (B, T, D) for token ids idx (B, T).
 
-        cp_group (context parallelism, training): idx is rank r's shard, tokens [rT, (r+1)T) of
-        sequences split in order over the group's R ranks, every rank with the same T (a whole
-        number of TTT chunks: ttt.check_cp_shard). Positions start at rT, attention reaches the
-        earlier shards' keys (shard_keys), TTT starts from their updates (ttt.chunked)."""
+        start: the position of idx's first token without a cache. Context parallelism
+        (parallel.py) gives rank r the tokens [rT, (r+1)T) of split sequences at start rT; its
+        hooks bring in what the earlier shards' tokens contribute."""
         B, T = idx.shape
-        if cp_group is not None and cache is not None:
-            raise ValueError("context parallelism splits training sequences; decode without it")
+        if start and cache is not None:
+            raise ValueError("start places a shard of a split training sequence; a decoding "
+                             "cache keeps its own positions")
         if cache is not None and not torch.compiler.is_compiling():  # compiled: a fixed-size step
             if T > 1 and bool((cache.pos != cache.pos[0]).any()):
                 raise ValueError("a multi-token step needs every row at the same position; prefill "
@@ -481,14 +448,12 @@ class Transformer(nn.Module):
                 raise ValueError(f"cache holds {cache.k[0].shape[2]} positions; this step would "
                                  f"need {int(cache.pos.max()) + T}")
         x = self.model.embed_tokens(idx)
-        start = torch.zeros(B, dtype=torch.long, device=idx.device) if cache is None else cache.pos
-        if cp_group is not None:
-            start = start + dist.get_rank(cp_group) * T  # RoPE at the shard's own positions
-        cos, sin = rope_cos_sin(self.config, start[:, None] + torch.arange(T, device=idx.device),
+        first = torch.full((B,), start, device=idx.device) if cache is None else cache.pos  # (B,)
+        cos, sin = rope_cos_sin(self.config, first[:, None] + torch.arange(T, device=idx.device),
                                 x.dtype)
         embeds = x
         for i, block in enumerate(self.model.layers):
-            x = block(x, embeds, cos, sin, cache, i, self.ttt_enabled, cp_group)
+            x = block(x, embeds, cos, sin, cache, i, self.ttt_enabled)
         if cache is not None:
             cache.pos += T
             if T == 1 and self.ttt_enabled and self.ttt_layers:
@@ -510,20 +475,14 @@ class Transformer(nn.Module):
         return self.lm_head(h[:, -1:] if last_only else h)
 
     def loss(self, idx, targets, ignore_index=-100, tokens_per_slice=1024, reduction="mean",
-             cp_group=None):
+             start=0):
         """Cross-entropy: the mean over targets != ignore_index, or with reduction="none" each
         token's (B, T) fp32, 0 at ignored targets (validation's loss by position). Logits are made
         one slice of tokens at a time and recomputed in backward, so at most tokens_per_slice x V
-        fp32 logits exist at once.
-
-        cp_group: idx and targets are this rank's shard (see hidden). The mean is over the whole
-        sequences: this rank's loss sum x R / the group's target count, a value whose average over
-        the group's R ranks is the one-rank loss, and so is its gradient's. Averaging over ranks is
-        what FSDP's gradient reduce-scatter and train.py's logged loss do, so with dp x cp ranks
-        the step is the one-rank step. reduction="none" gives this shard's (B, T) losses."""
+        fp32 logits exist at once. start: as in `hidden`."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        h = self.hidden(idx, cp_group=cp_group).flatten(0, 1)  # (B*T, D)
+        h = self.hidden(idx, start=start).flatten(0, 1)  # (B*T, D)
         t = targets.flatten()
         per_slice = "sum" if reduction == "mean" else "none"  # a mean: one number per slice
         parts = [checkpoint(self._ce, h[i:i + tokens_per_slice], t[i:i + tokens_per_slice],
@@ -531,11 +490,7 @@ class Transformer(nn.Module):
                  for i in range(0, t.numel(), tokens_per_slice)]
         if reduction == "none":
             return torch.cat(parts).view(targets.shape)  # (B, T)
-        count = (t != ignore_index).sum()
-        if cp_group is None:
-            return sum(parts) / count.clamp(min=1)
-        dist.all_reduce(count, group=cp_group)  # the whole sequences' targets (no gradient)
-        return sum(parts) * dist.get_world_size(cp_group) / count.clamp(min=1)
+        return sum(parts) / (t != ignore_index).sum().clamp(min=1)
 
     def _ce(self, h, t, ignore_index, reduction):
         logits = self.lm_head(h)  # in fp32 at least (fp64 stays fp64: the exactness tests)

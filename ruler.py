@@ -589,7 +589,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [r for r in records if isinstance(r, dict)]  # a stray non-object line is not a record
 
 
-# Files a checkpoint is read from (load_hf.HUB_FILES); up to this size they are identified by
+# Files a checkpoint is read from (cli.HUB_FILES); up to this size they are identified by
 # content.
 SMALL_FILE = 64 * 2**20
 
@@ -599,11 +599,11 @@ def files_id(folder: Path) -> str:
     (config.json, tokenizer files, a small model) are hashed whole; a big one (a safetensors shard
     of GBs) by name, size and modification time, since reading it would take minutes. A new export
     into the same folder rewrites the shards, so it gets new times and counts as new weights."""
-    import load_hf
+    import cli
 
     h = hashlib.sha1()
     # Only what loading reads (weights, config, tokenizer), so notes or a README may change freely.
-    files = sorted({f for pattern in load_hf.HUB_FILES for f in folder.glob(pattern)
+    files = sorted({f for pattern in cli.HUB_FILES for f in folder.glob(pattern)
                     if f.is_file()})
     for f in files:
         st = f.stat()  # follows the hub cache's symlinks to the blobs
@@ -778,7 +778,7 @@ def unknown_tasks(unknown: list[str]) -> str:
 
 
 def build_parser():
-    import load_hf  # torch and the model, imported only by the commands that run one
+    import cli  # torch, imported only by the commands that run a model
     from sample import default_threads
 
     ap = argparse.ArgumentParser(description=__doc__,
@@ -811,11 +811,11 @@ def build_parser():
     # running
     ap.add_argument("--batch-size", type=positive_int, default=1,
                     help="prompts decoded together, memory permitting (default: 1)")
-    ap.add_argument("--rope-scaling", type=load_hf.parse_rope_scaling, metavar="JSON",
+    ap.add_argument("--rope-scaling", type=cli.parse_rope_scaling, metavar="JSON",
                     help="HF rope_scaling dict for lengths past the checkpoint's context, e.g. "
                          "Qwen3's YaRN (see above)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    ap.add_argument("--dtype", type=load_hf.parse_dtype,
+    ap.add_argument("--dtype", type=cli.parse_dtype,
                     help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--threads", type=positive_int, default=default_threads(),
                     help="CPU threads (default: %(default)s, as sample.py: $OMP_NUM_THREADS, else "
@@ -832,13 +832,14 @@ def build_parser():
 def read_inputs(args, lengths: list[int]):
     """Tokenizer dir, tokenizer, and (unless --generate-only) model dir, config and modes, each
     read and checked; OSError / ValueError with a message naming the input."""
+    import cli
     import load_hf
 
-    tok_dir = load_hf.resolve(args.tokenizer or args.model)
+    tok_dir = cli.resolve(args.tokenizer or args.model)
     tok = load_hf.load_tokenizer(tok_dir)
     if args.generate_only:
         return tok_dir, tok, None, None, []
-    model_dir = load_hf.resolve(args.model)
+    model_dir = cli.resolve(args.model)
     cfg = load_hf.load_config(model_dir)
     if args.rope_scaling:
         cfg = load_hf.with_rope_scaling(cfg, args.rope_scaling)
@@ -882,7 +883,7 @@ def write_results(out: Path, args, tasks: list[str], scores: dict, settings: dic
 def main(argv=None):
     import torch
 
-    import load_hf
+    import cli
     from sample import fail  # one line for what is not about flag syntax, not argparse's usage
 
     ap = build_parser()
@@ -895,10 +896,10 @@ def main(argv=None):
         fail(f"--tasks {args.tasks}: {unknown_tasks(unknown)}; allowed: all, or comma-separated "
              f"ids from {', '.join(TASKS)}")
     try:
-        device = torch.device(load_hf.default_device(args.device))
+        device = torch.device(cli.default_device(args.device))
     except RuntimeError:
         ap.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
-    dtype = args.dtype or load_hf.default_dtype(device)
+    dtype = args.dtype or cli.default_dtype(device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else default_out(args.model or args.tokenizer)

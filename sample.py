@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from load_hf import (default_device, default_dtype, load_config, load_model, load_tokenizer,
-                     parse_dtype, parse_rope_scaling, resolve, with_rope_scaling)
+from cli import default_device, default_dtype, parse_dtype, parse_rope_scaling, resolve
+from load_hf import load_config, load_model, load_tokenizer, with_rope_scaling
 
 DEFAULT_CHECKPOINT = "out/bytes/hf"  # where `python train.py` (no flags) exports its model
 # Default prefill piece: the multiple of C nearest above this. Big forwards are fast (64-token
@@ -203,7 +203,10 @@ def find_checkpoint(src) -> Path:
                 return candidate
         raise FileNotFoundError(f"{path} has neither config.json nor hf/config.json: not an HF "
                                 f"checkpoint or a train.py output directory")
-    return resolve(src)
+    try:  # a local-looking path that is not there fails at once, without asking the hub
+        return resolve(src)
+    except OSError as e:
+        raise FileNotFoundError(f"--model {src}: {e}") from None
 
 
 def hf_adds_bos(path: Path) -> bool:

@@ -12,57 +12,52 @@ or many (FSDP2).
     torchrun --nproc_per_node=8 train.py ... --resume   # same flags: continue the latest checkpoint
     python load_hf.py export out/Qwen3-0.6B-Base/ckpt/step_001000 out/qwen3-ttt-1000   # -> HF
 
-What happens, in order: flags -> model config (load_hf.model_config: a preset or an HF
-config.json, plus TTT settings) -> data (data.py: documents tokenised once into a uint32 cache,
-separated by EOS; or a pre-tokenised .npz, which may also mask targets and fix where windows
-start) -> the model built on the meta device, sharded with FSDP2 block by block, then filled from a
-full CPU copy (init or HF weights) or from a checkpoint -> the loop: micro-batches, one AdamW step
-per global batch, validation, checkpoints (checkpoint.py) -> HF export (load_hf.export_checkpoint).
+What happens, in order, as this file reads: flags -> setup (the process group, the model config:
+a preset or an HF config.json plus TTT settings, train_model.py; the data: documents tokenised
+once into a uint32 cache or a pre-tokenised .npz, data.py; --out claimed, run_dir.py) -> the model
+built on the meta device, sharded with FSDP2 block by block (parallel.py), filled from a full CPU
+copy or from a checkpoint -> the loop: one AdamW step per global batch, the metrics row, validation
+(watch.py), a checkpoint once its weights gave a finite loss (checkpoint.py) -> the HF export.
 
 Nothing a run did not write is replaced: a rerun into an --out holding a run needs --resume or
---overwrite, an export replaces only an earlier export, rotation deletes only step_NNNNNN. A
-checkpoint is saved only once its weights gave a finite loss (on the next step's batch), with the
-sizes and sha256 of its files in train.json; --resume takes the newest one that still matches.
+--overwrite, an export replaces only an earlier export, rotation deletes only step_NNNNNN.
+--resume takes the newest checkpoint whose files still match the sizes and sha256 in train.json.
 
-A single process is a world of one: the same FSDP2 code runs on a one-rank group, so there is one
-code path. Training windows are a pure function of (seed, step), so a resumed run sees exactly the
-data the uninterrupted run would have seen, whatever the number of ranks. With --cp N the world is
-dp x N ranks: a group of N consecutive ranks reads the same windows, each rank a contiguous 1/N of
-every window, and computes the one-rank losses and gradients (model.loss(cp_group=...)); FSDP
-shards the parameters over all ranks. Rank 0 writes the token cache and train.json and all ranks
-write checkpoint shards, so with several nodes --out and --cache must be on a filesystem they
-share. The README explains the flags at more length.
+A single process is a world of one: the same FSDP2 code runs on a one-rank group. Training windows
+are a pure function of (seed, step), so a resumed run sees exactly the data the uninterrupted run
+would have, whatever the number of ranks. With --cp N a group of N consecutive ranks reads the same
+windows, each rank a contiguous 1/N of every window (parallel.shard_loss computes the one-rank
+losses and gradients). Rank 0 writes the token cache and train.json and all ranks write checkpoint
+shards, so with several nodes --out and --cache must be on a shared filesystem.
 """
 
 import argparse
 import json
 import math
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import load_hf
-import ttt
-from checkpoint import (TRAIN_META, check_out, hold_out, pick_resume, prepare_out, refuse_links,
-                        resume, run_files, save_checkpoint, stop_nonfinite)
-from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, seq_shard,
-                  split_data, step_batches, validation_starts, window_batch)
-from load_hf import (AtLeast, HelpFormatter, default_device, default_dtype, parse_layers,
-                     parse_override)
+from checkpoint import (TRAIN_META, pick_resume, prepare_out, resume, run_files, save_checkpoint,
+                        stop_nonfinite)
+from cli import AtLeast, HelpFormatter, default_device, default_dtype, parse_layers
+from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
+                  step_batches)
 from model import PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 from starts import TTT_INITS
+from parallel import context_parallel, cp_shard, seq_shard, setup_distributed, shard_loss
+from run_dir import claim_out
+from train_model import (DEFAULT_TTT_INIT, build_model, check_config, model_config, parse_override,
+                         resolve_init)
+from watch import mfu, summary, validate
 
 # Continual pretraining (--init) defaults to the official release's optimizer settings
 # (configs/pretrain/qwen3_longct.yaml and llama3_longct.yaml): peak lr 5e-6, linear warmup over 2%
@@ -74,22 +69,11 @@ INIT_LR, INIT_WARMUP_FRACTION = 5e-6, 0.02
 # 3.0), and 2% of a short run is a warmup of a few steps, too short for Adam's second-moment
 # estimates to settle.
 SCRATCH_LR, SCRATCH_WARMUP = 3e-3, 5
-# Where new TTT weights start (study.py; README "Does In-Place TTT help, and how should it start?"):
-# the official start (conv 0, P diag N(0, 0.02^2)) with --init and from scratch. With --init its
-# small P keeps continual pretraining stable, where zero-conv and zero-proj spike and calibrated
-# gains nothing. From scratch it stalls on the recall task, but every start that learns there
-# diverged on text in some run (calibrated at context 1024; zero-conv at 4096, 2 of 3 seeds), and
-# a default must not: pass --ttt-init zero-conv or calibrated for a memory task, and watch
-# ‖ΣΔW‖/‖W0‖.
-DEFAULT_TTT_INIT = "paper"
-# Dense bf16 peak FLOP/s per GPU for MFU. First match wins, so "H100 PCIe" precedes "H100".
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-              ("A100", 312e12), ("L40S", 362e12), ("B200", 2250e12)]
 
 
 # -----------------------------------------------------------------------------
 # Flags: one group per part of the run; each number's range is checked where it is declared
-# (load_hf.AtLeast), combinations and defaults that depend on other flags in parse_args.
+# (cli.AtLeast), combinations and defaults that depend on other flags in parse_args.
 
 
 def model_flags(p: argparse.ArgumentParser):
@@ -104,9 +88,19 @@ def model_flags(p: argparse.ArgumentParser):
 
 def ttt_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("TTT", "unset: the checkpoint's or preset's own, else TTT_RECIPE's")
-    g.add_argument("--ttt-layers", type=parse_layers, help="layer indices, e.g. 5,11,17")
-    g.add_argument("--ttt-chunk", type=int, action=AtLeast, low=1, help="C: tokens per update")
-    g.add_argument("--ttt-lr", type=float, action=AtLeast, low=0, help="eta: fast-weight step size")
+    # The defaults depend on --preset / --init, so the help says where they come from and what
+    # the default run (the bytes preset) and a checkpoint without TTT (TTT_RECIPE) get.
+    own, recipe = PRESETS["bytes"], TTT_RECIPE
+    g.add_argument("--ttt-layers", type=parse_layers,
+                   help=f"layer indices, e.g. 5,11,17 (default: the preset's or checkpoint's own, "
+                        f"bytes {','.join(map(str, own.ttt_layers))}; else every "
+                        f"{recipe['every']}th from 0)")
+    g.add_argument("--ttt-chunk", type=int, action=AtLeast, low=1,
+                   help=f"C: tokens per update (default: bytes {own.ttt_chunk}; else "
+                        f"{recipe['chunk']})")
+    g.add_argument("--ttt-lr", type=float, action=AtLeast, low=0,
+                   help=f"eta: fast-weight step size (default: bytes {own.ttt_lr:g}; else "
+                        f"{recipe['lr']:g})")
     g.add_argument("--ttt-target", choices=["hidden_states", "input_embed"],
                    help=f"default: {TTT_RECIPE['target']} with --init, input_embed from scratch")
     g.add_argument("--no-ttt", action="store_true", help="no TTT layers: the baseline")
@@ -220,254 +214,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Distributed setup, the model and its optimizer
-
-
-def setup_distributed(device_arg=None):
-    """Join the torchrun group, or make a world of one (in-process store, no ports), so `python` and
-    `torchrun` run the same FSDP2 code. device_arg "cpu" / "cuda" / None (cuda when available).
-    Returns (rank, world, device)."""
-    use_cuda = default_device(device_arg) == "cuda"
-    local = int(os.environ.get("LOCAL_RANK", 0))  # torchrun's GPU index on this node
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:  # before the process group, so NCCL binds this rank to its own GPU
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():  # tests call this again within one process
-        backend = "nccl" if use_cuda else "gloo"
-        if "RANK" in os.environ:  # started by torchrun: it set the rendezvous variables
-            dist.init_process_group(backend, device_id=device if use_cuda else None)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def context_parallel(cp, seq_len, cfg: ModelConfig, device, ranks=True
-                     ) -> tuple[int, int, dist.ProcessGroup | None]:
-    """The world as dp x cp ranks: rank g holds shard g % cp of the windows its data-parallel rank
-    g // cp reads (a group's ranks are consecutive: one node's GPUs carry its K/V gathers). Returns
-    (data-parallel rank, dp, the context-parallel group or None for cp 1). Refused by name: shards
-    that are not whole TTT chunks (ttt.check_cp_shard), a world that cp does not divide (unless
-    `ranks` is False: --prepare-only, which may tokenise in one process for a job of many)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if cp > 1:  # one rank takes any length: only shards must be whole chunks
-        ttt_layers = [i for i in cfg.ttt_layers if i < cfg.num_layers]  # as Transformer keeps
-        try:
-            ttt.check_cp_shard(seq_len, cp, cfg.ttt_chunk if ttt_layers else None)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-    if not ranks:
-        return rank, world, None
-    if world % cp:
-        raise SystemExit(f"--cp {cp}: {world} rank(s) do not form groups of {cp} (torchrun "
-                         f"--nproc_per_node times the nodes must be a multiple of --cp)")
-    if cp == 1:  # no group: the one-rank code path, unchanged
-        return rank, world, None
-    # FSDP still shards over all ranks (build_model's 1-D mesh, torchtitan's dp_shard_cp): the
-    # gradients average over dp x cp ranks, which the loss's x R / the group's count expects.
-    mesh = init_device_mesh(device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
-    return mesh.get_local_rank("dp"), world // cp, mesh["cp"].get_group()
-
-
-def cp_shard(cp_group) -> tuple[int, int]:
-    """(r, R): this rank holds part r of R of every window (data.seq_shard); (0, 1) without CP."""
-    return (0, 1) if cp_group is None else (dist.get_rank(cp_group), dist.get_world_size(cp_group))
-
-
-def build_model(cfg, device, *, init=None, seed=0, ttt_init="paper", calibration=None, fill=True,
-                train_only="all", activation_checkpointing=False, compile=False,
-                precision=None) -> Transformer:
-    """Meta-device model -> (checkpointing, compile) -> fully_shard each block, then the root ->
-    real memory, filled from load_hf.full_model() (weights of `init` or a seeded fresh init, TTT
-    parameters as ttt_init says; calibration: the token ids a "calibrated" start measures on) unless
-    a checkpoint load will fill it (fill=False). train_only
-    "ttt" freezes all but the TTT parameters. compile: True (inductor) or a torch.compile backend
-    name, e.g. "aot_eager". precision "bf16" / "fp32" (None: load_hf.default_dtype of the device)."""
-    with torch.device("meta"):  # shapes only: even rank 0 never holds the model on the GPU whole
-        model = Transformer(cfg)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # one dimension: plain FSDP
-    # bf16: FSDP2 casts the gathered weights to bf16 for compute and reduces the gradients in fp32
-    # into fp32 master weights, which the optimizer updates. The TTT state stays fp32 regardless
-    # (cfg.ttt_fp32_state): bf16 would round small per-chunk updates away.
-    bf16 = precision == "bf16" if precision else default_dtype(device) == torch.bfloat16
-    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
-    for block in model.model.layers:  # a block is the unit of all-gather, recompute and compile
-        if activation_checkpointing:
-            # the composable API keeps parameter names (no wrapper module in the key)
-            from torch.distributed._composable import checkpoint
-            checkpoint(block)
-        if compile:  # per block: every block has the same graph, compiled once
-            block.compile(backend="inductor" if compile is True else compile)
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embeddings, final norm, (tied) head
-    register_fsdp_forward_method(model, "loss")  # loss() bypasses forward(): FSDP must hook it too
-    model.to_empty(device=device)  # real memory for the shards only, contents undefined
-    if fill:  # rank 0 alone holds the full model; the others receive their shards from it
-        first = dist.get_rank() == 0
-        source = load_hf.full_model(cfg, init, seed, ttt_init, calibration).state_dict() \
-            if first else {}
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, source, options=options)
-        del source  # free rank 0's full copy before training allocates
-    if train_only == "ttt":  # the base weights stay exactly the checkpoint's
-        for name, p in model.named_parameters():
-            p.requires_grad_(is_ttt_param(name))
-    return model
-
-
-def make_optimizer(model, lr, weight_decay, device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms and the TTT conv (scales and a smoothing kernel, not feature
-    maps). Parameters frozen by train_only="ttt" are left out."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            plain = name.endswith("norm.weight") or name.endswith("ttt_conv.weight")
-            (no_decay if plain else decay).append(p)
-    groups = [dict(params=decay, weight_decay=weight_decay),
-              dict(params=no_decay, weight_decay=0.0)]
-    # betas (0.9, 0.95): the usual LLM pretraining choice; fused kernels exist on CUDA only
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type == "cuda" or None)
-
-
-def lr_at(step, lr, min_lr, warmup, steps) -> float:
-    """Linear warmup to lr over `warmup` steps, then cosine decay to min_lr at step `steps`: a pure
-    function of the step, so a checkpoint needs no scheduler state."""
-    if step < warmup:
-        return lr * (step + 1) / warmup  # step 0 already moves: lr / warmup, never 0
-    progress = (step - warmup) / max(1, steps - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-# -----------------------------------------------------------------------------
-# Watching: validation loss by position and the size of each TTT layer's fast-weight update
-
-
-def position_buckets(seq_len, growth=4) -> list[tuple[int, int]]:
-    """Log-spaced position ranges [0, 64), [64, 256), [256, 1024), ... cut at seq_len. A model that
-    uses distant context (attention far back, or a fast weight) has lower loss in later buckets.
-    growth 2 (study/probes.py): [64, 128), [128, 256), ..., so the inside and the outside of a
-    128-token window fall in different buckets."""
-    edges = [0, 64]
-    while edges[-1] < seq_len:
-        edges.append(edges[-1] * growth)
-    edges = [min(e, seq_len) for e in edges]
-    return [(lo, hi) for lo, hi in zip(edges, edges[1:]) if lo < hi]
-
-
-@torch.no_grad()
-def validate(model, val: TokenStream, seq_len, val_windows, micro_batch, rank, world,
-             device, cp_group=None) -> dict:
-    """Mean loss over the first val_windows windows of `val`, also per position bucket
-    ("val_loss_pos.LO-HI"), and ‖ΣΔW‖ / ‖W0‖ per TTT layer over a window ("ttt_dw_rel.I", the
-    first sign of an unstable TTT run, measured by each TTT MLP from the state its forward
-    computed: MLP.measure_update). The windows are shared by the `world` data-parallel ranks
-    (`rank` is this one's), each split over cp_group's ranks. Every rank runs the same number of
-    forwards (FSDP all-gathers in each); windows past the end are padding with ignored targets and
-    weight 0. micro_batch None: a rank's windows in one forward."""
-    per_rank = -(-val_windows // world)  # ceil: the last rank may get padding
-    mb = min(micro_batch or per_rank, per_rank)  # the training micro-batch bounds memory here too
-    ids = np.arange(rank * per_rank, (rank + 1) * per_rank)
-    starts = validation_starts(val, val_windows, seq_len)
-    shard = cp_shard(cp_group)
-    cols = slice(shard[0] * seq_len // shard[1], (shard[0] + 1) * seq_len // shard[1])
-    last = shard[0] == shard[1] - 1  # the only shard whose state sums the whole window's ΔW
-    pos_sum = torch.zeros(seq_len, device=device)  # summed loss and number of targets per position
-    pos_count = torch.zeros(seq_len, device=device)
-    mlps = [model.model.layers[i].mlp for i in model.ttt_layers]
-    ratios = torch.zeros(len(mlps), device=device)  # summed over the real windows, per TTT layer
-    for mlp in mlps:
-        mlp.measure_update = True
-    for i in range(0, per_rank, mb):
-        chunk = ids[i:i + mb]
-        real = torch.from_numpy(chunk < val_windows)
-        x, y = window_batch(val, starts[np.where(chunk < val_windows, chunk, 0)], seq_len)
-        y = y.masked_fill(~real[:, None], -100)  # out of place: x and y share memory
-        x, y = seq_shard((x.to(device), y.to(device)), shard)
-        losses = model.loss(x, y, reduction="none", cp_group=cp_group)  # (b, T/R), 0 if ignored
-        pos_sum[cols] += losses.sum(0)  # this shard's positions
-        pos_count[cols] += (y != -100).sum(0)
-        for j, mlp in enumerate(mlps if last else []):  # (b,) ratios; padding windows weigh 0
-            ratios[j] += (mlp.update_ratio * real.to(device, torch.float32)).sum()
-    for mlp in mlps:  # training forwards measure nothing
-        mlp.measure_update, mlp.update_ratio = False, None
-    model.reshard()  # a no-grad forward leaves the root unsharded; training and saving want shards
-    totals = torch.cat([pos_sum, pos_count, ratios])
-    dist.all_reduce(totals)
-    pos_sum, pos_count, ratios = totals[:seq_len], totals[seq_len:2 * seq_len], totals[2 * seq_len:]
-    # Token-weighted means (the same as window-weighted when every target counts, as in text).
-    row = {"val_loss": (pos_sum.sum() / pos_count.sum().clamp(min=1)).item()}
-    for lo, hi in position_buckets(seq_len):
-        n = pos_count[lo:hi].sum()
-        if n > 0:  # a masked stream may have no target in a bucket: no number rather than 0
-            row[f"val_loss_pos.{lo}-{hi}"] = (pos_sum[lo:hi].sum() / n).item()
-    means = (ratios / val_windows).tolist()  # each real window counts once over all ranks
-    row.update({f"ttt_dw_rel.{i}": r for i, r in zip(model.ttt_layers, means)})
-    return row
-
-
-def peak_flops(device) -> float | None:
-    """Dense bf16 peak FLOP/s of `device` from PEAK_FLOPS; None on a CPU or an unlisted GPU."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"  # matches none
-    return next((f for key, f in PEAK_FLOPS if key in name), None)
-
-
-def summary(row) -> str:
-    """', val_loss 2.01 (by position 0-64 2.10, 64-256 2.00)' from a metrics row, or ''."""
-    if "val_loss" not in row:
-        return ""
-    buckets = [f"{k.split('.')[1]} {v:.4f}" for k, v in row.items() if k.startswith("val_loss_pos")]
-    return f", val_loss {row['val_loss']:.4f} (by position {', '.join(buckets)})"
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_params,
-               cp_group=None):
-    """One optimizer step at learning rate `lr` over this rank's micro-batches `batches` [(x, y)]
-    (with cp_group: its shards of them). Returns (mean loss over all ranks, grad norm, TTT grad
-    norm or None); gradients average over the `world` ranks in FSDP's reduce-scatter and over
-    micro-batches by the 1/accum scale. grad_clip 0: no clipping."""
-    for group in optimizer.param_groups:  # the schedule lives in lr_at, not in a scheduler object
-        group["lr"] = lr
-    loss_sum = torch.zeros((), device=device)  # on the device: no sync per micro-batch
-    for x, y in batches:  # under CP a loss whose mean over the group is the sequences' mean
-        loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                          cp_group=cp_group)
-        (loss / len(batches)).backward()
-        loss_sum += loss.detach()
-    dist.all_reduce(loss_sum)  # a sum: gloo has no AVG
-    params = [p for p in model.parameters() if p.grad is not None]  # frozen ones have none
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    # The norm of sharded gradients is a DTensor: full_tensor() reduces it over the ranks.
-    value = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).item()
-    loss, grad_norm = loss_sum.item() / (len(batches) * world), value(norm)
-    # Their own norm: a zero-initialised conv gets tiny gradients early, hidden in the total.
-    ttt_grads = [p.grad for p in ttt_params if p.grad is not None]
-    ttt_norm = value(torch.nn.utils.get_total_norm(ttt_grads)) if ttt_params else None
-    if math.isfinite(loss) and math.isfinite(grad_norm):  # else the caller stops, weights untouched
-        if grad_clip:  # with the norm computed above: no second pass over the gradients
-            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # frees the gradient memory until the next backward
-    return loss, grad_norm, ttt_norm
-
-
-@torch.no_grad()
-def batch_loss(model, batches, device, world, cp_group=None) -> float:
-    """The mean loss the current weights give on this rank's micro-batches `batches`, over all
-    ranks: train_step's loss without the gradient or the update."""
-    loss_sum = torch.zeros((), device=device)
-    for x, y in batches:
-        loss_sum += model.loss(x.to(device), y.to(device), cp_group=cp_group)
-    model.reshard()  # a no-grad forward leaves the root unsharded
-    dist.all_reduce(loss_sum)
-    return loss_sum.item() / (len(batches) * world)
-
-
-# -----------------------------------------------------------------------------
-# The run: setup, resume, the loop, export
+# Setup: the process group, the model, the data
 
 
 @dataclass
@@ -503,12 +250,12 @@ class Run:
                 f.write(json.dumps(row) + "\n")
 
 
-def run_config(args) -> tuple[str | None, ModelConfig]:
+def run_config(args) -> tuple[Path | None, ModelConfig]:
     """(init, cfg): the checkpoint the run continues (None: from scratch) and the model config
-    the flags ask for. study/probes.py rebuilds a run's starting point with it."""
-    init = load_hf.resolve_init(args.init)
-    return init, load_hf.model_config(args.preset, init, dict(args.override), args.ttt_layers,
-                                      args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
+    the flags ask for (train_model.py). The study rebuilds a run's starting point with it."""
+    init = resolve_init(args.init)
+    return init, model_config(args.preset, init, dict(args.override), args.ttt_layers,
+                              args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
 
 
 def setup_run(args, hold: ExitStack | None = None) -> Run | None:
@@ -519,18 +266,19 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     hold = ExitStack() if hold is None else hold
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a: None)
-    # Cheap checks first (config, ranks, batch split, tokenizer, what --out holds), then the data,
-    # then the checkpoints' integrity, then the weights.
+    # Cheap checks first (data paths, config, ranks, batch split, tokenizer, what --out holds),
+    # then the data, then the checkpoints' integrity, then the weights.
+    for flag, paths in (("--data", args.data), ("--val-data", args.val_data or [])):
+        if missing := [p for p in paths if not Path(p).exists()]:
+            raise SystemExit(f"{flag} {missing[0]}: no such file or directory")
     init, cfg = run_config(args)
     dp_rank, dp, cp_group = context_parallel(args.cp, args.seq_len, cfg, device,
                                              ranks=not args.prepare_only)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, dp)
-    load_hf.check_config(cfg, args.ttt_init, export=not args.no_export)
+    check_config(cfg, args.ttt_init, export=not args.no_export)
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, rank)
     out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
-    refuse_links(out)  # before the lock: its own file could be a link
-    hold.enter_context(hold_out(out, rank, log))  # one run at a time writes into --out
-    existing = check_run_dir(out, export, args.resume, args.overwrite)
+    existing = claim_out(out, export, args.resume, args.overwrite, rank, log, hold)
     tokens, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
                              args.cache, rank, cfg.vocab_size, tok)
     if args.prepare_only:  # e.g. tokenise on a CPU node before a GPU job
@@ -547,30 +295,53 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     model = build_model(cfg, device, init=init, seed=args.seed, ttt_init=args.ttt_init,
                         calibration=first, fill=resume_from is None, train_only=args.train_only,
                         compile=args.compile, precision=args.precision,
-                        activation_checkpointing=args.activation_checkpointing)
+                        activation_checkpointing=args.activation_checkpointing, cp_group=cp_group)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n) and p.requires_grad]
-    # train.json records everything needed to rebuild the model (export) and to check a resume.
-    # The JSON round trip turns tuples into lists, so both compare equal to a saved train.json's.
-    # "data": the files each stream was read from, with sizes and sha256 (a resume compares them).
-    data = {"data": tokens.files, "val_data": val.files if args.val_data and val else None}
-    meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir),
-            "world_size": world, "args": json.loads(json.dumps(vars(args))), "data": data}
+    meta = run_meta(args, cfg, tok_dir, world, tokens, val)
     return Run(rank, world, dp_rank, dp, cp_group, device, cfg, tokens, val, layout, out, meta,
                model, optimizer, ttt_params, resume_from, damaged, hold)
 
 
-def check_run_dir(out: Path, export: Path | None, resume, overwrite) -> list[Path]:
-    """Refuse a run that would replace what it did not write: an --export-hf onto this run's own
-    checkpoints or metrics, or onto what is not an earlier export (without --overwrite,
-    load_hf.check_export_target); and a fresh start into an --out holding a previous run
-    (checkpoint.check_out). Returns the checkpoints found."""
-    if export is not None:
-        try:
-            load_hf.check_export_target(export, overwrite, run_files(out))
-        except OSError as e:
-            raise SystemExit(f"--export-hf {export}: {e}") from None
-    return check_out(out, export, resume, overwrite)
+def run_meta(args, cfg, tok_dir, world, tokens, val) -> dict:
+    """train.json: everything needed to rebuild the model (export) and to check a resume. The
+    JSON round trip turns tuples into lists, so both compare equal to a saved train.json's.
+    "data": the files each stream was read from, with sizes and sha256 (a resume compares them)."""
+    data = {"data": tokens.files, "val_data": val.files if args.val_data and val else None}
+    return {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir),
+            "world_size": world, "args": json.loads(json.dumps(vars(args))), "data": data}
+
+
+# -----------------------------------------------------------------------------
+# The optimizer and its schedule
+
+
+def make_optimizer(model, lr, weight_decay, device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms and the TTT conv (scales and a smoothing kernel, not feature
+    maps). Parameters frozen by train_only="ttt" are left out."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            plain = name.endswith("norm.weight") or name.endswith("ttt_conv.weight")
+            (no_decay if plain else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
+    # betas (0.9, 0.95): the usual LLM pretraining choice; fused kernels exist on CUDA only
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type == "cuda" or None)
+
+
+def lr_at(step, lr, min_lr, warmup, steps) -> float:
+    """Linear warmup to lr over `warmup` steps, then cosine decay to min_lr at step `steps`: a pure
+    function of the step, so a checkpoint needs no scheduler state."""
+    if step < warmup:
+        return lr * (step + 1) / warmup  # step 0 already moves: lr / warmup, never 0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# -----------------------------------------------------------------------------
+# The loop: step, log, validate, save
 
 
 def run_loop(run: Run, start: int, args) -> Path:
@@ -586,8 +357,7 @@ def run_loop(run: Run, start: int, args) -> Path:
     t_start, row = time.perf_counter(), None
     for step in bar:  # `step` steps done so far; the row written is step + 1
         t0 = time.perf_counter()
-        batches = step_batches(run.tokens, args.seed, step, args.seq_len, run.layout, run.dp_rank,
-                               cp_shard(run.cp_group))
+        batches = batches_at(run, args, step)
         lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
         loss, grad_norm, ttt_norm = train_step(run.model, run.optimizer, batches, lr,
                                                args.grad_clip, run.device, run.world,
@@ -612,6 +382,85 @@ def run_loop(run: Run, start: int, args) -> Path:
     return good  # the resumed checkpoint when there was nothing left to do
 
 
+def batches_at(run: Run, args, step) -> list:
+    """This rank's micro-batches [(x, y)] of `step`: its data-parallel windows, its CP shard."""
+    shard = cp_shard(run.cp_group)
+    return [seq_shard(b, shard) for b in step_batches(run.tokens, args.seed, step, args.seq_len,
+                                                      run.layout, run.dp_rank)]
+
+
+def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_params,
+               cp_group=None):
+    """One optimizer step at learning rate `lr` over this rank's micro-batches `batches` [(x, y)]
+    (with cp_group: its shards of them). Returns (mean loss over all ranks, grad norm, TTT grad
+    norm or None); gradients average over the `world` ranks in FSDP's reduce-scatter and over
+    micro-batches by the 1/accum scale. grad_clip 0: no clipping."""
+    for group in optimizer.param_groups:  # the schedule lives in lr_at, not in a scheduler object
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)  # on the device: no sync per micro-batch
+    for x, y in batches:  # under CP a loss whose mean over the group is the sequences' mean
+        loss = shard_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                          cp_group)
+        (loss / len(batches)).backward()
+        loss_sum += loss.detach()
+    dist.all_reduce(loss_sum)  # a sum: gloo has no AVG
+    params = [p for p in model.parameters() if p.grad is not None]  # frozen ones have none
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # The norm of sharded gradients is a DTensor: full_tensor() reduces it over the ranks.
+    value = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).item()
+    loss, grad_norm = loss_sum.item() / (len(batches) * world), value(norm)
+    # Their own norm: a zero-initialised conv gets tiny gradients early, hidden in the total.
+    ttt_grads = [p.grad for p in ttt_params if p.grad is not None]
+    ttt_norm = value(torch.nn.utils.get_total_norm(ttt_grads)) if ttt_params else None
+    if math.isfinite(loss) and math.isfinite(grad_norm):  # else the caller stops, weights untouched
+        if grad_clip:  # with the norm computed above: no second pass over the gradients
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # frees the gradient memory until the next backward
+    return loss, grad_norm, ttt_norm
+
+
+@torch.no_grad()
+def batch_loss(model, batches, device, world, cp_group=None) -> float:
+    """The mean loss the current weights give on this rank's micro-batches `batches`, over all
+    ranks: train_step's loss without the gradient or the update."""
+    loss_sum = torch.zeros((), device=device)
+    for x, y in batches:
+        loss_sum += shard_loss(model, x.to(device), y.to(device), cp_group)
+    model.reshard()  # a no-grad forward leaves the root unsharded
+    dist.all_reduce(loss_sum)
+    return loss_sum.item() / (len(batches) * world)
+
+
+def step_row(run: Run, args, step, loss, lr, grad_norm, ttt_norm, dt) -> dict:
+    """The metrics.jsonl row of step `step` + 1, which took `dt` seconds."""
+    row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+           "tok_s": round(args.batch_tokens / dt, 1), "tokens": (step + 1) * args.batch_tokens}
+    if ttt_norm is not None:
+        row["ttt_grad_norm"] = ttt_norm
+    # MFU is against the bf16 peak: an fp32 run on a GPU would show a misleadingly low one.
+    util = mfu(run.model, args.seq_len, args.batch_tokens / dt, run.device, run.world) \
+        if args.precision == "bf16" else None
+    if util is not None:  # a known GPU in bf16: MFU over all ranks
+        row["mfu"] = util
+    if run.device.type == "cuda":  # this rank's memory high-water mark
+        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+    return row
+
+
+def checked_save(run: Run, args, step, good: Path | None) -> Path:
+    """Checkpoint the weights after `step` steps once they gave a finite loss on the batch the
+    next step trains on (one forward more, a third of a step): saved unchecked, a checkpoint could
+    hold the very weights that make the next step non-finite. Returns the checkpoint."""
+    after = batches_at(run, args, step)
+    next_loss = batch_loss(run.model, after, run.device, run.world, run.cp_group)
+    if not math.isfinite(next_loss):
+        stop_nonfinite(f"step {step}: the updated weights give loss {next_loss} on the next "
+                       f"batch, which is not finite; stopped without saving them.", good, run.rank)
+    return save_checkpoint(run.out / "ckpt", step, model=run.model, optimizer=run.optimizer,
+                           meta=run.meta, keep=args.keep, rank=run.rank, loss=next_loss)
+
+
 def describe(run: Run, args) -> str:
     """The run's opening line: the model, the ranks, the precision and the batch."""
     n_windows, share, micro = run.layout
@@ -627,51 +476,24 @@ def describe(run: Run, args) -> str:
             f"tokens per step, {share // micro} micro-batch(es) of {micro} per rank{shards}")
 
 
-def step_row(run: Run, args, step, loss, lr, grad_norm, ttt_norm, dt) -> dict:
-    """The metrics.jsonl row of step `step` + 1, which took `dt` seconds."""
-    row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-           "tok_s": round(args.batch_tokens / dt, 1), "tokens": (step + 1) * args.batch_tokens}
-    if ttt_norm is not None:
-        row["ttt_grad_norm"] = ttt_norm
-    # MFU is against the bf16 peak: an fp32 run on a GPU would show a misleadingly low one.
-    peak = peak_flops(run.device) if args.precision == "bf16" else None
-    if peak:  # a known GPU in bf16: MFU over all ranks
-        flops = run.model.flops_per_token(args.seq_len)
-        row["mfu"] = round(flops * args.batch_tokens / dt / (peak * run.world), 4)
-    if run.device.type == "cuda":  # this rank's memory high-water mark
-        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
-    return row
+# -----------------------------------------------------------------------------
+# From start to export
 
 
-def checked_save(run: Run, args, step, good: Path | None) -> Path:
-    """Checkpoint the weights after `step` steps once they gave a finite loss on the batch the
-    next step trains on (one forward more, a third of a step): saved unchecked, a checkpoint could
-    hold the very weights that make the next step non-finite. Returns the checkpoint."""
-    after = step_batches(run.tokens, args.seed, step, args.seq_len, run.layout, run.dp_rank,
-                         cp_shard(run.cp_group))
-    next_loss = batch_loss(run.model, after, run.device, run.world, run.cp_group)
-    if not math.isfinite(next_loss):
-        stop_nonfinite(f"step {step}: the updated weights give loss {next_loss} on the next "
-                       f"batch, which is not finite; stopped without saving them.", good, run.rank)
-    return save_checkpoint(run.out / "ckpt", step, model=run.model, optimizer=run.optimizer,
-                           meta=run.meta, keep=args.keep, rank=run.rank, loss=next_loss)
-
-
-def export_final(run: Run, args, final: Path, finished: bool):
-    """Rank 0 exports the final checkpoint to --export-hf (one process reads every rank's shards).
-    A run resumed when already `finished` exports only when the export is missing or older than
-    its final checkpoint (a kill between the last save and the export)."""
-    target = Path(args.export_hf)
+def export_final(final: Path, target: Path, out: Path, overwrite, finished, rank, log):
+    """Rank 0 exports the final checkpoint to `target` (one process reads every rank's shards). A
+    run resumed when already `finished` exports only when the export is missing or older than its
+    final checkpoint (a kill between the last save and the export)."""
     mark, meta = target / load_hf.EXPORT_MARK, final / TRAIN_META
     if finished and mark.is_file() and mark.stat().st_mtime_ns >= meta.stat().st_mtime_ns:
-        run.log(f"its export {target} was written after {final}: kept as it is")
+        log(f"its export {target} was written after {final}: kept as it is")
         return
-    if run.rank == 0:
+    if rank == 0:
         # Checked at setup too; again here, since the target may have changed during the run.
         # verify=False: the run has just written (or verified) this checkpoint.
-        out = load_hf.export_checkpoint(final, target, overwrite=args.overwrite,
-                                        protect=run_files(run.out), verify=False)
-        run.log(f"exported {out} (from {final})")
+        written = load_hf.export_checkpoint(final, target, overwrite=overwrite,
+                                            protect=run_files(out), verify=False)
+        log(f"exported {written} (from {final})")
 
 
 def train(args):
@@ -695,7 +517,8 @@ def train_run(run: Run, args):
                 f"this run is finished (a larger --steps continues it)")
     final = run.resume_from if finished else run_loop(run, start, args)
     if not args.no_export:
-        export_final(run, args, final, finished)
+        export_final(final, Path(args.export_hf), run.out, args.overwrite, finished, run.rank,
+                     run.log)
     return run.model
 
 
@@ -706,6 +529,10 @@ def main(argv=None):
         if dist.is_initialized():  # ranks that skip the export wait for rank 0: all leave together
             dist.barrier()
         return model
+    except SystemExit as e:  # a message about the input: one line, as the other scripts print it
+        if isinstance(e.code, str) and not e.code.startswith("error: "):
+            raise SystemExit(f"error: {e.code}") from None
+        raise
     finally:  # also after an error: tests call main() again in the same process
         if dist.is_initialized():
             dist.destroy_process_group()

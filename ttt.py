@@ -1,8 +1,8 @@
 """In-Place Test-Time Training: the MLP's down projection as a fast weight.
 
 All of the method lives here: the state, the token loop (`naive`), the chunked scan for training
-and prefill (`chunked`), the state across context-parallel ranks, and decoding (`decode_step`,
-`fold`). model.py only calls these.
+and prefill (`chunked`), and decoding (`decode_step`, `fold`). model.py only calls these, and
+parallel.py, for a sequence split over ranks, only `updates` and `chunked`'s initial_state.
 
 Notation (every shape comment in this file uses it)
     B batch, T tokens in this call, D hidden size, F intermediate size, C chunk size,
@@ -62,34 +62,23 @@ The state across ranks (context parallelism)
     Split a sequence of R·T tokens into R contiguous shards, rank r holding tokens [rT, (r+1)T),
     with T a whole number of chunks so that no chunk straddles two ranks. ΔW_i depends on chunk
     i's own tokens only (the conv is zero padded at the chunk's edges), never on S. So rank r forms
-    the sum of its own chunks' updates, Σ_r, without knowing what came before, and the state its
-    first chunk reads is the exclusive prefix over the ranks
+    the sum of its own chunks' updates without knowing what came before (`updates`: one matmul
+    V̂ᵀH over the shard, no scan),
+        Σ_r = Σ_{i in shard r} ΔW_i,
+    and the state its first chunk reads is the exclusive prefix over the ranks
         S0_r = Σ_{j<r} Σ_j.
-    Inside the shard S_i = S0_r + S_i', where S_i' is the shard's own scan started from zero, and Y
-    is linear in S:
-        Y_i = H_i (W0 + S_i')ᵀ + H_i S0_rᵀ.
-    So each rank runs `_ChunkScan` on its shard from zero (its final state is Σ_r), the ranks
-    exchange one (B, D, F) sum per TTT layer whatever T is, and one matmul adds H S0_rᵀ. The
-    exchange is a scan (`_rank_scan`): ⌈log2 R⌉ rounds, in each rank r sends its partial sum d
-    ranks on and adds the one from d ranks back (d = 1, 2, 4, ...).
-    Backward: S0_r enters exactly as W0 does, so ∂L/∂S0_r = Σ_i G_iᵀ H_i over the shard, and Σ_j
-    reaches every later rank's S0, so
-        ∂L/∂Σ_j = Σ_{r>j} ∂L/∂S0_r          (the same scan, run towards rank 0),
-    which is the gradient of the shard scan's final state: `_ChunkScan`'s backward starts A there,
-    and the update terms V̂_i A_{i+1}, H_i A_{i+1}ᵀ carry it into every chunk of the shard.
-    Costs: the extra matmul H S0ᵀ forward, and G S0, Gᵀ H backward (each the size of the down
-    projection's), in the TTT layers only. Traffic: ⌈log2 R⌉ sends of one (B, D, F) per rank each
-    way, where a ring all-gather of the Σ_j receives R − 1. Memory: the scan holds three (B, D, F)
-    buffers in the state dtype (partial sum, result, receive) whatever R is; on gloo ranks its
-    forward + backward peaks at 4 of them at R = 2, 4 and 8 (bench/cp_memory.py): 0.8 GB for
-    Qwen3-8B (D = 4096, F = 12288, fp32, B = 1). An all-gather of the Σ_j holds R of them
-    (1.6 GB at R = 8) before its backward; torch.distributed.nn's all_gather measured 3R + 2 on
-    gloo (5.2 GB at R = 8). The matmul saves S0_r in the compute dtype (0.1 GB in bf16).
-    In fp32 or fp64 the outputs equal the one-rank scan's to rounding (the same sums, grouped
-    differently). In bf16 the shard's fast weight is rounded in two parts (W0 + S_i', then S0_r)
-    and the two products are added in bf16: one more rounding, of the size the one-rank path
-    already makes when it rounds W (relative error against the fp64 loop in tests/test_cp.py:
-    4.4e-3 on 4 ranks, 4.3e-3 on one).
+    That is the whole state at position rT (no open chunk), so `chunked` with initial_state = S0_r
+    runs the shard exactly as the one-rank scan runs it from that point: the same W0 + S_i, rounded
+    once per chunk. parallel.py exchanges the Σ_j (one (B, D, F) per TTT layer, whatever T is, in
+    ⌈log2 R⌉ rounds) and hands the state in through MLP.incoming_state.
+    Backward: _ChunkScan already returns ∂L/∂S0_r (A_0). Σ_j reaches every later rank's S0, so
+        ∂L/∂Σ_j = Σ_{r>j} ∂L/∂S0_r          (the same exchange, run towards rank 0),
+    and Σ_j = V̂ᵀH carries it into V̂ and H of every chunk of shard j.
+    Costs, in the TTT layers only: forward V̂ (the conv and P) twice and one matmul V̂ᵀH, backward
+    two (H A, V̂ A), each the size of the down projection's; V̂ (B, T, D) is kept once more for the
+    backward. In fp32 or fp64 the outputs equal the one-rank scan's to rounding (the same sums,
+    grouped differently); in bf16 Σ_r is rounded once, as the one-rank scan rounds each chunk's ΔW
+    (tests/test_cp.py bounds the error against the fp64 loop by the one-rank scan's).
 
 About precision
     S is a sum of up to T/C small updates on top of W0. In bf16 (8-bit mantissa) an update under
@@ -105,7 +94,6 @@ About precision
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.nn.functional import conv1d, pad
 
@@ -228,6 +216,19 @@ def chunk_update(s_c, h_c, conv_w, proj_w, lr, clip_tau=None):
     return _delta(_targets(s_c, conv_w, proj_w, lr, h_c.dtype), h_c, clip_tau)
 
 
+def updates(h, s, conv_w, proj_w, lr, chunk, clip_tau=None, fp32_state=True):
+    """Σ ΔW over whole chunks h (B, T, F), s (B, T, D), T a multiple of C -> (B, D, F) in the state
+    dtype: what these tokens add to any state, computed without the scan (ΔW never depends on S).
+    Without clipping the sum over chunks is one matmul over all T tokens."""
+    (B, T, F), D = h.shape, s.shape[-1]
+    v = _targets(s.reshape(B, T // chunk, chunk, D), conv_w, proj_w, lr, h.dtype)  # (B, N, C, D)
+    if clip_tau is None:
+        dW = v.reshape(B, T, D).transpose(1, 2) @ h  # (B, D, F) Σ_i V̂_iᵀ H_i
+    else:  # each chunk's ΔW clipped on its own (inference only)
+        dW = _delta(v, h.reshape(B, T // chunk, chunk, F), clip_tau).sum(1)  # (B, D, F)
+    return dW.to(_state_dtype(h.dtype, fp32_state))
+
+
 # -----------------------------------------------------------------------------
 # The naive path: a token loop that reads like the paper (the test oracle)
 
@@ -312,14 +313,13 @@ class _ChunkScan(torch.autograd.Function):
 
 
 def chunked(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=None,
-            fp32_state=True, cp_group=None):
+            fp32_state=True):
     """The same computation as `naive`, a chunk at a time: the path for training and prefill.
 
     h (B, T, F), s (B, T, D), w0 (D, F), conv_w (D, 1, 5), proj_w (D, D) or None.
     All rows start at one position. Returns out (B, T, D) in h's dtype and the state after.
-    cp_group: h and s are this rank's shard of sequences split over the group's ranks in order
-    (context parallelism, see "The state across ranks"); every rank calls with the same T, a
-    whole number of chunks, and the state after is the sequence's after this shard.
+    initial_state: where the rows stand (None: position 0); gradients flow into its dW, so it may
+    be computed (a later shard of a split sequence: "The state across ranks").
     """
     B, T, F = h.shape
     D, C = s.shape[-1], chunk
@@ -331,11 +331,6 @@ def chunked(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=No
         if any(t is not None and t.requires_grad for t in leaves):
             raise NotImplementedError("chunked: clip_tau is inference-only; "
                                       "call it under torch.no_grad()")
-    if cp_group is not None:
-        if initial_state is not None:
-            raise ValueError("chunked: a context-parallel shard starts from the earlier ranks' "
-                             "updates, not from an initial_state")
-        return _shard(h, s, w0, conv_w, proj_w, lr, C, clip_tau, state.dW, cp_group)
     # Re-run the open chunk's buffered tokens so the grid starts at a chunk boundary, then pad to
     # whole chunks.
     n = 0 if fresh else _common_position(state, C, "chunked") % C
@@ -351,90 +346,6 @@ def chunked(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=No
     out = y.view(B, N * C, D)[:, n:L]  # (B, T, D) the buffered tokens' outputs were emitted before
     tail = slice(n_fold * C, L)  # the new open chunk, fewer than C tokens
     return out, _after(state, S, s[:, tail], h[:, tail], state.pos + T, w0)
-
-
-# -----------------------------------------------------------------------------
-# The state across ranks: one sequence split over context-parallel ranks (training)
-
-
-def check_cp_shard(seq_len, cp, chunk):
-    """Refuse a context-parallel split that chunked cannot run exactly: seq_len tokens over cp
-    ranks must give equal shards of whole TTT chunks (chunk None: no TTT layer, equal shards)."""
-    if cp < 1:
-        raise ValueError(f"--cp {cp}: the number of context-parallel ranks must be at least 1")
-    if seq_len % cp:
-        raise ValueError(f"--cp {cp}: a sequence of {seq_len} tokens does not split into {cp} "
-                         "equal shards")
-    if chunk and (seq_len // cp) % chunk:
-        raise ValueError(f"--cp {cp}: a sequence of {seq_len} tokens splits into shards of "
-                         f"{seq_len // cp}, not a whole number of TTT chunks of {chunk}: use a "
-                         f"length that is a multiple of {cp} x {chunk} = {cp * chunk}")
-
-
-def _rank_scan(x, group, reverse=False):
-    """Σ of x over the ranks of `group` before this one (after it, if reverse), exactly.
-
-    A Hillis–Steele scan: in round d = 1, 2, 4, ... each rank sends its partial sum (its own x and
-    the d − 1 ranks before it) d ranks on and adds the one it receives from d ranks back. After
-    ⌈log2 R⌉ rounds `total` holds every earlier rank's x; three buffers of x's size, whatever R.
-    """
-    r, R = dist.get_rank(group), dist.get_world_size(group)
-    step = -1 if reverse else 1
-    x = x.contiguous()
-    total, partial, inbox = torch.zeros_like(x), x.clone(), torch.empty_like(x)
-    d = 1
-    while d < R:
-        to, frm = r + step * d, r - step * d
-        works = []  # post both before waiting: every rank sends and receives in the same round
-        if 0 <= to < R:
-            works.append(dist.isend(partial, dist.get_global_rank(group, to), group=group))
-        if 0 <= frm < R:
-            works.append(dist.irecv(inbox, dist.get_global_rank(group, frm), group=group))
-        for w in works:
-            w.wait()  # partial may change only once its send is done
-        if 0 <= frm < R:
-            total += inbox
-            if 2 * d < R:  # the last round's partial sum goes nowhere
-                partial += inbox
-        d *= 2
-    return total
-
-
-class _RankPrefix(torch.autograd.Function):
-    """S0_r = Σ_{j<r} Σ_j over the ranks; backward ∂L/∂Σ_j = Σ_{r>j} ∂L/∂S0_r, the same scan
-    towards rank 0. Every rank must use the output (even rank 0's zero), so that every rank runs
-    the backward and its sends meet their receives."""
-
-    @staticmethod
-    def forward(ctx, sigma, group):
-        ctx.group = group
-        return _rank_scan(sigma, group)  # (B, D, F)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _rank_scan(g, ctx.group, reverse=True), None
-
-
-@torch.compiler.disable  # point-to-point sends: kept out of compiled graphs
-def _rank_prefix(sigma, group):
-    return _RankPrefix.apply(sigma, group)
-
-
-def _shard(h, s, w0, conv_w, proj_w, lr, C, clip_tau, zero, group):
-    """chunked for this rank's shard: the scan from zero (B, D, F), then H S0_rᵀ from the ranks
-    before."""
-    (B, T, F), D = h.shape, s.shape[-1]
-    r, R = dist.get_rank(group), dist.get_world_size(group)
-    check_cp_shard(T * R, R, C)  # the shard is whole chunks: no chunk straddles two ranks
-    N = T // C
-    v = _targets(s.reshape(B, N, C, D), conv_w, proj_w, lr, h.dtype)  # (B, N, C, D) ηV̂
-    # Y_i = H_i (W0 + S_i')ᵀ and Σ_r, the final state of the shard's own scan
-    y, sigma = _ChunkScan.apply(h.reshape(B, N, C, F), v, w0, zero, N, clip_tau)
-    prefix = _rank_prefix(sigma, group)  # (B, D, F) S0_r, fp32 like every state
-    out = y.view(B, T, D) + torch.bmm(h, prefix.to(h.dtype).transpose(1, 2))  # + H S0_rᵀ
-    # The sequence's state after this shard: no open chunk, the grid at (r+1)T.
-    pos = torch.full((B,), (r + 1) * T, dtype=torch.long, device=h.device)
-    return out, TTTState(prefix + sigma, s.new_zeros(B, C, D), h.new_zeros(B, C, F), pos)
 
 
 # -----------------------------------------------------------------------------

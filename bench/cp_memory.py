@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402  (the project's files, after the path insert)
-import ttt  # noqa: E402
+import parallel  # noqa: E402
 
 GiB = 2**30
 
@@ -117,7 +117,7 @@ def _attention_peak(q, k, v, group, r):
     bias = causal_lower_right(T, (r + 1) * T) if group and r else None  # a subclass: made outside
     grad = torch.ones_like(q)  # made outside: the gradient arrives from the layer above
     with Live() as live:
-        k2, v2 = model.shard_keys(k, v, group) if group else (k, v)
+        k2, v2 = parallel.shard_keys(k, v, group) if group else (k, v)
         y = scaled_dot_product_attention(q, k2, v2, attn_mask=bias, is_causal=bias is None,
                                          enable_gqa=True)
         torch.autograd.backward(y, grad)
@@ -135,7 +135,7 @@ def _rank(r, R, init, out):
     across = _attention_peak(q, k, v, dist.group.WORLD, r)
     sigma, grad = torch.randn(B, D, F, generator=g, requires_grad=True), torch.ones(B, D, F)
     with Live() as scan:  # the result, the scan's buffers and the gradient it returns
-        ttt._rank_prefix(sigma, dist.group.WORLD).backward(grad)
+        parallel._RankPrefix.apply(sigma, dist.group.WORLD).backward(grad)
     if r == R - 1:  # the last rank gathers the most keys
         extra = across - _attention_peak(q, k, v, None, r)
         torch.save((extra / (2 * B * KV * T * hd * 2), scan.top / (B * D * F * 4)), out)

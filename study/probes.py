@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 import load_hf
 import train
+import train_model
 import ttt
+import watch
 from data import (TokenStream, batch_layout, load_tokenizer, read_stream, split_data, step_batches,
                   window_batch)
 from starts import update_scale
@@ -39,7 +41,7 @@ def position_edges(seq_len) -> list[int]:
     """train.py's position buckets, each twice the last ([0, 64), [64, 128), [128, 256), ...) as
     a list of edges: finer than train.py's validation, so the inside and the outside of a
     128-token window fall in different buckets."""
-    buckets = train.position_buckets(seq_len, growth=2)
+    buckets = watch.position_buckets(seq_len, growth=2)
     return [buckets[0][0]] + [hi for _, hi in buckets]
 
 
@@ -74,7 +76,7 @@ def text_scores(hf_dir, val: TokenStream, L, variant="on", window=None, n=None,
 def first_step(argv) -> tuple:
     """(starting model, first batch [(x, y)]) of a run in one process: the config from train.py's
     run_config, the tokenizer, data and step-0 windows as train.py's setup_run reads them, the
-    weights as its build_model fills them (load_hf.full_model), without a process group or --out."""
+    weights as its build_model fills them (train_model.full_model), without a process group or --out."""
     args = train.parse_args(argv)
     init, cfg = train.run_config(args)
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, 0)
@@ -82,8 +84,8 @@ def first_step(argv) -> tuple:
                          args.cache, 0, cfg.vocab_size, tok)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, 1)
     batches = step_batches(data, args.seed, 0, args.seq_len, layout, 0)
-    model = load_hf.full_model(cfg, init, args.seed, args.ttt_init,
-                               torch.cat([x for x, _ in batches]))
+    model = train_model.full_model(cfg, init, args.seed, args.ttt_init,
+                                   torch.cat([x for x, _ in batches]))
     return model, batches
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-import load_hf
+import cli
 import study
 from study.arms import ANSWER_ARMS, FULL, QUICK, Sizes, plan, prepare_recall_data, run_job
 from study.plots import plot_learned, plot_study, plot_text, pyplot
@@ -32,11 +32,11 @@ def picture_answers(results, sizes: Sizes, out: Path) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m study", description=study.__doc__,
-                                formatter_class=load_hf.HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="toy sizes: the whole pipeline in about 3 minutes on 2 cores")
     p.add_argument("--out", help="study directory (default: out/study, or out/study-quick)")
-    p.add_argument("--jobs", type=int, action=load_hf.AtLeast, low=1, default=2,
+    p.add_argument("--jobs", type=int, action=cli.AtLeast, low=1, default=2,
                    help="train.py runs at a time (one thread each)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL

@@ -6,12 +6,14 @@ One start of four ranks runs every case (starting ranks costs seconds on 2 cores
 fraction of one): R = 4 cases on all four, R = 2 cases on the pairs {0, 1} and {2, 3}, half each. The ranks save
 what they computed; each test computes its oracle here, in one process, and compares."""
 
+import ast
 import datetime
 import gc
 import re
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from test_ttt import make_inputs, make_params
 from torch.distributed._composable import checkpoint
 
 import model
+import parallel
 import ttt
 from model import ModelConfig, Transformer, is_ttt_param
 
@@ -102,7 +105,9 @@ def _ttt_rank(case, group):
     shard = slice(r * n, (r + 1) * n)
     leaves = [x.detach().clone().requires_grad_() if x is not None else None
               for x in (h[:, shard], s[:, shard], *weights)]
-    out, state = ttt.chunked(*leaves, TTT_LR, case[3], cp_group=group)
+    h_r, s_r, *weights = leaves
+    start = parallel.incoming_state(group, h_r, s_r, *weights, TTT_LR, case[3])
+    out, state = ttt.chunked(*leaves, TTT_LR, case[3], initial_state=start)
     loss = (out.double() * gy[:, shard]).sum() + (state.dW.double() * gS[r]).sum()
     loss.backward()
     return dict(out=out.detach(), dW=state.dW.detach(), pos=state.pos,
@@ -113,13 +118,14 @@ def _model_rank(case, group):
     R, overrides, checkpointed = case
     r = dist.get_rank(group)
     net = build(overrides)
+    parallel.apply_context_parallel(net, group)
     if checkpointed:
         for block in net.model.layers:  # as train.py --activation-checkpointing
             checkpoint(block)
     idx, targets = batch()
     n = T // R
     shard = slice(r * n, (r + 1) * n)
-    loss = net.loss(idx[:, shard], targets[:, shard], cp_group=group)
+    loss = parallel.shard_loss(net, idx[:, shard], targets[:, shard], group)
     loss.backward()
     grads = {name: p.grad for name, p in net.named_parameters()}
     for g in grads.values():  # the convention: the average over the group is the one-rank gradient
@@ -127,7 +133,7 @@ def _model_rank(case, group):
         g /= R
     dist.all_reduce(mean := loss.detach().clone(), group=group)
     with torch.no_grad():
-        tokens = net.loss(idx[:, shard], targets[:, shard], reduction="none", cp_group=group)
+        tokens = parallel.shard_loss(net, idx[:, shard], targets[:, shard], group, reduction="none")
     parts = [torch.empty_like(tokens) for _ in range(R)]
     dist.all_gather(parts, tokens, group=group)
     return dict(loss=mean / R, grads=grads, tokens=torch.cat(parts, dim=1))
@@ -252,7 +258,7 @@ def test_the_cases_exercise_ttt_and_windows():
                                                 (1000, 4, None), (64, 1, 16)],
                          ids=["whole-chunks", "recipe-32k-cp8", "recipe-128k-cp8", "no-ttt", "cp1"])
 def test_shards_of_whole_chunks_are_accepted(seq_len, cp, chunk):
-    ttt.check_cp_shard(seq_len, cp, chunk)
+    parallel.check_cp_shard(seq_len, cp, chunk)
 
 
 @pytest.mark.parametrize("seq_len, cp, chunk, message", [
@@ -265,7 +271,7 @@ def test_shards_of_whole_chunks_are_accepted(seq_len, cp, chunk):
 ], ids=["unequal-shards", "part-chunks", "shard-below-chunk", "zero"])
 def test_shards_that_are_not_whole_chunks_are_refused_by_name(seq_len, cp, chunk, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        ttt.check_cp_shard(seq_len, cp, chunk)
+        parallel.check_cp_shard(seq_len, cp, chunk)
 
 
 # ---- a shard's queries at the end of the keys they reach: SDPA on the CPU, flash-attn on CUDA
@@ -281,7 +287,7 @@ ON = [pytest.param("cpu", torch.float64, id="cpu-sdpa-fp64"),
 @pytest.mark.parametrize("window", [None, 1, 5, 16, 17, 40, 300],
                          ids=["causal", "W1", "W-in-shard", "W-shard", "W-shard+1", "W-3-shards", "W-all"])
 def test_a_shard_attends_to_what_the_whole_sequence_does(device, dtype, window):
-    """Every rank's attention over model.reachable's keys equals the one-rank attention's rows."""
+    """Every rank's attention over parallel.reachable's keys equals the one-rank attention's rows."""
     cfg = replace(BASE, sliding_window=window, num_heads=8, num_kv_heads=2, head_dim=64)
     attn = model.Attention(cfg).to(device, dtype)
     g = torch.Generator(device).manual_seed(0)
@@ -291,6 +297,32 @@ def test_a_shard_attends_to_what_the_whole_sequence_does(device, dtype, window):
     with torch.no_grad():
         full = attn._attend(q, k, v, None, None)
         for r in range(len(parts)):
-            kv = model.reachable(parts, r, window)
+            kv = parallel.reachable(parts, r, window)
             part = attn._attend(q[:, :, r * n:(r + 1) * n], kv[0], kv[1], None, None)
             torch.testing.assert_close(part, full[:, :, r * n:(r + 1) * n], **tol)
+
+
+# ---- what a shard adds to the state, without the scan: the token loop's state after it
+
+
+@pytest.mark.parametrize("proj, clip_tau", [(True, None), (False, None), (True, 0.5)],
+                         ids=["proj", "no-proj", "clipped"])
+def test_a_shards_updates_are_the_loops_state_after_it(proj, clip_tau):
+    w0, conv_w, proj_w = make_params(0, proj=proj)
+    h, s = make_inputs(0, 2, 24, target="mlp")
+    want = ttt.naive(h, s, w0, conv_w, proj_w, TTT_LR, 4, clip_tau=clip_tau)[1].dW
+    torch.testing.assert_close(ttt.updates(h, s, conv_w, proj_w, TTT_LR, 4, clip_tau), want, **F64)
+
+
+# ---- parallelism lives in parallel.py: the model and ttt.py read as single-device code
+
+
+@pytest.mark.parametrize("name", ["model.py", "ttt.py"])
+def test_the_model_and_ttt_import_no_torch_distributed_and_take_no_group(name):
+    tree = ast.parse((Path(__file__).resolve().parents[1] / name).read_text())
+    imports = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imports += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert [m for m in imports if m.startswith("torch.distributed")] == []
+    args = [a.arg for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+            for a in n.args.args + n.args.kwonlyargs]
+    assert [a for a in args if "group" in a] == []

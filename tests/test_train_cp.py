@@ -28,9 +28,9 @@ from test_train_precision import full_state, loss_and_grads, small_config
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import checkpoint
-import load_hf
 import train
-from data import seq_shard
+import train_model
+from parallel import cp_shard, seq_shard, shard_loss
 
 STEPS, RESUME_AT = 4, 2
 IDX = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(0))  # as test_train_precision.py
@@ -52,9 +52,10 @@ def compiled_grads(idx, path):
     cfg = small_config().with_ttt(lr=3.0)  # as test_train_precision.py's eager oracle
     _, _, device = train.setup_distributed("cpu")
     _, _, group = train.context_parallel(2, idx.shape[1] - 1, cfg, device)
-    model = train.build_model(cfg, device, fill=False, compile="aot_eager", activation_checkpointing=True)
+    model = train.build_model(cfg, device, fill=False, compile="aot_eager", activation_checkpointing=True,
+                              cp_group=group)
     set_model_state_dict(model, full_state(cfg), options=StateDictOptions(full_state_dict=True))
-    loss = model.loss(*seq_shard((idx[:, :-1], idx[:, 1:]), train.cp_shard(group)), cp_group=group)
+    loss = shard_loss(model, *seq_shard((idx[:, :-1], idx[:, 1:]), cp_shard(group)), group)
     loss.backward()
     dist.all_reduce(mean := loss.detach().clone())
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
@@ -195,7 +196,7 @@ def test_prepare_only_tokenises_in_one_process_for_a_cp_job(tmp_path, byte_token
 
 def test_one_rank_takes_a_length_that_is_not_whole_chunks(byte_tokenizer):
     flags = train.parse_args(small_args(byte_tokenizer, "", ""))
-    cfg = load_hf.model_config(override=dict(flags.override), ttt_layers=flags.ttt_layers, ttt_chunk=16)
+    cfg = train_model.model_config(override=dict(flags.override), ttt_layers=flags.ttt_layers, ttt_chunk=16)
     try:
         _, _, device = train.setup_distributed("cpu")
         assert train.context_parallel(1, 40, cfg, device) == (0, 1, None)

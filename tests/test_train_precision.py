@@ -11,8 +11,8 @@ from torch._dynamo.utils import counters
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import checkpoint
-import load_hf
 import train
+import train_model
 from model import Transformer
 
 STEPS = 8  # the loss falls by > 1 nat in 8 steps at these settings; 24 would take a minute
@@ -32,7 +32,7 @@ def bf16_run(tmp_path_factory, byte_tokenizer, cache):
 
 def small_config():
     a = train.parse_args(SMALL)
-    return load_hf.model_config(a.preset, override=dict(a.override), ttt_layers=a.ttt_layers,
+    return train_model.model_config(a.preset, override=dict(a.override), ttt_layers=a.ttt_layers,
                                 ttt_chunk=a.ttt_chunk)
 
 
