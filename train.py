@@ -58,7 +58,8 @@ import ttt
 from checkpoint import (TRAIN_META, check_out, hold_out, pick_resume, prepare_out, refuse_links,
                         resume, run_files, save_checkpoint, stop_nonfinite)
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, seq_shard,
-                  split_data, step_batches, validation_starts, window_batch)
+                  split_data, step_batches, tokenizer_identity, validation_starts,
+                  window_batch)
 from load_hf import (AtLeast, HelpFormatter, default_device, default_dtype, parse_layers,
                      parse_override)
 from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
@@ -544,7 +545,8 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     # train.json records everything needed to rebuild the model (export) and to check a resume.
     # The JSON round trip turns tuples into lists, so both compare equal to a saved train.json's.
     # "data": the files each stream was read from, with sizes and sha256 (a resume compares them).
-    data = {"data": tokens.files, "val_data": val.files if args.val_data and val else None}
+    data = {"data": tokens.files, "val_data": val.files if args.val_data and val else None,
+            "tokenizer": tokenizer_identity(tok_dir)}  # its content: one edited in place counts
     meta = {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir),
             "world_size": world, "args": json.loads(json.dumps(vars(args))), "data": data}
     return Run(rank, world, dp_rank, dp, cp_group, device, cfg, tokens, val, layout, out, meta,
