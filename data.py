@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from functools import partial
 from hashlib import sha256
@@ -312,15 +313,23 @@ def load_npz(path, seq_len, vocab_size=None) -> TokenStream:
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"{path} does not exist")
-    with np.load(path) as f:  # allow_pickle stays False: arrays only, no code
-        arrays = {k: f[k] for k in f.files}
+    try:
+        f = np.load(path, allow_pickle=False)  # arrays only: an object array would run code
+        if not isinstance(f, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+            raise SystemExit(f"{path}: a single .npy array, not an .npz of named arrays")
+        with f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise SystemExit(f"{path}: not an .npz of plain arrays ({type(e).__name__}: {e})") from None
     tokens, mask, starts = (arrays.get(k) for k in ("tokens", "loss_mask", "starts"))
     if tokens is None or tokens.ndim != 1 or tokens.dtype.kind not in "ui" or not len(tokens):
         raise SystemExit(f"{path}: needs 'tokens', a non-empty 1-D integer array (has "
                          f"{', '.join(f'{k} {a.dtype} {a.shape}' for k, a in arrays.items())})")
-    if tokens.min() < 0 or (vocab_size is not None and tokens.max() >= vocab_size):
-        raise SystemExit(f"{path}: token ids span {tokens.min()}..{tokens.max()}, but the model "
-                         f"has ids 0..{vocab_size - 1}")
+    top = 2**32 if vocab_size is None else vocab_size  # stored as uint32 below: none may wrap
+    if tokens.min() < 0 or tokens.max() >= top:
+        has = "uint32 holds" if vocab_size is None else "the model has"
+        raise SystemExit(f"{path}: token ids span {tokens.min()}..{tokens.max()}, but {has} ids "
+                         f"0..{top - 1}")
     if mask is not None and (mask.dtype != bool or mask.shape != tokens.shape):
         raise SystemExit(f"{path}: 'loss_mask' must be bool of shape {tokens.shape}, not "
                          f"{mask.dtype} {mask.shape}")

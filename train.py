@@ -518,6 +518,10 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
                                              ranks=not args.prepare_only)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, dp)
     load_hf.check_config(cfg, args.ttt_init, export=not args.no_export)
+    if args.ttt_init == "calibrated" and cfg.ttt_layers and cfg.ttt_chunk > args.seq_len:
+        raise SystemExit(f"--ttt-init calibrated measures the update over whole chunks, but a "
+                         f"window of --seq-len {args.seq_len} holds no chunk of {cfg.ttt_chunk} "
+                         f"tokens: it needs --seq-len >= the chunk (--ttt-chunk)")
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, rank)
     out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
     refuse_links(out)  # before the lock: its own file could be a link
