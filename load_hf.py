@@ -79,7 +79,9 @@ TOKEN = (lambda v: v is None or _int(v, 0), "a token id (an integer >= 0) or nul
 RULES = {  # field -> (test, what is allowed); a field not listed here is not checked
     "arch": (lambda v: v in ("qwen3", "llama"), "'qwen3' or 'llama'"),
     **dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings", "ttt_chunk"], SIZE),
+                     "num_kv_heads", "max_position_embeddings", "ttt_chunk"], SIZE),
+    # RoPE's tables have head_dim / 2 entries, made when a config is read: bounded (real: 64-256)
+    "head_dim": (lambda v: _int(v, 1) and v <= 2**16, "a positive integer <= 65536"),
     **dict.fromkeys(["rms_norm_eps", "rope_theta"], (lambda v: _number(v) and v > 0,
                                                      "a positive number")),
     **dict.fromkeys(["tie_word_embeddings", "qk_norm", "ttt_proj", "ttt_fp32_state",
@@ -342,6 +344,7 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
         value = hf.get(f.key)
         absent = f.key not in hf or (value is None and f.null_default)
         values[f.field] = (f.default(hf) if callable(f.default) else f.default) if absent else value
+    check_field("head_dim", values["head_dim"], f"{where}: head_dim")  # also when derived
     try:  # __post_init__ checks combinations (heads a multiple of KV heads): name the file
         cfg = ModelConfig(arch=arch, rope_theta=float(theta), rope_scaling=rope_scaling,
                           qk_norm=arch == "qwen3",  # Qwen3's per-head q/k RMSNorm; LLaMA has none
@@ -364,7 +367,7 @@ def _check_hf(hf: dict, where) -> str:
     fallback = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
     model_type = str(hf.get("model_type"))
     archs = hf.get("architectures") or [fallback.get(model_type, model_type)]
-    if not isinstance(archs, list) or archs[0] not in ARCHS:
+    if not isinstance(archs, list) or not isinstance(archs[0], str) or archs[0] not in ARCHS:
         shown = archs[0] if isinstance(archs, list) else archs
         raise ValueError(f"{where}: architecture {shown} is not supported; supported: "
                          f"{', '.join(ARCHS)}")

@@ -91,6 +91,11 @@ def _is_id(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32
 
 
+def _is_flag(v) -> bool:
+    """true, false, or absent / null (the field's default); 0 and 1 are no flags."""
+    return v is None or isinstance(v, bool)
+
+
 def _check_spec(spec: dict):
     """The schema check of a tokenizer.json, before anything else reads it: every field this
     module uses has its type and range, so what follows never meets a malformed value. Fields it
@@ -98,7 +103,7 @@ def _check_spec(spec: dict):
     model = spec.get("model")
     _expect(isinstance(model, dict), "model", model, "a JSON object")
     _expect(isinstance(model.get("type"), str), "model.type", model.get("type"), "a string")
-    _expect(model.get("byte_fallback") in (None, True, False), "model.byte_fallback",
+    _expect(_is_flag(model.get("byte_fallback")), "model.byte_fallback",
             model.get("byte_fallback"), "true, false or null")
     vocab, merges = model.get("vocab"), model.get("merges", [])
     _expect(isinstance(vocab, dict), "model.vocab", vocab, "a JSON object of token -> id")
@@ -125,7 +130,7 @@ def _check_spec(spec: dict):
         # An empty token would match everywhere: the special-token split never advances.
         _expect(isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"] != "",
                 f"added_tokens[{n}]", t, "an object with a non-empty string \"content\"")
-        _expect(t.get("special", False) in (True, False), f"added_tokens[{n}].special",
+        _expect(isinstance(t.get("special", False), bool), f"added_tokens[{n}].special",
                 t.get("special"), "true or false")
 
 
@@ -138,7 +143,7 @@ def _check_pre_tokenizer(pre: dict | None):
         _expect(isinstance(step, dict) and isinstance(step.get("type"), str), where, step,
                 "a JSON object with a string \"type\"")
         for flag in ("add_prefix_space", "use_regex", "individual_digits", "invert"):
-            _expect(step.get(flag) in (None, True, False), f"{where}.{flag}", step.get(flag),
+            _expect(_is_flag(step.get(flag)), f"{where}.{flag}", step.get(flag),
                     "true or false")
         if step["type"] == "Split":
             pattern = step.get("pattern")
