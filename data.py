@@ -237,7 +237,7 @@ def read_sidecar(record: Path) -> dict | None:
 
 def cache_problem(path: Path, record: Path) -> str | None:
     """Why the token cache at `path` cannot be used as its sidecar describes it, or None. Reads
-    the whole .bin once (sha256 at about 1 GB/s)."""
+    the whole .bin once (sha256: about 2 s per GB on a laptop-class core)."""
     sidecar = read_sidecar(record)
     if sidecar is None:
         return f"has no sidecar {record.name} of this train.py's layout"
