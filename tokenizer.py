@@ -414,9 +414,13 @@ class Tokenizer:
         try:  # any malformed line (not two fields, bad base64, no int) lands in the except
             lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line]
             ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in lines}
+            if (bad := next((r for r in ranks.values() if not _is_id(r)), None)) is not None:
+                raise ValueError(f"rank {bad} is not an integer 0 <= rank < 2**32")
+            if len(set(ranks.values())) != len(ranks):
+                raise ValueError("two tokens share a rank")
         except ValueError as e:  # also UnicodeDecodeError, e.g. a sentencepiece (Llama-2) protobuf
-            raise ValueError(f"{path} is not a tiktoken BPE file (base64 token, rank per line)") \
-                from e
+            raise ValueError(f"{path} is not a tiktoken BPE file (base64 token, rank per line): "
+                             f"{e}") from e
         # The special-token layout below is Llama-3's (Llama-4's file has 200000 tokens).
         if len(ranks) != 128000:
             raise UnsupportedTokenizer(f"{path} has {len(ranks)} tokens; only Llama-3's "
@@ -448,6 +452,14 @@ class Tokenizer:
         generation_config.json give ids, and generation_config's eos list holds every stop token."""
         tok_cfg = _read_json(path / "tokenizer_config.json")
         configs = [_read_json(path / "config.json"), _read_json(path / "generation_config.json")]
+        for name, cfg in zip(("config.json", "generation_config.json"), configs):
+            for key in ("bos_token_id", "eos_token_id"):  # null, an id, or (eos) a list of ids
+                v = cfg.get(key)
+                ids = v if isinstance(v, list) and key == "eos_token_id" else [v]
+                if not all(i is None or _is_id(i) for i in ids):
+                    raise ValueError(f"{path / name}: {key}={v!r} is not allowed: expected a token "
+                                     f"id (an integer >= 0){', a list of them' * (key[0] == 'e')}"
+                                     f" or null")
 
         def name_to_id(token):  # tokenizer_config writes a name, or {"content": name, ...}
             if token is None:

@@ -432,3 +432,27 @@ def test_prediction_records_of_the_wrong_shape_are_named_and_run_again(tmp_path,
     out = capsys.readouterr().out
     assert f"{path}:2: pred=null is not allowed (expected a string)" in out
     assert f"{path}:3: refs=\"X1\" is not allowed" in out and f"{path}:4: length=[1024]" in out
+
+
+@pytest.mark.parametrize("name,key,value", [("config.json", "eos_token_id", "2"),
+                                            ("generation_config.json", "eos_token_id", [1, [2]]),
+                                            ("generation_config.json", "bos_token_id", -4)],
+                         ids=["eos-a-string", "eos-list-of-lists", "bos-negative"])
+def test_bos_and_eos_ids_of_the_wrong_type_are_named(name, key, value, tmp_path):
+    from tokenizer import Tokenizer
+    write_tokenizer(tmp_path, small_spec())
+    (tmp_path / name).write_text(json.dumps({key: value}))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}: {key}={value!r} is not allowed")):
+        Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("rank", ["-5", str(2**32)], ids=["negative", "past-uint32"])
+def test_a_tokenizer_model_rank_out_of_range_is_named(rank, tmp_path):
+    import base64
+
+    from tokenizer import Tokenizer
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(255)]
+    lines.append(f"{base64.b64encode(bytes([255])).decode()} {rank}")
+    (tmp_path / "tokenizer.model").write_text("\n".join(lines))
+    with pytest.raises(ValueError, match=rf"tokenizer.model is not a tiktoken BPE file .*: rank {rank} is not"):
+        Tokenizer.from_dir(tmp_path)
