@@ -611,15 +611,17 @@ def read_predictions(path: Path) -> list[dict]:
             r = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(r, dict) or "settings" not in r:
-            records += [r] if isinstance(r, dict) else []
+        if not isinstance(r, dict):
             continue
-        bad = next((k for k, (ok, _) in PREDICTION_FIELDS.items() if not ok(r.get(k))), None)
+        # an older ruler.py's record: only its key (record_key) is read, to count it
+        fields = PREDICTION_FIELDS if "settings" in r else dict.fromkeys(
+            RECORD_KEY, (lambda v: v is None or isinstance(v, (str, int, float)), "a scalar"))
+        bad = next((k for k, (ok, _) in fields.items() if not ok(r.get(k))), None)
         if bad is None:
             records.append(r)
             continue
         print(f"warning: {path}:{n}: {bad}={json.dumps(r.get(bad))[:60]} is not allowed (expected "
-              f"{PREDICTION_FIELDS[bad][1]}): the record is not reused, its sample runs again")
+              f"{fields[bad][1]}): the record is not reused, its sample runs again")
     return records
 
 
@@ -666,10 +668,13 @@ def settings_id(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
+RECORD_KEY = ("settings", "mode", "task", "length", "index", "id", "budget")
+
+
 def record_key(r: dict) -> tuple:
     """What makes a prediction the same one: settings, mode, sample (task, length, index, prompt
     hash) and token budget. Records of older versions have no settings and so are never reused."""
-    return tuple(r.get(k) for k in ("settings", "mode", "task", "length", "index", "id", "budget"))
+    return tuple(r.get(k) for k in RECORD_KEY)
 
 
 def predict(model, tok, batch: list[dict], chat: bool, metric: str) -> list[dict]:

@@ -425,13 +425,14 @@ def test_prediction_records_of_the_wrong_shape_are_named_and_run_again(tmp_path,
     good = {"settings": "s1", "mode": "ttt", "task": "vt", "length": 1024, "index": 0, "id": "ab12", "budget": 30,
             "pred": "X1 X2", "refs": ["X1"]}
     lines = [good, {**good, "index": 1, "pred": None}, {**good, "index": 2, "refs": "X1"},
-             {**good, "index": 3, "length": [1024]}, {"old": "record"}]
+             {**good, "index": 3, "length": [1024]}, {"old": "record"}, {"task": ["vt"], "refs": ["kept"]}]
     path = tmp_path / "predictions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert ruler.read_predictions(path) == [good, {"old": "record"}]
     out = capsys.readouterr().out
     assert f"{path}:2: pred=null is not allowed (expected a string)" in out
     assert f"{path}:3: refs=\"X1\" is not allowed" in out and f"{path}:4: length=[1024]" in out
+    assert f"{path}:6: task=[\"vt\"] is not allowed (expected a scalar)" in out  # an older record, unhashable
 
 
 @pytest.mark.parametrize("name,key,value", [("config.json", "eos_token_id", "2"),
