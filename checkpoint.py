@@ -580,7 +580,8 @@ def data_changes(saved: dict | None, now: dict) -> list[str]:
     if saved is None:
         return []
     changes = []
-    for stream in sorted(set(saved) | set(now)):  # "data", "val_data"
+    # "data", "val_data", "tokenizer"; a stream an older train.py did not record is not compared
+    for stream in sorted(saved):
         was, files = (saved.get(stream) or {}), (now.get(stream) or {})
         for name in sorted(set(was) | set(files)):
             if name not in files:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from functools import partial
 from hashlib import sha256
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from checkpoint import atomic_write, remove_orphans, tmp_sibling
 from cli import resolve
-from tokenizer import Tokenizer, package_dir, write_byte_tokenizer
+from tokenizer import Tokenizer, TokenizerError, package_dir, write_byte_tokenizer
 
 # Tokenizers shipped inside pip packages for from-scratch presets of each family (never downloaded,
 # never copied into the repo).
@@ -96,6 +97,14 @@ def load_tokenizer(tokenizer, init, cfg, preset=None, cache=None, rank=0
         raise SystemExit("neither the model config nor the tokenizer names an EOS token to "
                          "separate documents")
     return path, eos, tok
+
+
+def tokenizer_identity(tok_dir: Path) -> dict:
+    """{"the tokenizer's NAME": {"size", "sha256"}} of the file Tokenizer.from_dir reads in tok_dir
+    (tokenizer.json, else tokenizer.model): its content, not its path, joins a run's data record,
+    so a tokenizer edited in place stops a resume."""
+    name = next(n for n in ("tokenizer.json", "tokenizer.model") if (tok_dir / n).is_file())
+    return {f"the tokenizer's {name}": file_identity(tok_dir / name)}
 
 
 # -----------------------------------------------------------------------------
@@ -165,23 +174,28 @@ def document(raw: bytes, jsonl: bool):
 def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None
                 ) -> np.ndarray:
     """Tokenise the documents once (rank 0) into <cache>/<key>.bin, `sep` after each; return it
-    memory-mapped. Beside it, <key>.json records the size and sha256 of every file read. The
-    key hashes the file names, sizes, times and inodes, the tokenizer file and the separator, so a
-    changed input or tokenizer makes a new cache instead of reusing a stale one.
+    memory-mapped. Beside it, <key>.json (the sidecar, read_sidecar) records the size and sha256
+    of every file read and of the .bin itself, which rank 0 checks whenever it opens the cache: a
+    cache cut short or edited, or a sidecar that is not ours, is tokenised again, with a warning.
+    The key hashes the file names, sizes, times and inodes, the tokenizer file and the separator,
+    so a changed input or tokenizer makes a new cache instead of reusing a stale one.
     tok: the Tokenizer of tok_dir, when the caller has loaded it (None: loaded here if needed)."""
     files = data_files(paths)
     path = Path(cache_dir) / f"{cache_key(files, tok_dir, sep)}.bin"
     record = path.with_suffix(".json")
     if rank == 0:  # half-written caches of killed runs, whatever data they were for
         remove_orphans(cache_dir)
-    if rank == 0 and not path.exists():  # one writer; the other ranks wait at the barrier below
+    why = cache_problem(path, record) if rank == 0 and path.exists() else None
+    if why:
+        print(f"warning: the token cache {path} {why}: tokenising again")
+    if rank == 0 and (why or not path.exists()):  # one writer; other ranks wait at the barrier
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_sibling(path)  # a per-process name: two runs never write one file
         try:
-            n_docs, read = tokenise(files, tok or Tokenizer.from_dir(tok_dir), sep, tmp)
+            n_docs, read, written = tokenise(files, tok or Tokenizer.from_dir(tok_dir), sep, tmp)
             if n_docs == 0:  # an empty cache would fail later with a less helpful message
                 raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
-            atomic_write(record, json.dumps(read, indent=1))
+            atomic_write(record, json.dumps({"files": read, "cache": written}, indent=1))
             os.replace(tmp, path)  # complete or absent: a killed run never leaves half a cache
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -192,13 +206,46 @@ def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None
         finally:
             tmp.unlink(missing_ok=True)  # gone already after the rename
         print(f"cached {n_docs} documents, {path.stat().st_size // 4:,} tokens in {path}")
-    if rank == 0 and not record.exists():  # a cache of an older train.py: files hashed once now
-        atomic_write(record, json.dumps({str(f.resolve()): file_identity(f) for f in files}))
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's cache
     if not path.exists():  # rank 0 failed; it has said why
         raise SystemExit(1)
     return np.memmap(path, dtype=np.uint32, mode="r")  # shared page cache, nothing copied per rank
+
+
+def _is_identity(v) -> bool:
+    """{"size": an integer >= 0, "sha256": 64 hex digits}, as file_identity writes it."""
+    return (isinstance(v, dict) and set(v) == {"size", "sha256"} and isinstance(v["size"], int)
+            and not isinstance(v["size"], bool) and v["size"] >= 0
+            and isinstance(v["sha256"], str) and len(v["sha256"]) == 64
+            and all(c in "0123456789abcdef" for c in v["sha256"]))
+
+
+def read_sidecar(record: Path) -> dict | None:
+    """A token cache's sidecar, {"files": {file: identity}, "cache": identity}, read by one
+    schema check: None for anything else (missing, not UTF-8 JSON, other fields or types, an
+    older train.py's layout)."""
+    try:
+        value = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = (isinstance(value, dict) and set(value) == {"files", "cache"}
+          and _is_identity(value["cache"]) and isinstance(value["files"], dict)
+          and value["files"] and all(_is_identity(v) for v in value["files"].values()))
+    return value if ok else None
+
+
+def cache_problem(path: Path, record: Path) -> str | None:
+    """Why the token cache at `path` cannot be used as its sidecar describes it, or None. Reads
+    the whole .bin once (sha256: about 2 s per GB on a laptop-class core)."""
+    sidecar = read_sidecar(record)
+    if sidecar is None:
+        return f"has no sidecar {record.name} of this train.py's layout"
+    if file_identity(path) != sidecar["cache"]:
+        now = path.stat().st_size
+        return (f"is not what its sidecar {record.name} records ({now:,} bytes, recorded "
+                f"{sidecar['cache']['size']:,}; or the sha256 differs)")
+    return None
 
 
 def cache_key(files, tok_dir: Path, sep: int) -> str:
@@ -215,10 +262,11 @@ def cache_key(files, tok_dir: Path, sep: int) -> str:
     return key.hexdigest()[:16]
 
 
-def tokenise(files, tok: Tokenizer, sep: int, out_path: Path) -> tuple[int, dict]:
+def tokenise(files, tok: Tokenizer, sep: int, out_path: Path) -> tuple[int, dict, dict]:
     """Write the ids of every usable document of `files`, `sep` after each, to out_path as uint32.
-    Returns (documents written, {file: {"size", "sha256"}} of the bytes read)."""
-    skipped, n_docs, read = {}, 0, {}
+    Returns (documents written, {file: {"size", "sha256"}} of the bytes read, {"size", "sha256"}
+    of out_path). A document the tokenizer cannot split is named (SystemExit)."""
+    skipped, n_docs, read, written, out_size = {}, 0, {}, sha256(), 0
     total = sum(f.stat().st_size for f in files)
     with out_path.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True,
                                           desc=f"tokenising {len(files)} files") as bar:
@@ -230,17 +278,25 @@ def tokenise(files, tok: Tokenizer, sep: int, out_path: Path) -> tuple[int, dict
                     digest.update(raw)  # what the cache holds, hashed as it is read
                     size += len(raw)
                     text, reason = document(raw, jsonl)
+                    where = f"{f}:{n}" if jsonl else str(f)
                     if text is not None:
+                        try:
+                            ids = tok.encode(text)
+                        except TokenizerError as e:  # its regex's backtracking limit
+                            raise SystemExit(f"cannot tokenise {where}: {e}") from None
                         # uint32: vocabularies up to 4G ids, half the bytes of int64
-                        out.write(np.asarray(tok.encode(text) + [sep], np.uint32).tobytes())
+                        chunk = np.asarray(ids + [sep], np.uint32).tobytes()
+                        out.write(chunk)
+                        written.update(chunk)  # the cache's digest, as it is written
+                        out_size += len(chunk)
                         n_docs += 1
                     else:  # counted by reason, never silently dropped
-                        skipped.setdefault(reason, [0, f"{f}:{n}" if jsonl else str(f)])[0] += 1
+                        skipped.setdefault(reason, [0, where])[0] += 1
                     bar.update(len(raw))
             read[str(f.resolve())] = {"size": size, "sha256": digest.hexdigest()}
     for reason, (count, first) in skipped.items():
         print(f"skipped {count} documents: {reason} (first: {first})")
-    return n_docs, read
+    return n_docs, read, {"size": out_size, "sha256": written.hexdigest()}
 
 
 def file_identity(path) -> dict:
@@ -257,15 +313,23 @@ def load_npz(path, seq_len, vocab_size=None) -> TokenStream:
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"{path} does not exist")
-    with np.load(path) as f:  # allow_pickle stays False: arrays only, no code
-        arrays = {k: f[k] for k in f.files}
+    try:
+        f = np.load(path, allow_pickle=False)  # arrays only: an object array would run code
+        if not isinstance(f, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+            raise SystemExit(f"{path}: a single .npy array, not an .npz of named arrays")
+        with f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise SystemExit(f"{path}: not an .npz of plain arrays ({type(e).__name__}: {e})") from None
     tokens, mask, starts = (arrays.get(k) for k in ("tokens", "loss_mask", "starts"))
     if tokens is None or tokens.ndim != 1 or tokens.dtype.kind not in "ui" or not len(tokens):
         raise SystemExit(f"{path}: needs 'tokens', a non-empty 1-D integer array (has "
                          f"{', '.join(f'{k} {a.dtype} {a.shape}' for k, a in arrays.items())})")
-    if tokens.min() < 0 or (vocab_size is not None and tokens.max() >= vocab_size):
-        raise SystemExit(f"{path}: token ids span {tokens.min()}..{tokens.max()}, but the model "
-                         f"has ids 0..{vocab_size - 1}")
+    top = 2**32 if vocab_size is None else vocab_size  # stored as uint32 below: none may wrap
+    if tokens.min() < 0 or tokens.max() >= top:
+        has = "uint32 holds" if vocab_size is None else "the model has"
+        raise SystemExit(f"{path}: token ids span {tokens.min()}..{tokens.max()}, but {has} ids "
+                         f"0..{top - 1}")
     if mask is not None and (mask.dtype != bool or mask.shape != tokens.shape):
         raise SystemExit(f"{path}: 'loss_mask' must be bool of shape {tokens.shape}, not "
                          f"{mask.dtype} {mask.shape}")
@@ -290,8 +354,11 @@ def read_stream(paths, seq_len, tok_dir, sep, cache, rank, vocab_size=None, tok=
     npz = [p for p in paths if Path(p).suffix == ".npz"]
     if not npz:
         tokens = token_cache(paths, tok_dir, sep, cache, rank, tok)
-        record = Path(tokens.filename).with_suffix(".json")  # what token_cache read, hashed
-        return TokenStream(tokens, files=json.loads(record.read_text()))
+        sidecar = read_sidecar(Path(tokens.filename).with_suffix(".json"))  # checked by rank 0
+        if sidecar is None:  # replaced since rank 0 checked it: by another run, or by hand
+            raise SystemExit(f"the token cache's sidecar {Path(tokens.filename).with_suffix('.json')}"
+                             f" changed while this run opened it: start again")
+        return TokenStream(tokens, files=sidecar["files"])
     if len(paths) > 1:  # its windows and mask are its own: mixing it with text has no meaning
         raise SystemExit(f"{npz[0]}: a pre-tokenised .npz is the whole data set; pass it alone")
     return load_npz(npz[0], seq_len, vocab_size)

@@ -31,6 +31,7 @@ import shutil
 import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -51,27 +52,6 @@ TTT_KEYS = ("ttt_mode", "ttt_layers", "ttt_chunk", "ttt_lr", "ttt_proj", "ttt_ta
             "ttt_lookahead")
 # transformers' Qwen3Config default: layers from this index on use the window, when one is on.
 QWEN3_MAX_WINDOW_LAYERS = 28
-# Fields of HF configs that model.py reads, or that describe features we refuse rather than
-# silently drop. Anything else is carried in ModelConfig.extra and written back on export.
-KNOWN = {"architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
-         "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-         "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
-         "tie_word_embeddings", "sliding_window", "use_sliding_window", "bos_token_id",
-         "eos_token_id", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype", "dtype",
-         "layer_types", "max_window_layers", *TTT_KEYS}
-# config.json names of ModelConfig fields, where they differ or are read as they are.
-HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
-             "intermediate_size": "intermediate_size", "num_hidden_layers": "num_layers",
-             "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
-             "head_dim": "head_dim", "rms_norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
-             "max_position_embeddings": "max_position_embeddings",
-             "tie_word_embeddings": "tie_word_embeddings", "bos_token_id": "bos_token_id",
-             "eos_token_id": "eos_token_id", "ttt_layers": "ttt_layers", "ttt_chunk": "ttt_chunk",
-             "ttt_lr": "ttt_lr", "ttt_proj": "ttt_proj", "ttt_target": "ttt_target"}
-# Without these a config.json does not describe a model; every other field has a default.
-REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads")
-
 
 # -----------------------------------------------------------------------------
 # What each ModelConfig field may hold: checked where a value enters (a config.json field here,
@@ -93,12 +73,15 @@ TOKEN = (lambda v: v is None or _int(v, 0), "a token id (an integer >= 0) or nul
 RULES = {  # field -> (test, what is allowed); a field not listed here is not checked
     "arch": (lambda v: v in ("qwen3", "llama"), "'qwen3' or 'llama'"),
     **dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings", "ttt_chunk"], SIZE),
+                     "num_kv_heads", "max_position_embeddings", "ttt_chunk"], SIZE),
+    # RoPE's tables have head_dim / 2 entries, made when a config is read: bounded (real: 64-256)
+    "head_dim": (lambda v: _int(v, 1) and v <= 2**16, "a positive integer <= 65536"),
     **dict.fromkeys(["rms_norm_eps", "rope_theta"], (lambda v: _number(v) and v > 0,
                                                      "a positive number")),
     **dict.fromkeys(["tie_word_embeddings", "qk_norm", "ttt_proj", "ttt_fp32_state",
                      "ttt_lookahead"], FLAG),
-    "rope_scaling": (lambda v: v is None or isinstance(v, dict), "a JSON object or null"),
+    "rope_scaling": (lambda v: v is None or (isinstance(v, dict) and rope_problem(v) is None),
+                     "null or a JSON object of RoPE parameters (each a positive finite number)"),
     "sliding_window": (lambda v: v is None or _int(v, 1), "a positive integer or null"),
     "bos_token_id": TOKEN,
     "eos_token_id": (lambda v: TOKEN[0](v) or (isinstance(v, list) and v != []
@@ -146,7 +129,46 @@ def with_rope_scaling(cfg: ModelConfig, rope_scaling: dict) -> ModelConfig:
 
 
 # -----------------------------------------------------------------------------
-# config.json -> ModelConfig -> config.json
+# config.json -> ModelConfig -> config.json, through one table
+
+
+class HFField(NamedTuple):
+    """A config.json key that is a ModelConfig field: read, checked (by the field's RULES) and
+    written by this one entry. default: the value when the key is absent (transformers' classes'
+    own), REQUIRED for none, or a function of the config dict; null_default: null means the
+    default too (otherwise null is checked like any value)."""
+    key: str
+    field: str
+    default: object = None
+    null_default: bool = False
+
+
+REQUIRED = object()
+HF_TABLE = (
+    HFField("vocab_size", "vocab_size", REQUIRED),
+    HFField("hidden_size", "hidden_size", REQUIRED),
+    HFField("intermediate_size", "intermediate_size", REQUIRED),
+    HFField("num_hidden_layers", "num_layers", REQUIRED),
+    HFField("num_attention_heads", "num_heads", REQUIRED),
+    # absent or null: plain multi-head attention, and hidden_size / heads per head
+    HFField("num_key_value_heads", "num_kv_heads", lambda hf: hf["num_attention_heads"], True),
+    HFField("head_dim", "head_dim", lambda hf: hf["hidden_size"] // hf["num_attention_heads"],
+            True),
+    HFField("rms_norm_eps", "rms_norm_eps", 1e-6),
+    HFField("max_position_embeddings", "max_position_embeddings", 2048),
+    HFField("tie_word_embeddings", "tie_word_embeddings", False),  # both classes default to untied
+    HFField("bos_token_id", "bos_token_id"),
+    HFField("eos_token_id", "eos_token_id"),
+)
+# The official release's In-Place TTT keys besides ttt_layers, read only when TTT is on
+# (_ttt_from_hf), written only for a model with TTT layers; absent: ModelConfig's own default.
+TTT_TABLE = tuple(HFField(k, k) for k in ("ttt_chunk", "ttt_lr", "ttt_proj", "ttt_target"))
+# Fields of HF configs that model.py reads, or that describe features we refuse rather than
+# silently drop. Anything else is carried in ModelConfig.extra and written back on export.
+KNOWN = {"architectures", "model_type", "rope_theta", "rope_scaling", "rope_parameters",
+         "sliding_window", "use_sliding_window", "attention_bias", "mlp_bias", "hidden_act",
+         "torch_dtype", "dtype", "layer_types", "max_window_layers", *TTT_KEYS,
+         *(f.key for f in HF_TABLE)}
 
 
 def load_config(src) -> ModelConfig:
@@ -159,47 +181,40 @@ def _read_config(directory: Path) -> ModelConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: not a Hugging Face checkpoint directory")
     try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     return config_from_hf(hf, where=str(path))
 
 
 def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
-    """An HF config dict -> ModelConfig, field by field; unsupported features are refused, naming
-    `where` and the field."""
+    """An HF config dict -> ModelConfig, field by field (HF_TABLE); unsupported features and
+    values a field does not allow are refused, naming `where`, the key and the value."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where} holds a JSON {type(hf).__name__}, not an object: not a "
+                         f"config.json")
     arch = _check_hf(hf, where)
     theta, rope_scaling = _rope_from_hf(hf, where)
     # Unknown fields are carried through export as they are; so are the TTT keys of a config that
     # switches TTT off (_plain), which then describe nothing here.
-    carried = {k for k in hf if k[0] != "_" and (k not in KNOWN or (_plain(hf) and k in TTT_KEYS))}
-    heads = hf["num_attention_heads"]
-    window = _qwen3_window(hf, where) if arch == "qwen3" else None
-    # Defaults below are the transformers classes' own, for keys an older config.json leaves out.
+    carried = {k for k in hf if not k.startswith("_") and (k not in KNOWN or (_plain(hf) and k in TTT_KEYS))}
+    values = {}
+    for f in HF_TABLE:  # every value was checked by _check_hf before any arithmetic here
+        value = hf.get(f.key)
+        absent = f.key not in hf or (value is None and f.null_default)
+        values[f.field] = (f.default(hf) if callable(f.default) else f.default) if absent else value
+    check_field("head_dim", values["head_dim"], f"{where}: head_dim")  # also when derived
     try:  # __post_init__ checks combinations (heads a multiple of KV heads): name the file
-        cfg = ModelConfig(
-            arch=arch,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,  # absent or null: plain MHA
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),  # both default to untied
-            qk_norm=arch == "qwen3",  # Qwen3's per-head q/k RMSNorm; LLaMA has none
-            sliding_window=window,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            extra={k: hf[k] for k in hf if k in carried},
-        )
-        rope_inv_freq(cfg)  # a scaling dict missing its type's keys fails here, not mid-forward
-    except (KeyError, TypeError, ValueError) as e:
+        cfg = ModelConfig(arch=arch, rope_theta=float(theta), rope_scaling=rope_scaling,
+                          qk_norm=arch == "qwen3",  # Qwen3's per-head q/k RMSNorm; LLaMA has none
+                          sliding_window=_qwen3_window(hf, where) if arch == "qwen3" else None,
+                          extra={k: hf[k] for k in hf if k in carried}, **values)
+        inv_freq, scale = rope_inv_freq(cfg)  # a dict missing its type's keys fails here
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"{where}: {type(e).__name__}: {e}") from None
+    if not (torch.isfinite(inv_freq).all() and math.isfinite(scale)):  # e.g. llama3's lo == hi
+        raise ValueError(f"{where}: rope_theta={theta!r} with {rope_scaling} gives non-finite RoPE "
+                         f"frequencies")
     return _ttt_from_hf(cfg, hf, where)
 
 
@@ -211,8 +226,9 @@ def _check_hf(hf: dict, where) -> str:
     fallback = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
     model_type = str(hf.get("model_type"))
     archs = hf.get("architectures") or [fallback.get(model_type, model_type)]
-    if archs[0] not in ARCHS:
-        raise ValueError(f"{where}: architecture {archs[0]} is not supported; supported: "
+    if not isinstance(archs, list) or not isinstance(archs[0], str) or archs[0] not in ARCHS:
+        shown = archs[0] if isinstance(archs, list) else archs
+        raise ValueError(f"{where}: architecture {shown} is not supported; supported: "
                          f"{', '.join(ARCHS)}")
     arch = ARCHS[archs[0]]
     # Features model.py does not implement: refused, since ignoring one changes the logits.
@@ -222,39 +238,68 @@ def _check_hf(hf: dict, where) -> str:
     for key, ok in refused:
         if hf.get(key, ok) != ok:
             raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (only {ok!r})")
-    missing = [key for key in REQUIRED if key not in hf]
+    missing = [f.key for f in HF_TABLE if f.default is REQUIRED and f.key not in hf]
     if missing:
-        raise ValueError(f"{where}: {', '.join(missing)} missing (a {archs[0]} config.json "
-                         f"names {', '.join(REQUIRED)})")
-    for key, name in HF_FIELDS.items():  # each value checked before any arithmetic uses it
-        if key in hf and not (hf[key] is None and key in ("num_key_value_heads", "head_dim")):
-            check_field(name, hf[key], f"{where}: {key}")  # those two: null means the default
+        raise ValueError(f"{where}: {', '.join(missing)} missing (a {archs[0]} config.json names "
+                         f"{', '.join(f.key for f in HF_TABLE if f.default is REQUIRED)})")
+    for f in (*HF_TABLE, *TTT_TABLE, HFField("ttt_layers", "ttt_layers")):
+        if f.key in hf and not (hf[f.key] is None and f.null_default):
+            check_field(f.field, hf[f.key], f"{where}: {f.key}")
     check_field("ttt_mode", hf.get("ttt_mode"), f"{where}: ttt_mode")
     return arch
+
+
+# RoPE's numeric parameters, in rope_scaling or transformers 5's rope_parameters: each, when
+# given, a positive finite number (a NaN factor makes every frequency NaN, a zero one infinite).
+ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                "mscale", "mscale_all_dim")
+ROPE_TYPES = ("default", "llama3", "yarn")
+
+
+def rope_problem(rope: dict) -> str | None:
+    """What is wrong with an HF RoPE dict ("factor=nan: expected ..."), or None. Null stands for a
+    parameter's default; the keys a type needs are checked by model.rope_inv_freq."""
+    kind = rope.get("rope_type", rope.get("type", "default"))  # "type": transformers 4 spelling
+    if kind not in ROPE_TYPES:
+        return f"rope_type={kind!r}: expected one of {', '.join(ROPE_TYPES)}"
+    for key in ROPE_NUMBERS:
+        v = rope.get(key)
+        if v is not None and not (_number(v) and v > 0):
+            return f"{key}={v!r}: expected a positive finite number"
+    if not isinstance(rope.get("truncate", True), bool):
+        return f"truncate={rope['truncate']!r}: expected true or false"
+    return None
 
 
 def _rope_from_hf(hf: dict, where) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling or None for plain RoPE) of an HF config dict. transformers 5 keeps
     theta and scaling together in rope_parameters; transformers 4 splits them. 10000 is both
     versions' default theta."""
-    if "rope_parameters" in hf and hf["rope_parameters"]:
-        rope = dict(hf["rope_parameters"])
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    else:
-        rope, theta = dict(hf.get("rope_scaling") or {}), hf.get("rope_theta", 10000.0)
-    check_field("rope_theta", theta, f"{where}: rope_theta")  # rope_parameters' own is unchecked
-    kind = rope.get("rope_type", rope.get("type", "default"))  # "type": transformers 4 spelling
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf.get(key) or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{where}: {key}={rope!r} is not allowed: expected a JSON object or null")
+    rope = dict(rope)
+    theta = hf.get("rope_theta", 10000.0)
+    if key == "rope_parameters":
+        theta = rope.pop("rope_theta", theta)
+    check_field("rope_theta", theta, f"{where}: rope_theta")
+    if why := rope_problem(rope):
+        raise ValueError(f"{where}: {key}: {why}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
     return theta, None if kind == "default" else rope
 
 
 def _plain(hf: dict) -> bool:
-    """Whether config.json switches TTT off: ttt_mode false or null (the official inference
-    classes' default), as the official code's `if config.ttt_mode` reads it."""
+    """Whether config.json (or a ModelConfig's extra, which carries its ttt_mode exactly when
+    this holds) switches TTT off: ttt_mode false or null (the official inference classes'
+    default), as the official code's `if config.ttt_mode` reads it."""
     return "ttt_mode" in hf and not hf["ttt_mode"]
 
 
 def _ttt_from_hf(cfg: ModelConfig, hf: dict, where) -> ModelConfig:
-    """`cfg` with the In-Place TTT keys of an HF config dict (the official release's ttt_* keys;
+    """`cfg` with the In-Place TTT keys of an HF config dict (TTT_TABLE and ttt_layers;
     ttt_lookahead, ours, only when off). ttt_mode false or null: a plain model, whatever
     ttt_layers lists, as the official code reads it."""
     if _plain(hf):
@@ -262,9 +307,8 @@ def _ttt_from_hf(cfg: ModelConfig, hf: dict, where) -> ModelConfig:
     # An In-Place TTT checkpoint (ttt_mode true or a string; absent, a listed ttt_layers still
     # means TTT there): its keys, else ModelConfig's defaults.
     if hf.get("ttt_layers"):
-        cfg = cfg.with_ttt(layers=hf["ttt_layers"], chunk=hf.get("ttt_chunk", cfg.ttt_chunk),
-                           lr=hf.get("ttt_lr", cfg.ttt_lr), proj=hf.get("ttt_proj", cfg.ttt_proj),
-                           target=hf.get("ttt_target", cfg.ttt_target))
+        cfg = replace(cfg, ttt_layers=tuple(hf["ttt_layers"]),
+                      **{f.field: hf[f.key] for f in TTT_TABLE if f.key in hf})
     lookahead = hf.get("ttt_lookahead", True)  # absent in the official release: the paper's conv
     if lookahead is not True:
         if lookahead is not False:
@@ -281,14 +325,16 @@ def _qwen3_window(hf: dict, where) -> int | None:
     if not hf.get("use_sliding_window", False):
         return None  # transformers then ignores sliding_window, whatever its value
     window, n = hf.get("sliding_window"), hf["num_hidden_layers"]
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+    if not _int(window, 1):
         raise ValueError(f"{where}: use_sliding_window is true but sliding_window={window!r} is "
                          f"not a positive integer")
     start = hf.get("max_window_layers", QWEN3_MAX_WINDOW_LAYERS)
+    if not _int(start, 0):
+        raise ValueError(f"{where}: max_window_layers={start!r} is not an integer >= 0")
     types = hf.get("layer_types") or ["sliding_attention" if i >= start else "full_attention"
                                       for i in range(n)]
-    unknown = set(types) - {"sliding_attention", "full_attention"}
-    if unknown or len(types) != n:
+    known = ("sliding_attention", "full_attention")
+    if not isinstance(types, list) or len(types) != n or any(t not in known for t in types):
         raise ValueError(f"{where}: layer_types={types!r} is not supported (only "
                          f"'sliding_attention' and 'full_attention', one per layer)")
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
@@ -307,14 +353,9 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     # Unknown fields first, so ours win on any clash; a plain checkpoint's carried TTT keys only
     # while the model has no TTT layers of its own.
     hf = {k: v for k, v in cfg.extra.items() if not (cfg.ttt_layers and k in TTT_KEYS)}
+    hf.update({f.key: getattr(cfg, f.field) for f in HF_TABLE})
     hf.update(
-        architectures=[arch], model_type=cfg.arch, vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
-        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+        architectures=[arch], model_type=cfg.arch, hidden_act="silu", attention_bias=False,
         dtype=str(dtype).removeprefix("torch."),
         # both layouts, so transformers 4 and 5 read the same RoPE
         rope_parameters={**rope, "rope_theta": cfg.rope_theta}, rope_theta=cfg.rope_theta,
@@ -336,8 +377,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
                          f"transformers' Qwen3 always has q/k norms, LLaMA never")
     if cfg.ttt_layers:  # the official release's keys and values, so its code reads ours as its own
         hf.update(ttt_mode=True, ttt_layers=list(cfg.ttt_layers),
-                  ttt_chunk=cfg.ttt_chunk, ttt_lr=cfg.ttt_lr, ttt_proj=cfg.ttt_proj,
-                  ttt_target=cfg.ttt_target)
+                  **{f.key: getattr(cfg, f.field) for f in TTT_TABLE})
     if not cfg.ttt_lookahead:  # only when off: the release has no such key
         hf["ttt_lookahead"] = False
     return hf
@@ -347,21 +387,80 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 # Weights in
 
 
-def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the shards its index names, or the single file."""
+def _weight_files(path: Path) -> tuple[list[Path], dict | None]:
+    """The safetensors files of a checkpoint and the tensor -> file map its index gives: the shards
+    model.safetensors.index.json names (each inside `path`), or the single file and None."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:  # a download cut short leaves a torn index: name it, not a bare JSON error
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index} is damaged (truncated?): {type(e).__name__}: {e}") from None
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:  # an interrupted download: name the files, not the first key that fails
-            raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
-        return [path / s for s in shards]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    if not index.is_file():
+        if (path / "model.safetensors").is_file():
+            return [_inside(path, "model.safetensors", path / "model.safetensors")], None
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    try:  # a download cut short leaves a torn index: name it, not a bare JSON error
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is damaged (truncated?): {type(e).__name__}: {e}") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: weight_map={str(weight_map)[:80]} is not allowed: expected a "
+                         f"non-empty JSON object of tensor name -> shard file name")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name.endswith(".safetensors"):
+            raise ValueError(f"{index}: weight_map[{key!r}]={name!r} is not allowed: expected "
+                             f"the name of a .safetensors file in {path}")
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:  # an interrupted download: name the files, not the first key that fails
+        raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
+    return [_inside(path, s, index) for s in shards], weight_map
+
+
+def _inside(path: Path, name: str, where: Path) -> Path:
+    """path / name, refused (naming `where`) unless it lies in `path`: no absolute name, no "..",
+    no link out of it, except the hub cache's own links from a snapshot into its repo's blobs/."""
+    roots = [path.resolve()]
+    if path.parent.name == "snapshots":  # <repo>/snapshots/<revision>/x -> <repo>/blobs/<sha>
+        roots.append(path.parent.parent.resolve() / "blobs")
+    file = path / name
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or not any(
+            file.resolve().is_relative_to(r) for r in roots):
+        raise ValueError(f"{where} names {name!r}, which lies outside {path} (an absolute name, "
+                         f"'..' or a link out of it): a checkpoint's files must be inside it")
+    return file
+
+
+def _open_safetensors(file: Path):
+    from safetensors import safe_open  # where used: scripts import this module for its flags too
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own types; the user needs the file name
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
+                         f"{e}") from None
+
+
+def _tensor_shapes(files: list[Path], weight_map: dict | None, path: Path
+                   ) -> dict[str, tuple[Path, tuple]]:
+    """{tensor: (file, shape)} from the files' headers alone, nothing read yet. A tensor in two
+    files, in a file its index does not name for it, or named by the index but absent from its
+    file is refused: which copy would be the weight is a guess."""
+    index = path / "model.safetensors.index.json"
+    shapes = {}
+    for file in files:
+        with _open_safetensors(file) as f:
+            for key in f.keys():
+                if key in shapes:
+                    raise ValueError(f"{key} is stored in both {shapes[key][0]} and {file}: "
+                                     f"refusing to guess which copy is the weight")
+                if weight_map is not None and weight_map.get(key) != file.name:
+                    raise ValueError(f"{file} holds {key}, but {index} places it in "
+                                     f"{weight_map.get(key)!r}: refusing to guess which copy is "
+                                     f"the weight")
+                shapes[key] = (file, tuple(f.get_slice(key).get_shape()))
+    for key, name in (weight_map or {}).items():
+        if key not in shapes:
+            raise ValueError(f"{index}: weight_map[{key!r}]={name!r}, but {path / name} has no "
+                             f"tensor {key}")
+    return shapes
 
 
 def load_model(src, device="cpu", dtype=torch.float32, config: ModelConfig | None = None,
@@ -371,55 +470,66 @@ def load_model(src, device="cpu", dtype=torch.float32, config: ModelConfig | Non
     (e.g. a base checkpoint with TTT layers added); `init_missing_ttt` lets TTT parameters absent
     from the files start as init_ttt_params sets them, which leaves the logits exactly the base
     model's."""
-    from safetensors import safe_open  # where used: scripts import this module for its flags too
-
     path = resolve(src)
     cfg = config or _read_config(path)  # a given config must still match the files' shapes
     with torch.device("meta"):  # shapes only; each parameter gets real memory as it is read
         model = Transformer(cfg)
-    params = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
-    # config.json's ttt_mode false: the official code builds no TTT layer and so ignores TTT
-    # weights the files may hold (e.g. a trained model read by its inference classes); so do we.
-    plain = "ttt_mode" in cfg.extra and not cfg.extra["ttt_mode"]
-    loaded, ignored = set(), []
-    for file in _weight_files(path):
-        try:
-            f = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own types; the user needs the file name
-            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
-                             f"{e}") from None
-        with f:
-            for key in f.keys():
-                if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue  # some tied checkpoints store the head anyway; we keep the embedding
-                if key not in params and plain and is_ttt_param(key):
-                    ignored.append(key)
-                    continue
-                if key not in params:
-                    raise KeyError(f"unexpected key {key} in {file} (not a parameter of this "
-                                   f"{cfg.arch} model)")
+    plan = _plan_load(model, path)
+    for file in sorted({file for file, _ in plan.values()}):
+        with _open_safetensors(file) as f:
+            for key in (k for k, (where, _) in plan.items() if where == file):
                 # cast tensor by tensor: the model never exists in two dtypes at once
-                t = _read_tensor(f, key, file, params[key].shape)
+                t = _read_tensor(f, key, file, plan[key][1])
                 _set_param(model, key, t.to(device=device, dtype=dtype))
-                loaded.add(key)
+    if cfg.tie_word_embeddings:  # _set_param replaced the shared Parameter: tie the new one again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _fill_missing(model, path, loaded=set(plan), init_missing_ttt=init_missing_ttt,
+                  device=device, dtype=dtype)
+    return model
+
+
+def _plan_load(model: Transformer, path: Path) -> dict[str, tuple[Path, torch.Size]]:
+    """{parameter: (file, shape)} to read, every name and shape checked against the model from the
+    files' headers before any tensor is allocated. config.json's ttt_mode false: the official
+    code builds no TTT layer and so ignores TTT weights the files may hold (e.g. a trained model
+    read by its inference classes); so do we, with a warning."""
+    cfg, params = model.config, dict(model.named_parameters())  # a tied head appears once
+    plan, ignored = {}, []
+    for key, (file, shape) in _tensor_shapes(*_weight_files(path), path).items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # some tied checkpoints store the head anyway; we keep the embedding
+        if key not in params and _plain(cfg.extra) and is_ttt_param(key):
+            ignored.append(key)
+            continue
+        if key not in params:
+            raise KeyError(f"unexpected key {key} in {file} (not a parameter of this "
+                           f"{cfg.arch} model)")
+        if shape != tuple(params[key].shape):
+            raise ValueError(f"shape mismatch for {key} in {file}: file has {shape}, model "
+                             f"expects {tuple(params[key].shape)}")
+        plan[key] = (file, params[key].shape)
     if ignored:
         warnings.warn(f"{path}: config.json says ttt_mode={cfg.extra['ttt_mode']!r}, so its "
                       f"{len(ignored)} TTT weights (e.g. {ignored[0]}) are ignored and the model "
-                      f"is the plain base model, as the official code reads it", stacklevel=2)
+                      f"is the plain base model, as the official code reads it", stacklevel=3)
+    return plan
+
+
+def _fill_missing(model: Transformer, path: Path, loaded: set, init_missing_ttt: bool, device,
+                  dtype):
+    """Refuse parameters the files lack; with init_missing_ttt, TTT ones start as init_ttt_params
+    sets them (conv 0: the model computes exactly the base model)."""
+    params = dict(model.named_parameters())
     missing = [k for k in params if k not in loaded]
-    new_ttt = [k for k in missing if is_ttt_param(k)]
-    if init_missing_ttt:  # only TTT parameters may be missing, never a base weight
-        missing = [k for k in missing if k not in new_ttt]
+    new_ttt = [k for k in missing if is_ttt_param(k)] if init_missing_ttt else []
+    missing = [k for k in missing if k not in new_ttt]  # only TTT ones, never a base weight
     if missing:
         raise KeyError(f"{path}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                        f"({len(missing)} in all)")
-    for key in new_ttt if init_missing_ttt else []:  # real memory; init_ttt_params fills it below
+    for key in new_ttt:  # real memory, which init_ttt_params fills
         _set_param(model, key, torch.empty(params[key].shape, device=device, dtype=dtype))
-    if cfg.tie_word_embeddings:  # _set_param replaced the shared Parameter: tie the new one again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    if new_ttt and init_missing_ttt:  # conv 0: the model computes exactly the base model
+    if new_ttt:
         init_ttt_params(model)
-    return model
 
 
 def _read_tensor(f, key, file, shape) -> torch.Tensor:

@@ -589,6 +589,42 @@ def read_jsonl(path: Path) -> list[dict]:
     return [r for r in records if isinstance(r, dict)]  # a stray non-object line is not a record
 
 
+# What evaluate reads back from a predictions.jsonl record: field -> (test, what is allowed).
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_COUNT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
+PREDICTION_FIELDS = {
+    "settings": _TEXT, "mode": _TEXT, "task": _TEXT, "length": _COUNT, "index": _COUNT,
+    "id": _TEXT, "budget": _COUNT, "pred": _TEXT,
+    "refs": (lambda v: isinstance(v, list) and v != [] and all(isinstance(r, str) for r in v),
+             "a non-empty list of strings"),
+}
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """predictions.jsonl's records, each read by one schema check (PREDICTION_FIELDS). A line cut
+    short by a crash is dropped (read_jsonl); a record of an older ruler.py (no "settings") is
+    kept, never to be reused; any other record a field of which is missing or of the wrong type
+    is dropped and named, and its sample runs again."""
+    records = []
+    for n, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(r, dict):
+            continue
+        # an older ruler.py's record: only its key (record_key) is read, to count it
+        fields = PREDICTION_FIELDS if "settings" in r else dict.fromkeys(
+            RECORD_KEY, (lambda v: v is None or isinstance(v, (str, int, float)), "a scalar"))
+        bad = next((k for k, (ok, _) in fields.items() if not ok(r.get(k))), None)
+        if bad is None:
+            records.append(r)
+            continue
+        print(f"warning: {path}:{n}: {bad}={json.dumps(r.get(bad))[:60]} is not allowed (expected "
+              f"{fields[bad][1]}): the record is not reused, its sample runs again")
+    return records
+
+
 # Files a checkpoint is read from (cli.HUB_FILES); up to this size they are identified by
 # content.
 SMALL_FILE = 64 * 2**20
@@ -632,10 +668,13 @@ def settings_id(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
+RECORD_KEY = ("settings", "mode", "task", "length", "index", "id", "budget")
+
+
 def record_key(r: dict) -> tuple:
     """What makes a prediction the same one: settings, mode, sample (task, length, index, prompt
     hash) and token budget. Records of older versions have no settings and so are never reused."""
-    return tuple(r.get(k) for k in ("settings", "mode", "task", "length", "index", "id", "budget"))
+    return tuple(r.get(k) for k in RECORD_KEY)
 
 
 def predict(model, tok, batch: list[dict], chat: bool, metric: str) -> list[dict]:
@@ -661,7 +700,7 @@ def evaluate(model_dir: Path, cfg, tok, src: Sources, modes: list[str],
 
     import load_hf
 
-    done = {record_key(r): r for r in read_jsonl(preds_path)}
+    done = {record_key(r): r for r in read_predictions(preds_path)}
     other = sum(k[0] != settings for k in done)  # said out loud: a reader may expect them reused
     if other:
         print(f"{other} predictions in {preds_path} were made under other settings (weights, "

@@ -16,6 +16,8 @@ zero factor gets its full gradient at once (as LoRA starts B = 0 beside a full-s
     start_ttt_params(model, mode="calibrated", batch=idx)   # idx (B, T): token ids to measure on
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +56,9 @@ def ttt_init_problem(cfg: ModelConfig, mode: str) -> str | None:
     if conv == "t+1" and not cfg.ttt_lookahead:
         return ("sets the conv's t+1 tap, which ttt_lookahead=False masks to zero: use centre, or "
                 "zero-proj (which puts the conv on tap t there)")
+    if P == "calibrated" and not (cfg.ttt_lr > 0):  # it divides by the update, zero here
+        return (f"scales P by the size of the update, which ttt_lr={cfg.ttt_lr} makes zero: it "
+                f"needs a ttt_lr > 0")
     if P in ("zero", "calibrated") and not cfg.ttt_proj:  # V_hat = conv(s): one factor only
         return (f"{'starts P at zero' if P == 'zero' else 'scales P'}, but ttt_proj=False has no "
                 f"P (V_hat = conv(s)): there the paper's zero conv is already the exact start "
@@ -128,6 +133,9 @@ def start_ttt_params(model: Transformer, generator=None, mode="paper", batch=Non
     if mode == "paper":  # the paper's start has one home, where the model initialises TTT
         return init_ttt_params(model, generator)
     scale = update_scale(model, batch) if P == "calibrated" else {}
+    if not all(math.isfinite(v) and v > 0 for v in scale.values()):  # e.g. activations all zero
+        raise ValueError(f"TTT init 'calibrated': the update's size measured on the batch is "
+                         f"{scale} per layer; it needs a finite size > 0 to scale P by")
     tap = {"zero": None, "t": 2, "t+1": 3, "target": target_tap(model.config)}[conv]
     for name, p in model.named_parameters():
         if not is_ttt_param(name):

@@ -36,6 +36,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+import regex  # tiktoken's own dependency: its patterns' syntax (\p{L}, possessive, ...)
 import tiktoken
 
 # GPT-2's split regex, which HF's ByteLevel pre-tokenizer uses when use_regex=True.
@@ -62,10 +63,113 @@ LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>"
                     for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
 
 
+class TokenizerError(ValueError):
+    """Text this tokenizer cannot encode (its split regex hit its backtracking limit): the
+    message names the tokenizer file and its pattern; callers add the document."""
+
+
 class UnsupportedTokenizer(ValueError, NotImplementedError):
     """A well-formed tokenizer file that uses something tiktoken cannot express. A ValueError, as
     every bad input file is (the scripts report those as usage errors); also a NotImplementedError,
     which is what this module raised before, so callers that catch that keep working."""
+
+
+class BadTokenizerFile(ValueError):
+    """A tokenizer.json field of the wrong type or value: the message names the field and the
+    value (from_tokenizer_json adds the file)."""
+
+
+def _expect(ok: bool, field: str, value, allowed: str):
+    if not ok:
+        shown = json.dumps(value, ensure_ascii=False)  # as the file writes it
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise BadTokenizerFile(f"{field}={shown} is not allowed: expected {allowed}")
+
+
+def _is_id(v) -> bool:
+    """A tiktoken rank: an integer 0 <= id < 2**32 (bool is an int subclass, and no id)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32
+
+
+def _is_flag(v) -> bool:
+    """true, false, or absent / null (the field's default); 0 and 1 are no flags."""
+    return v is None or isinstance(v, bool)
+
+
+def _check_spec(spec: dict):
+    """The schema check of a tokenizer.json, before anything else reads it: every field this
+    module uses has its type and range, so what follows never meets a malformed value. Fields it
+    does not use (decoder, post_processor, truncation) are not checked."""
+    model = spec.get("model")
+    _expect(isinstance(model, dict), "model", model, "a JSON object")
+    _expect(isinstance(model.get("type"), str), "model.type", model.get("type"), "a string")
+    _expect(_is_flag(model.get("byte_fallback")), "model.byte_fallback",
+            model.get("byte_fallback"), "true, false or null")
+    vocab, merges = model.get("vocab"), model.get("merges", [])
+    _expect(isinstance(vocab, dict), "model.vocab", vocab, "a JSON object of token -> id")
+    owner = {}
+    for token, i in vocab.items():
+        _expect(_is_id(i), f"model.vocab[{token!r}]", i, "an integer id 0 <= id < 2**32")
+        _expect(i not in owner, f"model.vocab[{token!r}]", i, f"an id of its own (also "
+                f"{owner.get(i)!r}'s)")
+        owner[i] = token
+    _expect(isinstance(merges, list), "model.merges", merges, "a list")
+    for n, merge in enumerate(merges):
+        pair = merge.split(" ") if isinstance(merge, str) else merge  # tokenizers < 0.20: "a b"
+        ok = isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
+        _expect(ok and all(p in vocab for p in (*pair, "".join(pair))), f"model.merges[{n}]",
+                merge, "two vocab tokens (as [a, b] or \"a b\") whose join is a vocab token")
+    for key in ("normalizer", "pre_tokenizer"):
+        step = spec.get(key)
+        _expect(step is None or (isinstance(step, dict) and isinstance(step.get("type"), str)),
+                key, step, "null or a JSON object with a string \"type\"")
+    _check_pre_tokenizer(spec.get("pre_tokenizer"))
+    added = spec.get("added_tokens", [])
+    _expect(isinstance(added, list), "added_tokens", added, "a list")
+    for n, t in enumerate(added):
+        # An empty token would match everywhere: the special-token split never advances.
+        _expect(isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"] != "",
+                f"added_tokens[{n}]", t, "an object with a non-empty string \"content\"")
+        _expect(isinstance(t.get("special", False), bool), f"added_tokens[{n}].special",
+                t.get("special"), "true or false")
+
+
+def _check_pre_tokenizer(pre: dict | None):
+    """The fields of the pre_tokenizer steps _pattern_from reads."""
+    steps = pre.get("pretokenizers") if pre and pre["type"] == "Sequence" else [pre]
+    _expect(isinstance(steps, list), "pre_tokenizer.pretokenizers", steps, "a list")
+    for n, step in enumerate(s for s in steps if s is not None):
+        where = f"pre_tokenizer step {n}"
+        _expect(isinstance(step, dict) and isinstance(step.get("type"), str), where, step,
+                "a JSON object with a string \"type\"")
+        for flag in ("add_prefix_space", "use_regex", "individual_digits", "invert"):
+            _expect(_is_flag(step.get(flag)), f"{where}.{flag}", step.get(flag),
+                    "true or false")
+        if step["type"] == "Split":
+            pattern = step.get("pattern")
+            _expect(isinstance(pattern, dict) and all(isinstance(v, str) for v in pattern.values()),
+                    f"{where}.pattern", pattern, "{\"Regex\": a string}")
+
+
+# Texts the split pattern is tried on at load: a pattern that matches the empty string on any of
+# them is refused (an empty piece makes tiktoken panic, and HF's pieces for it are not ours).
+PROBES = ("", "a", "A", " ", "0", "!", "\n", "é", "ab cd", " 12, x!\n\n", "'s", "\t y")
+
+
+def _covering(pattern: str) -> str:
+    """The split regex as HF applies it: the text between two matches is a piece of its own (HF's
+    Split keeps it; tiktoken alone would drop it). A no-op for patterns that match everywhere,
+    as every released tokenizer's does. Refused: a pattern that does not compile, or that matches
+    the empty string."""
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as e:
+        raise UnsupportedTokenizer(f"split pattern {pattern!r} is not a regex this module reads "
+                                   f"({e})") from None
+    if any(m.start() == m.end() for text in PROBES for m in compiled.finditer(text)):
+        raise UnsupportedTokenizer(f"split pattern {pattern!r} matches the empty string; every "
+                                   f"piece must hold at least one character")
+    return f"(?:{pattern})|(?:(?!(?:{pattern}))[\\s\\S])+"  # a match, else the run up to the next
 
 
 def package_dir(name: str, what: str = "data") -> Path:
@@ -105,7 +209,7 @@ def _pattern_from(pre_tokenizer: dict | None) -> str:
     uses_regex = steps[-1].get("use_regex", True)  # ByteLevel's own GPT-2 split, on by default
     if kinds == ["ByteLevel"] and uses_regex:
         return GPT2_PATTERN
-    if kinds == ["Digits", "ByteLevel"] and steps[0]["individual_digits"] and uses_regex:
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and uses_regex:
         return GPT2_DIGITS_PATTERN
     split = steps[0]
     # Split(Regex, Isolated) then ByteLevel(use_regex=False): Qwen3's and Llama-3's layout.
@@ -248,7 +352,8 @@ class Tokenizer:
         self._splitters = {False: _splitter(parsed_by_default), True: _splitter(special_tokens)}
         self._all_special = frozenset(special_tokens)
         # tiktoken does the BPE itself (Rust): fast enough to tokenise a corpus or a 128K prompt.
-        self._enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks,
+        self.name, self.pattern = name, pat_str
+        self._enc = tiktoken.Encoding(name, pat_str=_covering(pat_str), mergeable_ranks=ranks,
                                       special_tokens=special_tokens)
 
     # ---- loading
@@ -263,9 +368,13 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer file at {path}")
         spec = _read_json(path)
         try:
+            _check_spec(spec)
             return cls._from_spec(spec, name=str(path))
         except UnsupportedTokenizer as e:
             raise UnsupportedTokenizer(f"{path}: {e}") from None
+        except BadTokenizerFile as e:
+            raise BadTokenizerFile(f"{path} is not a tokenizer.json this module reads: {e}") \
+                from None
         except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field missing, mistyped
             raise ValueError(f"{path} is not a tokenizer.json this module reads: "
                              f"{type(e).__name__}: {e}") from None
@@ -292,7 +401,8 @@ class Tokenizer:
         # special token.
         ranks = {bytes(char_to_byte[c] for c in tok): i
                  for tok, i in model["vocab"].items() if tok not in added}
-        always = frozenset(t["content"] for t in spec.get("added_tokens", []) if not t["special"])
+        always = frozenset(t["content"] for t in spec.get("added_tokens", [])
+                           if not t.get("special", False))
         return cls(ranks, pattern, added, nfc=normalizer == "NFC", parsed_by_default=always,
                    name=name)
 
@@ -304,9 +414,13 @@ class Tokenizer:
         try:  # any malformed line (not two fields, bad base64, no int) lands in the except
             lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line]
             ranks = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in lines}
+            if (bad := next((r for r in ranks.values() if not _is_id(r)), None)) is not None:
+                raise ValueError(f"rank {bad} is not an integer 0 <= rank < 2**32")
+            if len(set(ranks.values())) != len(ranks):
+                raise ValueError("two tokens share a rank")
         except ValueError as e:  # also UnicodeDecodeError, e.g. a sentencepiece (Llama-2) protobuf
-            raise ValueError(f"{path} is not a tiktoken BPE file (base64 token, rank per line)") \
-                from e
+            raise ValueError(f"{path} is not a tiktoken BPE file (base64 token, rank per line): "
+                             f"{e}") from e
         # The special-token layout below is Llama-3's (Llama-4's file has 200000 tokens).
         if len(ranks) != 128000:
             raise UnsupportedTokenizer(f"{path} has {len(ranks)} tokens; only Llama-3's "
@@ -338,6 +452,14 @@ class Tokenizer:
         generation_config.json give ids, and generation_config's eos list holds every stop token."""
         tok_cfg = _read_json(path / "tokenizer_config.json")
         configs = [_read_json(path / "config.json"), _read_json(path / "generation_config.json")]
+        for name, cfg in zip(("config.json", "generation_config.json"), configs):
+            for key in ("bos_token_id", "eos_token_id"):  # null, an id, or (eos) a list of ids
+                v = cfg.get(key)
+                ids = v if isinstance(v, list) and key == "eos_token_id" else [v]
+                if not all(i is None or _is_id(i) for i in ids):
+                    raise ValueError(f"{path / name}: {key}={v!r} is not allowed: expected a token "
+                                     f"id (an integer >= 0){', a list of them' * (key[0] == 'e')}"
+                                     f" or null")
 
         def name_to_id(token):  # tokenizer_config writes a name, or {"content": name, ...}
             if token is None:
@@ -375,7 +497,15 @@ class Tokenizer:
             text = self._nfc_between(text, allow_special)
         # disallowed_special=(): special-token text outside `allowed` is encoded as plain text,
         # where tiktoken would otherwise raise.
-        ids = self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+        try:
+            ids = self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+        except ValueError as e:  # fancy-regex's backtracking limit, hit by this text
+            raise TokenizerError(f"{self.name}: its split pattern {self.pattern!r} failed on "
+                                 f"this text ({e})") from None
+        except BaseException as e:  # a panic in tiktoken's Rust: a BaseException, not an Exception
+            if type(e).__name__ != "PanicException":
+                raise
+            raise TokenizerError(f"{self.name}: tiktoken failed on this text ({e})") from None
         if self._has_placeholders:  # drop the bytes that have no token, as HF does
             ids = [i for i in ids if i < self.vocab_size]
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids

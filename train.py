@@ -50,7 +50,7 @@ from checkpoint import (TRAIN_META, pick_resume, prepare_out, resume, run_files,
                         stop_nonfinite)
 from cli import AtLeast, HelpFormatter, default_device, default_dtype, parse_layers
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
-                  step_batches)
+                  step_batches, tokenizer_identity)
 from model import PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 from starts import TTT_INITS
 from parallel import context_parallel, cp_shard, seq_shard, setup_distributed, shard_loss
@@ -276,6 +276,10 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
                                              ranks=not args.prepare_only)
     layout = batch_layout(args.batch_tokens, args.seq_len, args.micro_batch, dp)
     check_config(cfg, args.ttt_init, export=not args.no_export)
+    if args.ttt_init == "calibrated" and cfg.ttt_layers and cfg.ttt_chunk > args.seq_len:
+        raise SystemExit(f"--ttt-init calibrated measures the update over whole chunks, but a "
+                         f"window of --seq-len {args.seq_len} holds no chunk of {cfg.ttt_chunk} "
+                         f"tokens: it needs --seq-len >= the chunk (--ttt-chunk)")
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, rank)
     out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
     existing = claim_out(out, export, args.resume, args.overwrite, rank, log, hold)
@@ -306,8 +310,10 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
 def run_meta(args, cfg, tok_dir, world, tokens, val) -> dict:
     """train.json: everything needed to rebuild the model (export) and to check a resume. The
     JSON round trip turns tuples into lists, so both compare equal to a saved train.json's.
-    "data": the files each stream was read from, with sizes and sha256 (a resume compares them)."""
-    data = {"data": tokens.files, "val_data": val.files if args.val_data and val else None}
+    "data": the files each stream was read from, with sizes and sha256, and the tokenizer's files
+    by content, so one edited in place counts (a resume compares them)."""
+    data = {"data": tokens.files, "val_data": val.files if args.val_data and val else None,
+            "tokenizer": tokenizer_identity(tok_dir)}
     return {"config": json.loads(json.dumps(asdict(cfg))), "tokenizer": str(tok_dir),
             "world_size": world, "args": json.loads(json.dumps(vars(args))), "data": data}
 
