@@ -13,11 +13,7 @@ on another number of ranks, sees the same data; under context parallelism each r
 reads the same windows and keeps its contiguous shard of each (seq_shard).
 """
 
-import errno
-import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from functools import partial
 from hashlib import sha256
@@ -28,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import atomic_write, remove_orphans, tmp_sibling
+from files import NoSpace, atomic_write, file_identity, remove_orphans, written_aside
 from load_hf import resolve
 from tokenizer import Tokenizer, package_dir, write_byte_tokenizer
 
@@ -56,11 +52,8 @@ def byte_tokenizer(cache_dir, rank) -> Path:
     written aside and renamed into place whole: runs started together never read half a file."""
     path = Path(cache_dir).resolve() / "byte-tokenizer"
     if rank == 0 and not path.is_dir():
-        tmp = write_byte_tokenizer(tmp_sibling(path))
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another run renamed its copy first: the same files
-            shutil.rmtree(tmp)
+        with written_aside(path, keep_existing=True) as tmp:  # another run's first: the same files
+            write_byte_tokenizer(tmp)
     if dist.is_initialized():
         dist.barrier()  # the other ranks read what rank 0 wrote
     return path
@@ -176,21 +169,15 @@ def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None
         remove_orphans(cache_dir)
     if rank == 0 and not path.exists():  # one writer; the other ranks wait at the barrier below
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_sibling(path)  # a per-process name: two runs never write one file
-        try:
-            n_docs, read = tokenise(files, tok or Tokenizer.from_dir(tok_dir), sep, tmp)
-            if n_docs == 0:  # an empty cache would fail later with a less helpful message
-                raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
-            atomic_write(record, json.dumps(read, indent=1))
-            os.replace(tmp, path)  # complete or absent: a killed run never leaves half a cache
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise SystemExit(f"no space left on {path.parent} while tokenising into {path.name} "
-                             f"(the partial cache is removed): free space, or pass --cache on a "
-                             f"larger disk") from None
-        finally:
-            tmp.unlink(missing_ok=True)  # gone already after the rename
+        try:  # complete or absent: a killed run never leaves half a cache
+            with written_aside(path) as tmp:  # a per-process name: two runs never write one file
+                n_docs, read = tokenise(files, tok or Tokenizer.from_dir(tok_dir), sep, tmp)
+                if n_docs == 0:  # an empty cache would fail later with a less helpful message
+                    raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
+                atomic_write(record, json.dumps(read, indent=1))
+        except NoSpace as e:
+            raise SystemExit(f"{e.why} while tokenising into {path.name} (the partial cache is "
+                             f"removed): free space, or pass --cache on a larger disk") from None
         print(f"cached {n_docs} documents, {path.stat().st_size // 4:,} tokens in {path}")
     if rank == 0 and not record.exists():  # a cache of an older train.py: files hashed once now
         atomic_write(record, json.dumps({str(f.resolve()): file_identity(f) for f in files}))
@@ -241,13 +228,6 @@ def tokenise(files, tok: Tokenizer, sep: int, out_path: Path) -> tuple[int, dict
     for reason, (count, first) in skipped.items():
         print(f"skipped {count} documents: {reason} (first: {first})")
     return n_docs, read
-
-
-def file_identity(path) -> dict:
-    """{"size", "sha256"} of a data file, read once."""
-    with open(path, "rb") as f:
-        return {"size": os.fstat(f.fileno()).st_size,
-                "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
 def load_npz(path, seq_len, vocab_size=None) -> TokenStream:

@@ -55,8 +55,9 @@ from tqdm import tqdm
 
 import load_hf
 import ttt
-from checkpoint import (TRAIN_META, check_out, hold_out, pick_resume, prepare_out, refuse_links,
-                        resume, run_files, save_checkpoint, stop_nonfinite)
+from checkpoint import (TRAIN_META, checkpoints, pick_resume, prepare_out, resume, run_files,
+                        save_checkpoint, stop_nonfinite)
+from files import append_line, check_export_target, check_out, hold_out, refuse_links
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, seq_shard,
                   split_data, step_batches, validation_starts, window_batch)
 from load_hf import (AtLeast, HelpFormatter, default_device, default_dtype, parse_layers,
@@ -488,7 +489,7 @@ class Run:
     ttt_params: list  # the trainable TTT parameters, for their own gradient norm
     resume_from: Path | None  # the checkpoint to continue, None for a fresh start
     damaged: list  # checkpoints newer than resume_from that failed their integrity check
-    hold: ExitStack  # the lock on --out (checkpoint.hold_out), released when the stack closes
+    hold: ExitStack  # the lock on --out (files.hold_out), released when the stack closes
 
     def log(self, *a):
         if self.rank == 0:  # one line per event, not one per rank
@@ -496,8 +497,7 @@ class Run:
 
     def write(self, row: dict):
         if self.rank == 0:  # appended, so a kill loses at most the row being written
-            with (self.out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.out / "metrics.jsonl", json.dumps(row))
 
 
 def setup_run(args, hold: ExitStack | None = None) -> Run | None:
@@ -554,14 +554,16 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
 def check_run_dir(out: Path, export: Path | None, resume, overwrite) -> list[Path]:
     """Refuse a run that would replace what it did not write: an --export-hf onto this run's own
     checkpoints or metrics, or onto what is not an earlier export (without --overwrite,
-    load_hf.check_export_target); and a fresh start into an --out holding a previous run
-    (checkpoint.check_out). Returns the checkpoints found."""
+    files.check_export_target); and a fresh start into an --out holding a previous run
+    (files.check_out). Returns the checkpoints found."""
     if export is not None:
         try:
-            load_hf.check_export_target(export, overwrite, run_files(out))
+            check_export_target(export, overwrite, run_files(out))
         except OSError as e:
             raise SystemExit(f"--export-hf {export}: {e}") from None
-    return check_out(out, export, resume, overwrite)
+    existing = checkpoints(out / "ckpt")
+    check_out(out, existing, export, resume, overwrite)
+    return existing
 
 
 def run_loop(run: Run, start: int, args) -> Path:
