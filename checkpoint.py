@@ -488,7 +488,8 @@ def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank, lo
     except NoSpace as e:
         kept = ", ".join(p.name for p in checkpoints(ckpt_dir)) or "none yet"
         raise SystemExit(f"{e.why}: checkpoint step_{step:06d} was not saved (its partial files are "
-                         f"removed; older checkpoints are kept: {kept}). Free space, then --resume"
+                         f"removed; older checkpoints are kept: {kept}). Free space (or raise the limit), "
+                         f"then --resume"
                          if rank == 0 else 1) from None
     if rank == 0:
         rotate(ckpt_dir, keep)

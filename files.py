@@ -121,7 +121,7 @@ def append_line(path, line: str):
         with open(path, "a") as f:
             f.write(line + "\n")
     except OSError as e:
-        full = no_space(e, None)
+        full = no_space(e, path)
         if full is None:
             raise
         raise NoSpace(full, f"a row of {path} was not written (the checkpoints are kept: "
@@ -184,9 +184,10 @@ NO_ROOM = {errno.ENOSPC: "no space left on {}", errno.EDQUOT: "no space left on 
 def no_space(e: BaseException, written=None) -> str | None:
     """'no space left on DIR' or 'file too large ...' when a disk, quota or file-size limit ran
     out anywhere in exception `e` (its causes, and the per-rank failures DCP gathers into a
-    CheckpointException as (exception, traceback) pairs); else None. DCP sometimes loses the
-    OSError and says only 'unexpected pos': then `written` (the partial file or directory, still
-    there) is looked at: a file at the size limit, or a disk with no block free."""
+    CheckpointException as (exception, traceback) pairs), by errno or by the OS's words; else
+    None. DCP sometimes loses the OSError and says only 'unexpected pos': then `written` (the
+    partial file or directory, still there) is looked at: a file at the size limit, or a disk
+    with no block free."""
     todo, seen = [e], set()
     while todo:
         x = todo.pop()
@@ -196,6 +197,11 @@ def no_space(e: BaseException, written=None) -> str | None:
         seen.add(id(x))
         if isinstance(x, OSError) and x.errno in NO_ROOM:
             return _room(x.errno, Path(x.filename).parent if x.filename else written)
+        # Libraries in other languages pass the OS's words on in their own exception (safetensors:
+        # "I/O error: File too large (os error 27)").
+        said = [code for code in NO_ROOM if os.strerror(code) in str(x)]
+        if said and written is not None:
+            return _room(said[0], written)
         todo += [c for c in (x.__cause__, x.__context__) if c is not None]
         todo += list(getattr(x, "failures", {}).values())
     if written is None or not Path(written).exists():
@@ -210,7 +216,10 @@ def no_space(e: BaseException, written=None) -> str | None:
 
 
 def _room(code: int, where) -> str:
-    where = Path(where).parent if where is not None and Path(where).name.startswith(".") else where
+    """NO_ROOM's phrase for the directory a user knows: not the file, not our temporary names."""
+    where = Path(where)
+    while where.name.startswith(".") or not where.is_dir():
+        where = where.parent
     return NO_ROOM[code].format(where, resource.getrlimit(resource.RLIMIT_FSIZE)[0])
 
 
