@@ -517,14 +517,19 @@ def stop_nonfinite(what: str, good: Path | None, rank: int, resumed_from: Path |
     """End a run after a non-finite loss (`what` says where), naming `good`, the newest checkpoint
     whose weights gave a finite loss. The loss is the same on every rank, so all stop; rank 0 says
     why. resumed_from (a ckpt/ directory): the first step of a resume was not finite, so the
-    resumed weights `good` did it (a checkpoint of an older train.py, or other data): that
-    checkpoint is set aside, and the one before it is named."""
+    resumed weights `good` did it: set_aside_nonfinite, and the one before it is named."""
     if resumed_from is not None and good is not None and rank == 0:
-        set_aside(good, "nonfinite")
-        good = (checkpoints(resumed_from) or [None])[-1]
+        good = set_aside_nonfinite(good, resumed_from)
     tail = (f"The newest checkpoint whose weights gave a finite loss is {good}: --resume "
             f"continues from it" if good else "No checkpoint holds weights that gave a finite loss")
     raise SystemExit(f"{what} {tail} (try a lower --lr or --ttt-lr)" if rank == 0 else 1)
+
+
+def set_aside_nonfinite(resumed: Path, ckpt_dir: Path) -> Path | None:
+    """Set aside checkpoint `resumed`, whose weights gave a non-finite loss at once (a checkpoint
+    of an older train.py, or other data); returns the newest checkpoint left (None: none)."""
+    set_aside(resumed, "nonfinite")
+    return (checkpoints(ckpt_dir) or [None])[-1]
 
 
 # -----------------------------------------------------------------------------
@@ -594,27 +599,38 @@ def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
 
 def resume(path: Path, model, optimizer, meta, log, allow_data_change=False) -> int:
     """Continue checkpoint `path`: its weights, optimizer moments and RNG into `model` and
-    `optimizer` (load_checkpoint), after checking its data are this run's (meta["data"]; other
-    data only with allow_data_change), with a warning for each flag in meta["args"] that changes
-    the trajectory but not the model. Returns the step it was saved at."""
+    `optimizer` (load_checkpoint), after checking its data are this run's (check_data), with a
+    warning for each flag that changes the trajectory (warn_changed_flags). Returns its step."""
+    check_data(path, meta, log, allow_data_change)
+    try:
+        saved = load_checkpoint(path, model, optimizer, meta)
+    except ValueError as e:  # a refused global, a damaged entry: the file named, no traceback
+        raise SystemExit(str(e)) from None
+    log(f"resumed {path} at step {saved['step']} (saved by {saved['world_size']} rank(s))")
+    warn_changed_flags(saved["args"], meta["args"], log)
+    return saved["step"]
+
+
+def check_data(path: Path, meta, log, allow_data_change=False):
+    """Refuse to continue checkpoint `path` on other data than its run's (meta["data"] against its
+    train.json's); with allow_data_change, a warning naming each change."""
     changes = data_changes(read_train_meta(path).get("data"), meta["data"])
     if changes and not allow_data_change:
         raise SystemExit(f"cannot resume {path}: its run trained on other data ({'; '.join(changes)})"
                          f": pass --allow-data-change to continue it on these data anyway")
     if changes:
         log(f"warning: continuing {path} on other data than its run's: {'; '.join(changes)}")
-    try:
-        saved = load_checkpoint(path, model, optimizer, meta)
-    except ValueError as e:  # a refused global, a damaged entry: the file named, no traceback
-        raise SystemExit(str(e)) from None
-    log(f"resumed {path} at step {saved['step']} (saved by {saved['world_size']} rank(s))")
+
+
+def warn_changed_flags(saved_args: dict, args: dict, log):
+    """A warning for each flag that changes the trajectory but not the model: allowed, but the user
+    should know."""
     keys = ("data", "val_data", "seq_len", "batch_tokens", "seed", "steps", "lr", "min_lr",
             "warmup", "precision")
-    changed = [k.replace("_", "-") for k in keys if saved["args"].get(k) != meta["args"][k]]
-    if changed:  # allowed, but the user should know
+    changed = [k.replace("_", "-") for k in keys if saved_args.get(k) != args[k]]
+    if changed:
         log(f"warning: --{', --'.join(changed)} differ from the checkpoint's run, so this run "
             f"will not retrace the one it continues")
-    return saved["step"]
 
 
 def data_changes(saved: dict | None, now: dict) -> list[str]:
@@ -638,19 +654,36 @@ def data_changes(saved: dict | None, now: dict) -> list[str]:
 
 
 def prepare_out(out: Path, start: int, damaged=()):
-    """Rank 0: metrics.jsonl keeps one trajectory (rows up to the resumed step), half-written
-    checkpoints and temporary files of killed runs go, damaged checkpoints newer than the resumed
-    one move aside (kept for a look, under a name no run reads), and a fresh run (start 0, only with
-    --overwrite when there were any) replaces the previous run's checkpoints."""
+    """Rank 0 tidies --out for a run starting at step `start`: temporary files of killed writers
+    go (remove_orphans), metrics.jsonl keeps one trajectory (trim_metrics), damaged checkpoints
+    newer than the resumed one move aside (set_aside_damaged), and half-written or replaced
+    checkpoints go (clear_checkpoints)."""
     out.mkdir(parents=True, exist_ok=True)
     remove_orphans(out)  # e.g. the hf/ export of a run killed while writing it
-    metrics = out / "metrics.jsonl"  # a fresh start keeps no rows
+    trim_metrics(out / "metrics.jsonl", start)
+    set_aside_damaged(damaged)
+    clear_checkpoints(out / "ckpt", start)
+
+
+def trim_metrics(metrics: Path, start: int):
+    """metrics.jsonl keeps the rows up to step `start` (none for a fresh start), rewritten whole: a
+    kill now leaves the old rows or the new, never none."""
     kept = metric_rows(metrics, start) if start and metrics.exists() else []
-    atomic_write(metrics, "".join(kept))  # a kill now leaves the old rows or the new, never none
-    for path in damaged:  # step N is written again: its name must be free
+    atomic_write(metrics, "".join(kept))
+
+
+def set_aside_damaged(damaged):
+    """Damaged checkpoints move aside, kept for a look under a name no run reads: step N is written
+    again, so its name must be free."""
+    for path in damaged:
         print(f"moved the damaged {path} aside to {set_aside(path, 'damaged').name}")
-    stale = checkpoints(out / "ckpt") if start == 0 else []
-    half = [p for p in (out / "ckpt").glob(".tmp_step_*") if CKPT_NAME.fullmatch(p.name[5:])]
+
+
+def clear_checkpoints(ckpt_dir: Path, start: int):
+    """Delete half-written checkpoints of killed saves and, for a fresh run (start 0, only with
+    --overwrite when there were any), the previous run's checkpoints."""
+    stale = checkpoints(ckpt_dir) if start == 0 else []
+    half = [p for p in ckpt_dir.glob(".tmp_step_*") if CKPT_NAME.fullmatch(p.name[5:])]
     for old in half + stale:
         shutil.rmtree(old)
 
