@@ -15,11 +15,13 @@ into a model in a single process whatever world size wrote it; load_hf.export_ch
 that into an HF checkpoint. This module imports only model.py and files.py of this codebase.
 """
 
+import dataclasses
 import hashlib
 import io
 import json
 import math
 import os
+import pathlib
 import pickle
 import re
 import shutil
@@ -233,8 +235,6 @@ def metadata_globals() -> dict:
     torch (found by unpickling real ones), nothing else: DCP's metadata classes and its file layout
     record, torch.Size, dtypes, layouts (through torch.serialization's lookup by name), the memory
     format code and the path DCP records."""
-    import pathlib
-
     import torch.distributed.checkpoint.filesystem as fs
     import torch.distributed.checkpoint.metadata as md
     import torch.serialization
@@ -275,8 +275,6 @@ def _is(x, *types) -> bool:
 
 def _fields(obj, cls, path, where):
     """Refuse `obj` unless it is a `cls` whose attributes are exactly cls's dataclass fields."""
-    import dataclasses
-
     names = {f.name for f in dataclasses.fields(cls)}
     have = set(vars(obj)) if hasattr(obj, "__dict__") else set()
     # A field an older torch did not write keeps its class default; no default: refused.
@@ -360,7 +358,6 @@ def _check_extras(m, path, md):
                               f"(damaged?)")
     meta = m.storage_meta
     if meta is not None:
-        import pathlib
         _fields(meta, md.StorageMeta, path, "its storage record")
         ok = (_is(meta.checkpoint_id, str, pathlib.PosixPath, type(None))
               and _is(meta.save_id, str, type(None)) and _is(meta.load_id, str, type(None))
@@ -414,9 +411,9 @@ def dcp_load(state: dict, ckpt_dir, no_dist=False):
             now = self.state_dict.get(fqn)
             if not same_kind(saved, now):
                 raise DamagedEntry(f"{ckpt_dir}: its entry {fqn} holds {str(saved)[:60]!r} "
-                                 f"({type(saved).__name__}) where a train.py checkpoint holds a "
-                                 f"{type(now).__name__} like {str(now)[:60]!r}: refused (damaged, "
-                                 f"or a checkpoint from someone else?)")
+                                   f"({type(saved).__name__}) where a train.py checkpoint holds a "
+                                   f"{type(now).__name__} like {str(now)[:60]!r}: refused "
+                                   f"(damaged, or a checkpoint from someone else?)")
             super().load_bytes(read_item, io.BytesIO(pickled(saved)))
 
     read_metadata(ckpt_dir)  # refused here, before DCP wraps every error in its own exception

@@ -204,7 +204,9 @@ def no_space(e: BaseException, written=None) -> str | None:
             return _room(said[0], written)
         todo += [c for c in (x.__cause__, x.__context__) if c is not None]
         todo += list(getattr(x, "failures", {}).values())
-    if written is None or not Path(written).exists():
+    # Our own stops and a Ctrl-C are never a disk's doing, whatever the disk holds now.
+    if isinstance(e, (SystemExit, KeyboardInterrupt)) or written is None \
+            or not Path(written).exists():
         return None
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     parts = [Path(written)] if Path(written).is_file() else Path(written).rglob("*")
