@@ -57,9 +57,9 @@ import load_hf
 import ttt
 from checkpoint import (TRAIN_META, checkpoints, pick_resume, prepare_out, resume, run_files,
                         save_checkpoint, stop_nonfinite)
-from files import append_line, check_export_target, check_out, hold_out, refuse_links
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, seq_shard,
                   split_data, step_batches, validation_starts, window_batch)
+from files import append_line, check_export_target, check_out, hold_out, refuse_links
 from load_hf import (AtLeast, HelpFormatter, default_device, default_dtype, parse_layers,
                      parse_override)
 from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
