@@ -7,8 +7,8 @@ and the guards that keep a run or an export from replacing what it did not write
         tokenise(files, tmp)             # it becomes `path` only when the block ends cleanly
     atomic_write(path, text)             # the same, for bytes or text in hand
 
-A leaf: it imports the standard library and torch (for the lock's collective between ranks and
-the dtypes the unpickler may be given) and nothing of this codebase.
+A leaf: it imports the standard library and torch.distributed (rank 0's verdict on the lock,
+shared with every rank) and nothing of this codebase.
 """
 
 import errno
