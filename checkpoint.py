@@ -1,6 +1,7 @@
 """train.py's checkpoints: every rank's DCP shards plus train.json, written whole or not at all,
-checked byte by byte before they are trusted, rotated, resumed; the guard that keeps a run from
-replacing what it did not write; and the helpers every script writes files with.
+checked byte by byte before they are trusted, rotated, resumed; and the readers of a checkpoint
+someone else may have made: train.json by one schema check, .metadata by an unpickler closed to
+every global DCP does not write, then a schema check.
 
     out/bytes/metrics.jsonl                     one row per step (train.py)
     out/bytes/ckpt/step_000400/__0_0.distcp     one file per rank (torch.distributed.checkpoint)
@@ -11,90 +12,37 @@ replacing what it did not write; and the helpers every script writes files with.
 A checkpoint is written into .tmp_step_N and renamed step_N once complete, so a directory named
 step_N is always whole; rotation deletes only names of that form. load_train_checkpoint reads one
 into a model in a single process whatever world size wrote it; load_hf.export_checkpoint turns
-that into an HF checkpoint. This module imports only model.py of this codebase.
+that into an HF checkpoint. This module imports only model.py and files.py of this codebase.
 """
 
-import errno
-import fcntl
+import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
+import pathlib
 import pickle
 import re
 import shutil
-import socket
 import time
 import warnings
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from files import (TRAIN_META, NoSpace, atomic_write, damaged_files, file_record, remove_orphans,
+                   restricted_load, UnsafeFile, unsafe, written_aside)
 from model import ModelConfig, Transformer
 
 # torch.distributed.checkpoint (DCP) is imported inside the functions that use it: load_hf.py, and
 # so sample.py and ruler.py, import this module for its names, and DCP takes seconds to import.
 
-TRAIN_META = "train.json"  # written last into a train.py checkpoint: its presence marks a whole one
-# What train.py writes into a checkpoint or a run directory: never replaced by an export.
-RUN_FILES = (TRAIN_META, "ckpt", "metrics.jsonl")
 # The names save_checkpoint writes, and only those: a user's step_000004_best is never taken for
 # a checkpoint, resumed from or rotated away.
 CKPT_NAME = re.compile(r"step_(\d{6,})")
-
-
-# -----------------------------------------------------------------------------
-# Writing whole files: a temporary name beside the target, then a rename (atomic on one
-# filesystem), and the removal of what killed writers left
-
-
-def tmp_sibling(path) -> Path:
-    """The name beside `path` under which it is written in full before a rename:
-    .NAME.tmp-HOST-PID, unique to this process, so two runs never write one file and a leftover
-    names its writer."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def atomic_write(path, data: str | bytes) -> Path:
-    """Write `data` to `path` whole or not at all: a kill leaves the earlier file (or none), never
-    half of the new one."""
-    path, tmp = Path(path), tmp_sibling(path)
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already after the rename
-    return path
-
-
-def remove_orphans(directory) -> list[Path]:
-    """Delete what tmp_sibling() named in `directory` for writers of this host that are gone (a
-    run killed mid-write); return them. Another host's are left alone: its pids mean nothing
-    here, and its next run there removes them."""
-    gone = []
-    for p in Path(directory).glob(".*.tmp-*") if Path(directory).is_dir() else []:
-        host, _, pid = p.name.rpartition(".tmp-")[2].rpartition("-")
-        if host != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
-            continue
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        gone.append(p)
-    return gone
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():  # our own pid on a leftover: a killed process that had it before us
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
 
 
 # -----------------------------------------------------------------------------
@@ -113,46 +61,131 @@ def run_files(out: Path) -> tuple[Path, Path]:
     return out / "ckpt", out / "metrics.jsonl"
 
 
+TRAIN_META_MAX = 64 * 2**20  # bytes: a train.json is kilobytes (megabytes with a data record of
+# many thousand files); a larger one is not read at all.
+SIZE_MAX = 2**40  # any size or count a train.json names (a vocabulary, a dimension, a step)
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def read_train_meta(ckpt_dir) -> dict:
     """train.json of a train.py checkpoint: the ModelConfig as a dict, the tokenizer, the run's
-    flags, its step, the loss its weights gave and the integrity record of its files."""
+    flags, its step, the loss its weights gave and the integrity record of its files; checked
+    whole (check_train_meta) before any of it is used."""
     path = Path(ckpt_dir) / TRAIN_META
     if not path.is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint of train.py (no "
                                 f"{TRAIN_META})")
+    if path.stat().st_size > TRAIN_META_MAX:
+        raise ValueError(f"{path} is damaged ({path.stat().st_size:,} bytes; a train.json is at "
+                         f"most {TRAIN_META_MAX:,})")
     try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is damaged (not JSON: {e})") from None
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is one
+        raise ValueError(f"{path} is damaged (not JSON: {str(e)[:100]})") from None
+    check_train_meta(meta, path)
+    return meta
 
 
-def file_record(directory, names) -> dict:
-    """{name: {"size", "sha256"}} of the files `names` in `directory`: a checkpoint's integrity
-    record. It costs one read of every byte (sha256 runs at about 1-2 GB/s per core with the CPU's
-    SHA instructions: a minute for an 8B model's 96 GB of weights and AdamW moments on one core),
-    so train.py shares the files out among its ranks (over_ranks)."""
-    record = {}
-    for name in names:
-        with open(Path(directory) / name, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()  # streamed, never all in memory
-            record[name] = {"size": os.fstat(f.fileno()).st_size, "sha256": digest}
-    return record
+def _bad(path, field, value, allowed) -> ValueError:
+    return ValueError(f"{path}: {field} is {json.dumps(value)[:80]}, but a train.json holds "
+                      f"{allowed}: refused (damaged, or edited?)")
 
 
-def damaged_files(directory, record: dict) -> list[str]:
-    """Why each file of `record` (file_record's form) in `directory` no longer matches it: empty
-    when all do. Sizes first: a truncated file is named without reading it."""
-    problems = []
-    for name, want in record.items():
-        path = Path(directory) / name
-        if not path.is_file():
-            problems.append(f"{path} is missing")
-        elif path.stat().st_size != want["size"]:
-            problems.append(f"{path} has {path.stat().st_size} bytes, not the {want['size']} "
-                            f"written (truncated?)")
-        elif file_record(directory, [name])[name]["sha256"] != want["sha256"]:
-            problems.append(f"{path} does not match the checksum written with it (corrupt)")
-    return problems
+def _count(v, lo=0, hi=SIZE_MAX) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _record(v) -> bool:  # {name: {"size", "sha256"}}: files of a checkpoint or of a data stream
+    return type(v) is dict and all(
+        type(r) is dict and set(r) == {"size", "sha256"} and _count(r["size"])
+        and type(r["sha256"]) is str and SHA256.fullmatch(r["sha256"]) for r in v.values())
+
+
+# The fields train.py writes into train.json: (test, what is allowed). Older train.py versions
+# wrote no data, files, loss or sha256: those may be absent.
+META_FIELDS = {
+    "config": (lambda v: type(v) is dict, "an object of ModelConfig fields"),
+    "tokenizer": (lambda v: type(v) is str and 0 < len(v) < 4096, "a directory name"),
+    "world_size": (lambda v: _count(v, 1, 2**20), "a number of ranks, 1 to 2**20"),
+    "args": (lambda v: type(v) is dict, "an object of train.py's flags"),
+    "step": (_count, f"a step count, 0 to {SIZE_MAX}"),
+    "loss": (lambda v: v is None or _number(v), "a finite number or null"),
+    "files": (lambda v: _record(v) and all("/" not in n and n not in (".", "..") for n in v),
+              "the files beside it, each {\"size\", \"sha256\"}"),
+    "sha256": (lambda v: type(v) is str and SHA256.fullmatch(v), "a sha256 in hex"),
+    # The data record's contents are data.py's; here only its JSON shape: per stream, null or an
+    # object of objects.
+    "data": (lambda v: v is None or type(v) is dict and all(
+        s is None or type(s) is dict and all(type(r) is dict for r in s.values())
+        for s in v.values()), "null or {stream: null or {file: record}}"),
+}
+REQUIRED = ("config", "tokenizer", "world_size", "args", "step")
+
+
+def check_train_meta(meta, path):
+    """The schema of a train.json, checked whole: each field's type and range, and the model
+    config's (check_config_fields), so the rest of the code never sees a malformed value."""
+    if type(meta) is not dict:
+        raise _bad(path, "the file", meta, "an object")
+    for name in [*REQUIRED, *meta]:
+        if name not in META_FIELDS:
+            raise _bad(path, f"field {name[:40]!r}", meta[name], f"only {', '.join(META_FIELDS)}")
+        if name not in meta:
+            raise ValueError(f"{path}: field {name!r} is missing: refused (damaged, or edited?)")
+        test, allowed = META_FIELDS[name]
+        if not test(meta[name]):
+            raise _bad(path, name, meta[name], allowed)
+    check_config_fields(meta["config"], path)
+
+
+# ModelConfig fields as train.json holds them (asdict, through JSON): (test, what is allowed).
+# Sizes are bounded here; whether the whole model fits the checkpoint's files is checked before it
+# is built (fits_files).
+_dim = (lambda v: _count(v, 1, 2**20), "an integer 1 to 2**20")
+_id = (lambda v: v is None or _count(v, 0, 2**32), "null or an id 0 to 2**32")
+_flag = (lambda v: type(v) is bool, "true or false")
+_positive = (lambda v: _number(v) and v > 0, "a finite number > 0")
+CONFIG_FIELDS = {
+    "arch": (lambda v: v in ("qwen3", "llama"), '"qwen3" or "llama"'),
+    "vocab_size": (lambda v: _count(v, 1, 2**32), "an integer 1 to 2**32"),
+    "hidden_size": _dim, "intermediate_size": _dim, "num_heads": _dim, "num_kv_heads": _dim,
+    "head_dim": _dim, "num_layers": (lambda v: _count(v, 1, 4096), "an integer 1 to 4096"),
+    "rms_norm_eps": _positive, "rope_theta": _positive, "ttt_lr": (_number, "a finite number"),
+    "rope_scaling": (lambda v: v is None or type(v) is dict, "null or an object"),
+    "max_position_embeddings": (lambda v: _count(v, 1, 2**31), "an integer 1 to 2**31"),
+    "tie_word_embeddings": _flag, "qk_norm": _flag, "ttt_proj": _flag, "ttt_lookahead": _flag,
+    "ttt_fp32_state": _flag, "ttt_mode": _flag,  # ttt_mode: older train.py versions (retired)
+    "sliding_window": (lambda v: v is None or _count(v, 1, 2**31), "null or an integer >= 1"),
+    "bos_token_id": _id,
+    "eos_token_id": (lambda v: _id[0](v) or type(v) is list and 0 < len(v) <= 64
+                     and all(_count(i, 0, 2**32) for i in v), "null, an id or a list of ids"),
+    "ttt_layers": (lambda v: type(v) is list and len(v) <= 4096
+                   and all(_count(i, 0, 4095) for i in v), "a list of layer indices"),
+    "ttt_chunk": (lambda v: _count(v, 1, 2**31), "an integer 1 to 2**31"),
+    "ttt_target": (lambda v: v in ("hidden_states", "input_embed"),
+                   '"hidden_states" or "input_embed"'),
+    "ttt_clip_tau": (lambda v: v is None or _positive[0](v), "null or a finite number > 0"),
+    "extra": (lambda v: type(v) is dict, "an object"),
+}
+
+
+def check_config_fields(config: dict, path):
+    """Each ModelConfig field of train.json's config: its type and range (CONFIG_FIELDS)."""
+    for name, value in config.items():
+        if name not in CONFIG_FIELDS:
+            raise ValueError(f"{path}: config field {name[:40]!r} is not ModelConfig's (a "
+                             f"checkpoint of another version of train.py?)")
+        test, allowed = CONFIG_FIELDS[name]
+        if not test(value):
+            raise _bad(path, f"config field {name}", value, allowed)
+    layers = config.get("num_layers", 0)
+    if any(i >= layers for i in config.get("ttt_layers", [])):
+        raise _bad(path, "config field ttt_layers", config["ttt_layers"],
+                   f"layer indices below num_layers {layers}")
 
 
 def meta_digest(meta: dict) -> str:
@@ -190,49 +223,165 @@ def verify_checkpoint(ckpt_dir) -> dict:
 # Reading a checkpoint without running its code. DCP pickles its .metadata and the non-tensor
 # entries of a state dict (the optimizer's lr, betas, ...), and reads them back with pickle.load
 # and torch.load(weights_only=False): a checkpoint someone else made could run any command when
-# opened. Here .metadata admits only the classes DCP writes into it, and every pickled entry must
-# pass torch's weights-only unpickler first.
-
-# What a .metadata file pickles: DCP's metadata classes and file layout record, torch.Size,
-# dtypes (checked by type below) and layouts, and the path DCP records.
-METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-                    ("collections", "OrderedDict"),
-                    ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
-DCP_METADATA = "torch.distributed.checkpoint.metadata"  # its classes and enums, all admitted
+# opened. Pickle stays: DCP's FileSystemWriter writes it, and a writer of our own (JSON, say) would
+# leave every checkpoint written so far unreadable and DCP's tools (dcp_to_torch_save) blind to
+# ours. So .metadata is unpickled with exactly the globals DCP writes into it, then checked field
+# by field; every pickled entry passes torch's weights-only unpickler and must have the type of
+# the value it replaces.
 
 
-class UnsafeCheckpoint(ValueError):
-    """A checkpoint file refers to code no checkpoint holds: opening it could run that code."""
+def metadata_globals() -> dict:
+    """{(module, name): object}: every global a train.py checkpoint's .metadata holds under this
+    torch (found by unpickling real ones), nothing else: DCP's metadata classes and its file layout
+    record, torch.Size, dtypes, layouts (through torch.serialization's lookup by name), the memory
+    format code and the path DCP records."""
+    import torch.distributed.checkpoint.filesystem as fs
+    import torch.distributed.checkpoint.metadata as md
+    import torch.serialization
+
+    allowed = {("torch.distributed.checkpoint.metadata", c.__name__): c
+               for c in (md.Metadata, md.TensorStorageMetadata, md.ChunkStorageMetadata,
+                         md.BytesStorageMetadata, md.TensorProperties, md.MetadataIndex,
+                         md.StorageMeta, md._MEM_FORMAT_ENCODING)}
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = fs._StorageInfo
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("pathlib", "PosixPath")] = pathlib.PosixPath
+    dtypes = {name: v for name, v in vars(torch).items() if isinstance(v, torch.dtype)}
+    allowed.update({("torch", name): v for name, v in dtypes.items()})
+    return allowed
 
 
-def _unsafe(where, what) -> UnsafeCheckpoint:
-    return UnsafeCheckpoint(f"{where} refers to {what}, which a train.py checkpoint never holds: "
-                            f"refused to read it, since unpickling it could run code (a "
-                            f"checkpoint from someone else?)")
+class DamagedMetadata(ValueError):
+    """A .metadata that unpickles to something DCP never writes."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file, path):
-        super().__init__(file)
-        self.path = path
-
-    def find_class(self, module, name):
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if module == DCP_METADATA or (module, name) in METADATA_GLOBALS or dtype:
-            return super().find_class(module, name)
-        raise _unsafe(self.path, f"{module}.{name}")
+class DamagedEntry(ValueError):
+    """A pickled state-dict entry that is not what train.py's checkpoint holds there."""
 
 
 def read_metadata(ckpt_dir):
-    """DCP's metadata of a checkpoint, unpickled with only the classes DCP writes admitted."""
+    """DCP's metadata of a checkpoint: unpickled with only metadata_globals() admitted, then
+    checked (check_metadata) before anything uses it."""
     path = Path(ckpt_dir) / ".metadata"
-    with open(path, "rb") as f:
-        try:
-            return _MetadataUnpickler(f, path).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
-            raise ValueError(f"{path} is damaged (not DCP metadata: {e})") from None
+    metadata = restricted_load(path, metadata_globals())
+    check_metadata(metadata, path)
+    return metadata
+
+
+def _is(x, *types) -> bool:
+    return type(x) in types  # exact: a subclass could bring methods of its own
+
+
+def _fields(obj, cls, path, where):
+    """Refuse `obj` unless it is a `cls` whose attributes are exactly cls's dataclass fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    have = set(vars(obj)) if hasattr(obj, "__dict__") else set()
+    # A field an older torch did not write keeps its class default; no default: refused.
+    if not _is(obj, cls) or have - names or any(not hasattr(cls, n) for n in names - have):
+        got = type(obj).__name__ + (f" with {sorted(have)}" if have else "")
+        raise DamagedMetadata(f"{path}: {where} is a {got[:120]}, not DCP's {cls.__name__} "
+                              f"({', '.join(sorted(names))}): refused (damaged, or not written by "
+                              f"torch.distributed.checkpoint)")
+
+
+def _sane_size(size, path, where, limit):
+    """A torch.Size of non-negative ints whose elements fit in `limit` (the bytes of the
+    checkpoint's files): a size nothing on disk could fill is refused before DCP allocates it."""
+    ok = _is(size, torch.Size) and all(_is(d, int) and 0 <= d <= limit for d in size)
+    if not ok or len(size) > 64 or math.prod(size) > limit:
+        raise DamagedMetadata(f"{path}: {where} has size {str(size)[:80]}, which no tensor of a "
+                              f"checkpoint of {limit:,} bytes has: refused (damaged?)")
+
+
+def check_metadata(m, path):
+    """The schema of a .metadata, checked whole: a Metadata of tensors and byte entries whose sizes
+    fit in the checkpoint's files and whose storage lies in plain files beside it."""
+    import torch.distributed.checkpoint.filesystem as fs
+    import torch.distributed.checkpoint.metadata as md
+
+    limit = sum(p.stat().st_size for p in Path(path).parent.iterdir() if p.is_file())
+    _fields(m, md.Metadata, path, "its top object")
+    if not _is(m.state_dict_metadata, dict) or not _is(m.storage_data, dict):
+        raise DamagedMetadata(f"{path}: its entries are not dicts: refused (damaged?)")
+    for fqn, entry in m.state_dict_metadata.items():
+        if not _is(fqn, str):
+            raise DamagedMetadata(f"{path}: an entry is named by a {type(fqn).__name__}, not a "
+                                  f"string: refused (damaged?)")
+        where = f"entry {fqn[:80]!r}"
+        if _is(entry, md.BytesStorageMetadata):  # a pickled value: checked when it is read
+            _fields(entry, md.BytesStorageMetadata, path, where)
+            continue
+        _fields(entry, md.TensorStorageMetadata, path, where)
+        _check_tensor(entry, path, where, limit, md)
+    for index, info in m.storage_data.items():
+        _fields(index, md.MetadataIndex, path, "a storage index")
+        _fields(info, fs._StorageInfo, path, f"the storage of {str(index.fqn)[:80]!r}")
+        name = info.relative_path
+        plain = _is(name, str) and "/" not in name and name not in ("", ".", "..")
+        if not plain or not (_is(info.offset, int) and _is(info.length, int)) \
+                or not 0 <= info.offset <= limit or not 0 <= info.length <= limit:
+            raise DamagedMetadata(f"{path}: the storage of {str(index.fqn)[:80]!r} is "
+                                  f"{str(name)[:80]!r} at {info.offset!r}+{info.length!r}, not a "
+                                  f"range of a file beside it: refused (damaged?)")
+    _check_extras(m, path, md)
+
+
+def _check_tensor(entry, path, where, limit, md):
+    props = entry.properties
+    _fields(props, md.TensorProperties, path, f"{where}'s properties")
+    if not (_is(props.dtype, torch.dtype) and _is(props.layout, torch.layout)
+            and _is(props.memory_format, torch.memory_format)
+            and _is(props.requires_grad, bool) and _is(props.pin_memory, bool)):
+        raise DamagedMetadata(f"{path}: {where}'s properties are not a dtype, layout, memory "
+                              f"format and flags: refused (damaged?)")
+    _sane_size(entry.size, path, where, limit)
+    if not _is(entry.chunks, list):
+        raise DamagedMetadata(f"{path}: {where}'s chunks are not a list: refused (damaged?)")
+    for chunk in entry.chunks:
+        _fields(chunk, md.ChunkStorageMetadata, path, f"a chunk of {where}")
+        _sane_size(chunk.offsets, path, f"a chunk of {where}", limit)
+        _sane_size(chunk.sizes, path, f"a chunk of {where}", limit)
+        if len(chunk.offsets) != len(entry.size) or len(chunk.sizes) != len(entry.size) or any(
+                o + s > d for o, s, d in zip(chunk.offsets, chunk.sizes, entry.size)):
+            raise DamagedMetadata(f"{path}: a chunk of {where} lies outside its tensor of size "
+                                  f"{list(entry.size)}: refused (damaged?)")
+
+
+def _check_extras(m, path, md):
+    """planner_data ({name: path of keys}), storage_meta and version, as DCP writes them."""
+    plan = m.planner_data
+    if plan is not None and not (_is(plan, dict) and all(
+            _is(k, str) and _is(v, tuple, list) and all(_is(x, str, int) for x in v)
+            for k, v in plan.items())):
+        raise DamagedMetadata(f"{path}: its planner data is not DCP's {{name: key path}}: refused "
+                              f"(damaged?)")
+    meta = m.storage_meta
+    if meta is not None:
+        _fields(meta, md.StorageMeta, path, "its storage record")
+        ok = (_is(meta.checkpoint_id, str, pathlib.PosixPath, type(None))
+              and _is(meta.save_id, str, type(None)) and _is(meta.load_id, str, type(None))
+              and _is(meta.modules, list) and all(_is(x, str) for x in meta.modules))
+        if not ok:
+            raise DamagedMetadata(f"{path}: its storage record holds values DCP never writes: "
+                                  f"refused (damaged?)")
+    if not _is(m.version, str, type(None)):
+        raise DamagedMetadata(f"{path}: its version is a {type(m.version).__name__}: refused")
+
+
+def same_kind(saved, now) -> bool:
+    """Whether a pickled state-dict entry `saved` is what a train.py checkpoint holds where this
+    run holds `now`: the same type (an int for a float too, None for an optional flag), finite
+    numbers, and for tuples and lists the same length, element by element."""
+    number = (int, float)
+    if _is(now, bool) or _is(saved, bool) or now is None or saved is None:
+        return _is(saved, bool, type(None)) and _is(now, bool, type(None))
+    if _is(now, *number):
+        return _is(saved, *number) and math.isfinite(saved)
+    if _is(now, tuple, list):
+        return _is(saved, type(now)) and len(saved) == len(now) and all(
+            same_kind(a, b) for a, b in zip(saved, now))
+    return _is(saved, type(now)) and not _is(now, dict)  # strings; never a container of unknowns
 
 
 def dcp_load(state: dict, ckpt_dir, no_dist=False):
@@ -243,21 +392,29 @@ def dcp_load(state: dict, ckpt_dir, no_dist=False):
     class SafeReader(dcp.FileSystemReader):
         def read_metadata(self, *args, **kwargs):  # DCP's own reader would pickle.load it
             metadata = read_metadata(self.path)
-            if getattr(metadata, "storage_meta", None) is None:  # as DCP's reader fills it in
+            if metadata.storage_meta is None:  # as DCP's reader fills it in
                 metadata.storage_meta = dcp.metadata.StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
     class SafePlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value):  # DCP's would torch.load(weights_only=False)
-            data = value.read()
+            fqn = read_item.dest_index.fqn
             try:  # plain containers, numbers, strings and tensors pass; any other global fails
-                torch.load(io.BytesIO(data), weights_only=True)
+                saved = torch.load(io.BytesIO(value.read()), weights_only=True)
             except pickle.UnpicklingError as e:  # torch names it as "GLOBAL module.name"
                 found = re.search(r"GLOBAL ([\w.]+)", str(e))
-                raise _unsafe(f"{ckpt_dir}: its entry {read_item.dest_index.fqn}",
-                              found[1] if found else "a global") from None
-            super().load_bytes(read_item, io.BytesIO(data))
+                raise unsafe(f"{ckpt_dir}: its entry {fqn}",
+                             found[1] if found else "a global") from None
+            except Exception as e:  # noqa: BLE001 -- whatever a damaged entry raises
+                raise DamagedEntry(f"{ckpt_dir}: its entry {fqn} is damaged ({e})"[:300]) from None
+            now = self.state_dict.get(fqn)
+            if not same_kind(saved, now):
+                raise DamagedEntry(f"{ckpt_dir}: its entry {fqn} holds {str(saved)[:60]!r} "
+                                   f"({type(saved).__name__}) where a train.py checkpoint holds a "
+                                   f"{type(now).__name__} like {str(now)[:60]!r}: refused "
+                                   f"(damaged, or a checkpoint from someone else?)")
+            super().load_bytes(read_item, io.BytesIO(pickled(saved)))
 
     read_metadata(ckpt_dir)  # refused here, before DCP wraps every error in its own exception
     try:
@@ -265,7 +422,14 @@ def dcp_load(state: dict, ckpt_dir, no_dist=False):
                  no_dist=no_dist)
     except dcp.api.CheckpointException as e:  # each rank's failure, as (exception, traceback)
         errors = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
-        raise next((f for f in errors if isinstance(f, UnsafeCheckpoint)), e) from None
+        raise next((f for f in errors if isinstance(f, (UnsafeFile, DamagedEntry))), e) from None
+
+
+def pickled(value) -> bytes:
+    """`value` as torch.save writes it: what DCP's load_bytes reads, now from our checked copy."""
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
 
 
 # -----------------------------------------------------------------------------
@@ -304,49 +468,30 @@ def save_checkpoint(ckpt_dir: Path, step, model, optimizer, meta, keep, rank, lo
     import torch.distributed.checkpoint as dcp
 
     final = ckpt_dir / f"step_{step:06d}"
-    tmp = ckpt_dir / f".tmp_step_{step:06d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-    dist.barrier()  # no rank writes into tmp before rank 0 has cleared it
+    tmp = ckpt_dir / f".tmp_step_{step:06d}"  # rank 0 clears what a killed save left
     try:
-        dcp.save(train_state(model, optimizer), checkpoint_id=tmp)
-        dist.barrier()  # every rank's shards are on disk
-        parts = over_ranks(partial(file_record, tmp), sorted(os.listdir(tmp)))
-        if rank == 0:
-            files = {name: r for part in parts for name, r in part.items()}
-            record = {**meta, "step": step, "loss": loss, "files": files}
-            record["sha256"] = meta_digest(record)  # train.json covered by a record of its own
-            (tmp / TRAIN_META).write_text(json.dumps(record, indent=2))
-    # DCP's CheckpointException is a BaseException; it gathers every rank's failure, so all ranks
-    # end up here together.
-    except BaseException as e:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # what the failed write left, never older ones
-        if not no_space(e):
-            raise
+        with written_aside(final, tmp, owner=rank == 0):
+            dist.barrier()  # no rank writes into tmp before rank 0 has cleared it
+            dcp.save(train_state(model, optimizer), checkpoint_id=tmp)
+            dist.barrier()  # every rank's shards are on disk
+            parts = over_ranks(partial(file_record, tmp), sorted(os.listdir(tmp)))
+            if rank == 0:
+                files = {name: r for part in parts for name, r in part.items()}
+                record = {**meta, "step": step, "loss": loss, "files": files}
+                record["sha256"] = meta_digest(record)  # train.json covered by a record of its own
+                (tmp / TRAIN_META).write_text(json.dumps(record, indent=2))
+    # written_aside has removed the partial files and named a full disk or a file-size limit.
+    # DCP's CheckpointException gathers every rank's failure, so all ranks end up here together.
+    except NoSpace as e:
         kept = ", ".join(p.name for p in checkpoints(ckpt_dir)) or "none yet"
-        raise SystemExit(f"no space left on {ckpt_dir}: checkpoint step_{step:06d} was not saved "
-                         f"(its partial files are removed; older checkpoints are kept: {kept}). "
-                         f"Free space, then --resume" if rank == 0 else 1) from None
+        raise SystemExit(f"{e.why}: checkpoint step_{step:06d} was not saved (its partial files are "
+                         f"removed; older checkpoints are kept: {kept}). Free space (or raise the limit), "
+                         f"then --resume"
+                         if rank == 0 else 1) from None
     if rank == 0:
-        os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
         rotate(ckpt_dir, keep)
     dist.barrier()  # no rank runs ahead and saves again before the rename
     return final
-
-
-def no_space(e: BaseException) -> bool:
-    """Whether a disk (or quota) ran full anywhere in exception `e`: its causes, and the per-rank
-    failures DCP gathers into a CheckpointException, as (exception, traceback) pairs."""
-    todo = [e]
-    while todo:
-        x = todo.pop()
-        x = x[0] if isinstance(x, tuple) else x
-        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        todo += [c for c in (x.__cause__, x.__context__) if c is not None]
-        todo += list(getattr(x, "failures", {}).values())
-    return False
 
 
 def rotate(ckpt_dir: Path, keep: int):
@@ -369,122 +514,23 @@ def stop_nonfinite(what: str, good: Path | None, rank: int, resumed_from: Path |
     """End a run after a non-finite loss (`what` says where), naming `good`, the newest checkpoint
     whose weights gave a finite loss. The loss is the same on every rank, so all stop; rank 0 says
     why. resumed_from (a ckpt/ directory): the first step of a resume was not finite, so the
-    resumed weights `good` did it (a checkpoint of an older train.py, or other data): that
-    checkpoint is set aside, and the one before it is named."""
+    resumed weights `good` did it: set_aside_nonfinite, and the one before it is named."""
     if resumed_from is not None and good is not None and rank == 0:
-        set_aside(good, "nonfinite")
-        good = (checkpoints(resumed_from) or [None])[-1]
+        good = set_aside_nonfinite(good, resumed_from)
     tail = (f"The newest checkpoint whose weights gave a finite loss is {good}: --resume "
             f"continues from it" if good else "No checkpoint holds weights that gave a finite loss")
     raise SystemExit(f"{what} {tail} (try a lower --lr or --ttt-lr)" if rank == 0 else 1)
 
 
-# -----------------------------------------------------------------------------
-# One run per --out, and nothing written through a link out of it
-
-LOCK = ".lock"  # <out>/.lock: held (flock) by the run writing into --out, naming it
-
-
-class OutLock:
-    """A run's hold on its --out for its whole life: an exclusive flock on <out>/.lock, whose text
-    names the holder (host, pid, start). The kernel drops a flock when its process ends, however
-    it ends, so the lock file a killed run leaves behind is simply taken over by the next run."""
-
-    def __init__(self, out: Path):
-        self.out, self.file, self.made = Path(out), None, False
-
-    def acquire(self) -> str:
-        """Hold the lock, or SystemExit naming the run that holds it. Returns the text of a lock
-        left by a run that is gone ('' if none)."""
-        self.made = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
-        f = open(self.out / LOCK, "a+")  # never truncated before it is ours: it names the holder
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "a run that has not yet written its name"
-            f.close()
-            raise SystemExit(f"{self.out} is in use by another run ({holder}): wait for it to "
-                             f"end, or choose another --out") from None
-        f.seek(0)
-        left = f.read().strip()
-        f.seek(0)
-        f.truncate()
-        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        self.file = f
-        return left
-
-    def release(self):
-        """Give the lock up (its file goes first, so no one waits on a name that is gone); an
-        --out this run made and left empty is removed too."""
-        if self.file is not None:
-            (self.out / LOCK).unlink(missing_ok=True)
-            self.file.close()
-            self.file = None
-        if self.made and self.out.is_dir() and not any(self.out.iterdir()):
-            self.out.rmdir()  # a refused first run leaves no trace
-
-
-@contextmanager
-def hold_out(out: Path, rank: int, log):
-    """Rank 0 holds --out's lock (OutLock) for the `with` block; if another run holds it, every
-    rank stops, rank 0 naming the holder."""
-    lock, refused = OutLock(out), None
-    if rank == 0:
-        try:
-            left = lock.acquire()
-        except SystemExit as e:
-            refused = str(e.code)
-        else:
-            if left:  # the flock was free: its run ended without releasing it (killed)
-                log(f"took over {out / LOCK} from a run that is gone ({left})")
-    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank learns rank 0's verdict
-        verdict = [refused]
-        dist.broadcast_object_list(verdict, src=0)
-        refused = verdict[0]
-    if refused is not None:
-        raise SystemExit(refused if rank == 0 else 1)
-    try:
-        yield lock
-    finally:
-        lock.release()  # only rank 0 holds one: a no-op elsewhere
-
-
-def refuse_links(out: Path):
-    """SystemExit naming the first symbolic link where train.py writes, rotates or deletes inside
-    --out (metrics.jsonl, the lock, ckpt/ and the entries in it): a write or rmtree there would
-    reach outside --out, or crash every later --resume."""
-    ckpt = out / "ckpt"
-    inside = sorted(ckpt.iterdir()) if ckpt.is_dir() and not ckpt.is_symlink() else []
-    for path in (out / "metrics.jsonl", out / LOCK, ckpt, *inside):
-        if path.is_symlink():
-            raise SystemExit(f"{path} is a symbolic link (to {os.readlink(path)}): train.py never "
-                             f"writes or deletes through a link in --out; replace it with what it "
-                             f"points to, or choose another --out")
+def set_aside_nonfinite(resumed: Path, ckpt_dir: Path) -> Path | None:
+    """Set aside checkpoint `resumed`, whose weights gave a non-finite loss at once (a checkpoint
+    of an older train.py, or other data); returns the newest checkpoint left (None: none)."""
+    set_aside(resumed, "nonfinite")
+    return (checkpoints(ckpt_dir) or [None])[-1]
 
 
 # -----------------------------------------------------------------------------
 # Resuming: what --out holds, the checkpoint to continue, loading it, tidying the run directory
-
-
-def check_out(out: Path, export: Path | None, resume, overwrite) -> list[Path]:
-    """Refuse a fresh start (no --resume, or nothing to resume) into an --out holding a previous
-    run's checkpoints, metrics.jsonl or its export `export` (without --overwrite): rerunning never
-    loses a run. Returns the checkpoints found."""
-    existing = checkpoints(out / "ckpt")
-    found = [f"checkpoints ({existing[-1].name})"] if existing else []
-    found += ["metrics.jsonl"] if (out / "metrics.jsonl").exists() else []
-    found += [f"an HF export ({export})"] if export is not None and export.exists() else []
-    # --resume with no checkpoint at all: a run killed before its first save left metrics.jsonl
-    # (and perhaps an export): there is nothing to continue, so it starts afresh (pick_resume says).
-    if found and not overwrite and not resume:
-        raise SystemExit(f"{out} already holds {', '.join(found)}: pass --resume to continue that "
-                         f"run (from a checkpoint in {out / 'ckpt'}), or --overwrite to replace "
-                         f"it")
-    return existing
 
 
 def newest_intact(ckpt_dir: Path, log) -> tuple[Path | None, list[Path]]:
@@ -550,27 +596,38 @@ def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
 
 def resume(path: Path, model, optimizer, meta, log, allow_data_change=False) -> int:
     """Continue checkpoint `path`: its weights, optimizer moments and RNG into `model` and
-    `optimizer` (load_checkpoint), after checking its data are this run's (meta["data"]; other
-    data only with allow_data_change), with a warning for each flag in meta["args"] that changes
-    the trajectory but not the model. Returns the step it was saved at."""
+    `optimizer` (load_checkpoint), after checking its data are this run's (check_data), with a
+    warning for each flag that changes the trajectory (warn_changed_flags). Returns its step."""
+    check_data(path, meta, log, allow_data_change)
+    try:
+        saved = load_checkpoint(path, model, optimizer, meta)
+    except ValueError as e:  # a refused global, a damaged entry: the file named, no traceback
+        raise SystemExit(str(e)) from None
+    log(f"resumed {path} at step {saved['step']} (saved by {saved['world_size']} rank(s))")
+    warn_changed_flags(saved["args"], meta["args"], log)
+    return saved["step"]
+
+
+def check_data(path: Path, meta, log, allow_data_change=False):
+    """Refuse to continue checkpoint `path` on other data than its run's (meta["data"] against its
+    train.json's); with allow_data_change, a warning naming each change."""
     changes = data_changes(read_train_meta(path).get("data"), meta["data"])
     if changes and not allow_data_change:
         raise SystemExit(f"cannot resume {path}: its run trained on other data ({'; '.join(changes)})"
                          f": pass --allow-data-change to continue it on these data anyway")
     if changes:
         log(f"warning: continuing {path} on other data than its run's: {'; '.join(changes)}")
-    try:
-        saved = load_checkpoint(path, model, optimizer, meta)
-    except UnsafeCheckpoint as e:  # a ValueError: no traceback, the file and the global named
-        raise SystemExit(str(e)) from None
-    log(f"resumed {path} at step {saved['step']} (saved by {saved['world_size']} rank(s))")
+
+
+def warn_changed_flags(saved_args: dict, args: dict, log):
+    """A warning for each flag that changes the trajectory but not the model: allowed, but the user
+    should know."""
     keys = ("data", "val_data", "seq_len", "batch_tokens", "seed", "steps", "lr", "min_lr",
             "warmup", "precision")
-    changed = [k.replace("_", "-") for k in keys if saved["args"].get(k) != meta["args"][k]]
-    if changed:  # allowed, but the user should know
+    changed = [k.replace("_", "-") for k in keys if saved_args.get(k) != args[k]]
+    if changed:
         log(f"warning: --{', --'.join(changed)} differ from the checkpoint's run, so this run "
             f"will not retrace the one it continues")
-    return saved["step"]
 
 
 def data_changes(saved: dict | None, now: dict) -> list[str]:
@@ -595,19 +652,36 @@ def data_changes(saved: dict | None, now: dict) -> list[str]:
 
 
 def prepare_out(out: Path, start: int, damaged=()):
-    """Rank 0: metrics.jsonl keeps one trajectory (rows up to the resumed step), half-written
-    checkpoints and temporary files of killed runs go, damaged checkpoints newer than the resumed
-    one move aside (kept for a look, under a name no run reads), and a fresh run (start 0, only with
-    --overwrite when there were any) replaces the previous run's checkpoints."""
+    """Rank 0 tidies --out for a run starting at step `start`: temporary files of killed writers
+    go (remove_orphans), metrics.jsonl keeps one trajectory (trim_metrics), damaged checkpoints
+    newer than the resumed one move aside (set_aside_damaged), and half-written or replaced
+    checkpoints go (clear_checkpoints)."""
     out.mkdir(parents=True, exist_ok=True)
     remove_orphans(out)  # e.g. the hf/ export of a run killed while writing it
-    metrics = out / "metrics.jsonl"  # a fresh start keeps no rows
+    trim_metrics(out / "metrics.jsonl", start)
+    set_aside_damaged(damaged)
+    clear_checkpoints(out / "ckpt", start)
+
+
+def trim_metrics(metrics: Path, start: int):
+    """metrics.jsonl keeps the rows up to step `start` (none for a fresh start), rewritten whole: a
+    kill now leaves the old rows or the new, never none."""
     kept = metric_rows(metrics, start) if start and metrics.exists() else []
-    atomic_write(metrics, "".join(kept))  # a kill now leaves the old rows or the new, never none
-    for path in damaged:  # step N is written again: its name must be free
+    atomic_write(metrics, "".join(kept))
+
+
+def set_aside_damaged(damaged):
+    """Damaged checkpoints move aside, kept for a look under a name no run reads: step N is written
+    again, so its name must be free."""
+    for path in damaged:
         print(f"moved the damaged {path} aside to {set_aside(path, 'damaged').name}")
-    stale = checkpoints(out / "ckpt") if start == 0 else []
-    half = [p for p in (out / "ckpt").glob(".tmp_step_*") if CKPT_NAME.fullmatch(p.name[5:])]
+
+
+def clear_checkpoints(ckpt_dir: Path, start: int):
+    """Delete half-written checkpoints of killed saves and, for a fresh run (start 0, only with
+    --overwrite when there were any), the previous run's checkpoints."""
+    stale = checkpoints(ckpt_dir) if start == 0 else []
+    half = [p for p in ckpt_dir.glob(".tmp_step_*") if CKPT_NAME.fullmatch(p.name[5:])]
     for old in half + stale:
         shutil.rmtree(old)
 
@@ -639,6 +713,7 @@ def load_train_checkpoint(ckpt_dir) -> tuple[Transformer, dict]:
     meta = read_train_meta(ckpt_dir)
     with torch.device("meta"):  # asdict(cfg) as train.py wrote it: the fields are the keywords
         model = Transformer(ModelConfig(**saved_config(meta, ckpt_dir)))
+    fits_files(model, ckpt_dir)  # before to_empty allocates the weights train.json describes
     model.to_empty(device="cpu")  # new tensors per module: to_empty unties lm_head and embedding,
     if model.config.tie_word_embeddings:  # so tie them again (the checkpoint holds one tensor)
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -659,11 +734,24 @@ RETIRED_FIELDS = ("ttt_mode",)
 
 
 def saved_config(meta: dict, ckpt_dir) -> dict:
-    """The ModelConfig fields of a train.json (retired ones dropped); ValueError naming the file
-    for a field this ModelConfig does not know."""
+    """The ModelConfig fields of a train.json (retired ones dropped; check_train_meta has refused
+    any other field ModelConfig does not know), ValueError naming the file for a combination
+    ModelConfig refuses (e.g. heads that do not group)."""
     config = {k: v for k, v in meta["config"].items() if k not in RETIRED_FIELDS}
-    unknown = sorted(set(config) - set(ModelConfig.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"{Path(ckpt_dir) / TRAIN_META}: config fields {', '.join(unknown)} are "
-                         f"not ModelConfig's (a checkpoint of another version of train.py?)")
+    try:
+        ModelConfig(**config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{Path(ckpt_dir) / TRAIN_META}: its config is refused: {e}") from None
     return config
+
+
+def fits_files(model: Transformer, ckpt_dir):
+    """ValueError naming train.json when the model it describes (built on the meta device: no
+    memory) holds more weights than the checkpoint's files could: nothing that large is
+    allocated. Counted in one byte per weight, below any dtype a checkpoint stores."""
+    weights = sum(p.numel() for p in model.parameters())
+    on_disk = sum(p.stat().st_size for p in Path(ckpt_dir).iterdir() if p.is_file())
+    if weights > on_disk:
+        raise ValueError(f"{Path(ckpt_dir) / TRAIN_META}: its config describes a model of "
+                         f"{weights:,} weights, more than the {on_disk:,} bytes of the "
+                         f"checkpoint's files hold: refused (damaged, or edited?)")

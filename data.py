@@ -13,11 +13,7 @@ on another number of ranks, sees the same data; under context parallelism each r
 reads the same windows and keeps its contiguous shard of each (parallel.seq_shard).
 """
 
-import errno
-import hashlib
 import json
-import os
-import shutil
 import zipfile
 from dataclasses import dataclass
 from functools import partial
@@ -29,8 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import atomic_write, remove_orphans, tmp_sibling
 from cli import resolve
+from files import NoSpace, atomic_write, file_identity, remove_orphans, written_aside
 from tokenizer import Tokenizer, TokenizerError, package_dir, write_byte_tokenizer
 
 # Tokenizers shipped inside pip packages for from-scratch presets of each family (never downloaded,
@@ -57,11 +53,8 @@ def byte_tokenizer(cache_dir, rank) -> Path:
     written aside and renamed into place whole: runs started together never read half a file."""
     path = Path(cache_dir).resolve() / "byte-tokenizer"
     if rank == 0 and not path.is_dir():
-        tmp = write_byte_tokenizer(tmp_sibling(path))
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another run renamed its copy first: the same files
-            shutil.rmtree(tmp)
+        with written_aside(path, keep_existing=True) as tmp:  # another run's first: the same files
+            write_byte_tokenizer(tmp)
     if dist.is_initialized():
         dist.barrier()  # the other ranks read what rank 0 wrote
     return path
@@ -190,21 +183,15 @@ def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None
         print(f"warning: the token cache {path} {why}: tokenising again")
     if rank == 0 and (why or not path.exists()):  # one writer; other ranks wait at the barrier
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_sibling(path)  # a per-process name: two runs never write one file
-        try:
-            n_docs, read, written = tokenise(files, tok or Tokenizer.from_dir(tok_dir), sep, tmp)
-            if n_docs == 0:  # an empty cache would fail later with a less helpful message
-                raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
-            atomic_write(record, json.dumps({"files": read, "cache": written}, indent=1))
-            os.replace(tmp, path)  # complete or absent: a killed run never leaves half a cache
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise SystemExit(f"no space left on {path.parent} while tokenising into {path.name} "
-                             f"(the partial cache is removed): free space, or pass --cache on a "
-                             f"larger disk") from None
-        finally:
-            tmp.unlink(missing_ok=True)  # gone already after the rename
+        try:  # complete or absent: a killed run never leaves half a cache
+            with written_aside(path) as tmp:  # a per-process name: two runs never write one file
+                n_docs, read, written = tokenise(files, tok or Tokenizer.from_dir(tok_dir), sep, tmp)
+                if n_docs == 0:  # an empty cache would fail later with a less helpful message
+                    raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
+                atomic_write(record, json.dumps({"files": read, "cache": written}, indent=1))
+        except NoSpace as e:
+            raise SystemExit(f"{e.why} while tokenising into {path.name} (the partial cache is "
+                             f"removed): free space, or pass --cache on a larger disk") from None
         print(f"cached {n_docs} documents, {path.stat().st_size // 4:,} tokens in {path}")
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's cache
@@ -297,13 +284,6 @@ def tokenise(files, tok: Tokenizer, sep: int, out_path: Path) -> tuple[int, dict
     for reason, (count, first) in skipped.items():
         print(f"skipped {count} documents: {reason} (first: {first})")
     return n_docs, read, {"size": out_size, "sha256": written.hexdigest()}
-
-
-def file_identity(path) -> dict:
-    """{"size", "sha256"} of a data file, read once."""
-    with open(path, "rb") as f:
-        return {"size": os.fstat(f.fileno()).st_size,
-                "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
 def load_npz(path, seq_len, vocab_size=None) -> TokenStream:

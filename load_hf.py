@@ -36,18 +36,15 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from checkpoint import (RUN_FILES, TRAIN_META, load_train_checkpoint, read_train_meta,
-                        remove_orphans, tmp_sibling, verify_checkpoint)
+from checkpoint import load_train_checkpoint, read_train_meta, verify_checkpoint
 from cli import resolve
-from model import (ModelConfig, Transformer, init_ttt_params, is_ttt_param,
-                   rope_inv_freq)
+from files import EXPORT_MARK, TRAIN_META, check_export_target, remove_orphans, written_aside
+from model import ModelConfig, Transformer, init_ttt_params, is_ttt_param, rope_inv_freq
 from tokenizer import Tokenizer
 
 ARCHS = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json"]
-# In every export: the names save_model wrote, so a later export knows what it may replace.
-EXPORT_MARK = ".inplace-ttt-export.json"
 TTT_KEYS = ("ttt_mode", "ttt_layers", "ttt_chunk", "ttt_lr", "ttt_proj", "ttt_target",
             "ttt_lookahead")
 # transformers' Qwen3Config default: layers from this index on use the window, when one is on.
@@ -559,51 +556,6 @@ def load_tokenizer(src) -> Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# Export targets: what an export may replace
-
-
-def check_export_target(out, overwrite=False, protect=()):
-    """Refuse an export target whose replacement would lose what is not an export: a file, a
-    train.py checkpoint or run directory (or a directory holding one), anything in `protect` (the
-    checkpoint being exported, a run's ckpt/ and metrics.jsonl) or around it, whatever
-    `overwrite` says; and without `overwrite`, any non-empty directory but an earlier export whose
-    files are all listed in its EXPORT_MARK (a file a user added there makes it theirs)."""
-    out = Path(out)
-    here = out.resolve()
-    for p in (Path(q).resolve() for q in protect):
-        if p == here or p in here.parents or here in p.parents:
-            raise FileExistsError(f"{out} would replace or lie inside {p}, which an export never "
-                                  f"touches: choose another directory")
-    if out.is_symlink():  # replacing it would write through the link, then fail to delete it
-        raise FileExistsError(f"{out} is a symbolic link (to {os.readlink(out)}): an export never "
-                              f"writes through a link; choose another directory")
-    if not out.exists():  # found now, not after a whole training run
-        base = next(p for p in out.absolute().parents if p.exists())
-        if not base.is_dir():
-            raise NotADirectoryError(f"{out} cannot be made: {base} is a file")
-        if not os.access(base, os.W_OK | os.X_OK):
-            raise PermissionError(f"{out} cannot be made: {base} is not writable")
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out} is a file; an export writes a directory: choose another path")
-    entries = sorted(e.name for e in out.iterdir())
-    runs = [str((d / name).relative_to(out)) for d in [out, *(out / e for e in entries)]
-            for name in RUN_FILES if d.is_dir() and (d / name).exists()]
-    if runs:
-        raise FileExistsError(f"{out} holds train.py output ({', '.join(runs[:3])}), which an "
-                              f"export never replaces: choose another directory")
-    try:
-        ours = set(json.loads((out / EXPORT_MARK).read_text())["files"]) | {EXPORT_MARK}
-    except (OSError, ValueError, KeyError, TypeError):  # no mark, or not ours to read
-        ours = set()
-    if entries and not set(entries) <= ours and not overwrite:
-        more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
-        raise FileExistsError(f"{out} exists and is not an export of ours (it holds {entries[0]}"
-                              f"{more}): choose another directory, or pass --overwrite to replace "
-                              f"it")
-
-
-# -----------------------------------------------------------------------------
 # Weights out
 
 
@@ -621,10 +573,9 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
     check_export_target(out, overwrite, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(out.parent)  # a killed export's temporary directory, of any target here
-    # Beside the target: the same filesystem, so os.replace below is an atomic rename.
-    tmp = tmp_sibling(out)
-    tmp.mkdir()
-    try:
+    # Beside the target (the same filesystem, so the rename is atomic), swapped in when complete.
+    with written_aside(out) as tmp:
+        tmp.mkdir()
         _write_weights(model, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if tokenizer_src is not None:  # a failure here still leaves the old checkpoint intact
@@ -633,16 +584,6 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
                 if (src / name).is_file():
                     shutil.copy(src / name, tmp / name)
         (tmp / EXPORT_MARK).write_text(json.dumps({"files": sorted(os.listdir(tmp))}) + "\n")
-        # Swap: the old export moves aside and is deleted only once the new one is in place (a
-        # kill in between leaves it under a tmp_sibling name, which the next export removes).
-        old = tmp_sibling(out.with_name(f"{out.name}.old"))
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
     return out
 
 
@@ -705,6 +646,7 @@ def export_checkpoint(ckpt_dir, out_dir, tokenizer=None, overwrite=False, protec
 
 
 # -----------------------------------------------------------------------------
+# The command line
 
 
 def main(argv=None):

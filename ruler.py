@@ -789,7 +789,7 @@ def write_samples(path: Path, combos, samples: int, tok, seed: int, chat: bool, 
     does not fit a length is skipped, saying so."""
     from tqdm import tqdm
 
-    from checkpoint import atomic_write
+    from files import atomic_write
 
     rows = []
     for L, t in tqdm(combos, desc="generating"):
@@ -896,7 +896,7 @@ def read_inputs(args, lengths: list[int]):
 def write_results(out: Path, args, tasks: list[str], scores: dict, settings: dict, device):
     """results.md (the tables) and results.json (everything needed to tell two runs apart, or to
     rerun this one). Both derive from predictions.jsonl: rewriting them loses nothing."""
-    from checkpoint import atomic_write
+    from files import atomic_write
 
     lengths = args.lengths
     synthetic = [f"qa_{h}" for h, path in ((1, args.squad), (2, args.hotpotqa))

@@ -9,8 +9,8 @@ write there. Nothing a run did not write is replaced: a rerun into an --out hold
 from contextlib import ExitStack
 from pathlib import Path
 
-import load_hf
-from checkpoint import check_out, hold_out, refuse_links, run_files
+from checkpoint import checkpoints, run_files
+from files import check_export_target, check_out, hold_out, refuse_links
 
 
 def claim_out(out: Path, export: Path | None, resume, overwrite, rank, log,
@@ -26,11 +26,13 @@ def claim_out(out: Path, export: Path | None, resume, overwrite, rank, log,
 def check_run_dir(out: Path, export: Path | None, resume, overwrite) -> list[Path]:
     """Refuse a run that would replace what it did not write: an --export-hf onto this run's own
     checkpoints or metrics, or onto what is not an earlier export (without --overwrite,
-    load_hf.check_export_target); and a fresh start into an --out holding a previous run
-    (checkpoint.check_out). Returns the checkpoints found."""
+    files.check_export_target); and a fresh start into an --out holding a previous run
+    (files.check_out). Returns the checkpoints found."""
     if export is not None:
         try:
-            load_hf.check_export_target(export, overwrite, run_files(out))
+            check_export_target(export, overwrite, run_files(out))
         except OSError as e:
             raise SystemExit(f"--export-hf {export}: {e}") from None
-    return check_out(out, export, resume, overwrite)
+    existing = checkpoints(out / "ckpt")
+    check_out(out, existing, export, resume, overwrite)
+    return existing

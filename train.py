@@ -51,6 +51,7 @@ from checkpoint import (TRAIN_META, pick_resume, prepare_out, resume, run_files,
 from cli import AtLeast, HelpFormatter, default_device, default_dtype, parse_layers
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
                   step_batches, tokenizer_identity)
+from files import append_line
 from model import PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 from starts import TTT_INITS
 from parallel import context_parallel, cp_shard, seq_shard, setup_distributed, shard_loss
@@ -238,7 +239,7 @@ class Run:
     ttt_params: list  # the trainable TTT parameters, for their own gradient norm
     resume_from: Path | None  # the checkpoint to continue, None for a fresh start
     damaged: list  # checkpoints newer than resume_from that failed their integrity check
-    hold: ExitStack  # the lock on --out (checkpoint.hold_out), released when the stack closes
+    hold: ExitStack  # the lock on --out (files.hold_out), released when the stack closes
 
     def log(self, *a):
         if self.rank == 0:  # one line per event, not one per rank
@@ -246,8 +247,7 @@ class Run:
 
     def write(self, row: dict):
         if self.rank == 0:  # appended, so a kill loses at most the row being written
-            with (self.out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.out / "metrics.jsonl", json.dumps(row))
 
 
 def run_config(args) -> tuple[Path | None, ModelConfig]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import atomic_write
+from files import atomic_write
 from data import data_files
 from study.probes import conv_taps, held_out, start_gradients, start_rho, text_scores
 from study.task import RecallTask, recall_accuracy, write_recall

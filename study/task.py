@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import load_hf
-from checkpoint import atomic_write
+from files import atomic_write
 from data import load_npz, window_batch
 
 

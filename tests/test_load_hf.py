@@ -157,7 +157,8 @@ def test_no_file_imports_one_that_imports_it():
         return any(n == b or (n not in seen and reaches(n, b, seen | {n})) for n in graph[a])
 
     assert [f for f in sorted(files) if reaches(f, f, set())] == []
-    assert graph["checkpoint"] == {"model"} and "train" not in graph["data"] | graph["load_hf"]
+    assert graph["checkpoint"] == {"model", "files"} and "train" not in graph["data"] | graph["load_hf"]
+    assert graph["files"] == set()  # file safety is a leaf: every writer may use it
 
 
 def test_export_of_a_directory_without_train_json_is_a_clear_error(tmp_path):

@@ -19,7 +19,9 @@ import checkpoint
 import data
 import load_hf
 import train
-from checkpoint import TRAIN_META, file_record, meta_digest, read_train_meta
+import files
+from checkpoint import meta_digest, read_train_meta
+from files import TRAIN_META, file_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -343,7 +345,7 @@ def test_a_full_disk_while_tokenising_is_named_and_leaves_no_partial_cache(tmp_p
     full = tmp_path / "cache" / ".partial"
     full.parent.mkdir()
     full.symlink_to("/dev/full")
-    monkeypatch.setattr(data, "tmp_sibling", lambda path: full)  # the partial cache's writes fail with ENOSPC
+    monkeypatch.setattr(files, "tmp_sibling", lambda path: full)  # the partial cache's writes fail with ENOSPC
     with pytest.raises(SystemExit, match=r"no space left on .*cache while tokenising into .*\.bin \(the partial"):
         data.token_cache(CORPUS[:1], Path(byte_tokenizer), 0, tmp_path / "cache", rank=0)
     assert list((tmp_path / "cache").iterdir()) == []
