@@ -247,7 +247,7 @@ def test_a_lock_that_is_not_ours_is_named_and_never_hangs(case, run_copy, byte_t
     worker.start()
     worker.join(120)
     assert not worker.is_alive(), "train.py hung on the lock file"
-    assert len(outcome) == 1 and outcome[0].startswith(f"{run_copy / '.lock'} ")
+    assert len(outcome) == 1 and outcome[0].startswith(f"error: {run_copy / '.lock'} ")
     assert __import__("re").search(message, outcome[0])
     assert (run_copy / ".lock").exists() and [r for r in (run_copy / "metrics.jsonl").read_text().splitlines()]
 
