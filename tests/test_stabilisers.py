@@ -16,10 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as nnf
+from conftest import small_args
 from test_cp import BASE, batch, build
 from test_ttt import make_inputs, make_params, per_row_sequences
 
 import parallel
+import train
 import ttt
 from load_hf import NOT_OFFICIAL, STABILISERS, config_from_hf, config_to_hf, load_model, save_model
 from model import Transformer, init_ttt_params, ttt_lr_warmup_scale
@@ -383,3 +385,20 @@ def test_a_bad_stabiliser_value_is_named(key, value, allowed):
     with pytest.raises(ValueError, match=re.escape(f"config.json: {key}={value!r} is not allowed: "
                                                    f"expected") + ".*" + re.escape(allowed)):
         config_from_hf(hf)
+
+
+# ---- train.py: η warmed up per step, validation with the full η
+
+
+def test_train_warms_eta_up_per_step_and_validates_with_the_full_eta(tmp_path, byte_tokenizer,
+                                                                     cache, monkeypatch):
+    seen = []
+    for name in ("train_step", "validate"):
+        real = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda model, *a, real=real, name=name, **k: (
+            seen.append((name, model.ttt_lr_scale)), real(model, *a, **k))[1])
+    args = small_args(byte_tokenizer, cache, tmp_path, "--no-export", steps=4)
+    args.insert(args.index("--override") + 1, "ttt_lr_warmup=3")
+    train.main(args)
+    assert seen == [("validate", 1.0), ("train_step", 1 / 3), ("train_step", 2 / 3),
+                    ("train_step", 1.0), ("train_step", 1.0), ("validate", 1.0)]
