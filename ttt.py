@@ -208,9 +208,10 @@ def centre_tap(conv_w):
     return conv_w * mask  # (D, 1, K)
 
 
-# eps of the two normalisations ("Stabilisers"), added to a mean or sum of squares in fp32: far
-# below any real token's (RMSNorm'd s has mean square ~1, H's rows squared norms ~F·1e-2), so it
-# only keeps an all-zero row (a padded token) at zero instead of 0/0, as fla's l2norm does (1e-6).
+# eps of the two normalisations ("Stabilisers"), added to a mean or sum of squares in fp32 (fla's
+# l2norm uses 1e-6 so): it keeps an all-zero row (a padded token) at zero instead of 0/0 and is far
+# below a real token's mean square of s (about 1 after the block's RMSNorm) or squared norm of H
+# (a sum over F). A token whose H is near zero is not blown up to unit norm, only left small.
 TARGET_NORM_EPS = 1e-6
 KEY_NORM_EPS = 1e-6
 

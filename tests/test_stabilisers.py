@@ -342,6 +342,15 @@ def test_norm_preserve_is_refused_under_cp_by_name():
         parallel.incoming_state(None, h, s, *make_params(0), LR, 4, norm_preserve=True)
 
 
+def test_train_with_norm_preserve_and_cp_stops_with_one_named_line(tmp_path, byte_tokenizer,
+                                                                    cache):
+    args = small_args(byte_tokenizer, cache, tmp_path / "run", "--cp", "2")
+    args.insert(args.index("--override") + 1, "ttt_norm_preserve=true")
+    with pytest.raises(SystemExit, match=re.escape(f"error: --cp 2: {parallel.NORM_PRESERVE_CP}")):
+        train.main(args)
+    assert not (tmp_path / "run").exists()
+
+
 # ---- export: each key round-trips; those the official code ignores warn
 
 
