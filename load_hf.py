@@ -45,8 +45,15 @@ from tokenizer import Tokenizer
 ARCHS = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "generation_config.json"]
+# Our stabilisers (ttt.py "Stabilisers") and their off values: keys the release lacks and its
+# code ignores, so each is written only when on, and read only for an In-Place TTT checkpoint.
+STABILISERS = {"ttt_key_norm": False, "ttt_target_norm": False, "ttt_clip_tau": None,
+               "ttt_norm_preserve": False, "ttt_lr_warmup": 0}
+# Those that change what a trained model computes; ttt_lr_warmup shapes training only, and the
+# official code's inference with the full η is ours.
+NOT_OFFICIAL = ("ttt_key_norm", "ttt_target_norm", "ttt_clip_tau", "ttt_norm_preserve")
 TTT_KEYS = ("ttt_mode", "ttt_layers", "ttt_chunk", "ttt_lr", "ttt_proj", "ttt_target",
-            "ttt_lookahead")
+            "ttt_lookahead", *STABILISERS)
 # transformers' Qwen3Config default: layers from this index on use the window, when one is on.
 QWEN3_MAX_WINDOW_LAYERS = 28
 
@@ -76,7 +83,8 @@ RULES = {  # field -> (test, what is allowed); a field not listed here is not ch
     **dict.fromkeys(["rms_norm_eps", "rope_theta"], (lambda v: _number(v) and v > 0,
                                                      "a positive number")),
     **dict.fromkeys(["tie_word_embeddings", "qk_norm", "ttt_proj", "ttt_fp32_state",
-                     "ttt_lookahead"], FLAG),
+                     "ttt_lookahead", "ttt_key_norm", "ttt_target_norm", "ttt_norm_preserve"],
+                    FLAG),
     "rope_scaling": (lambda v: v is None or (isinstance(v, dict) and rope_problem(v) is None),
                      "null or a JSON object of RoPE parameters (each a positive finite number)"),
     "sliding_window": (lambda v: v is None or _int(v, 1), "a positive integer or null"),
@@ -90,6 +98,7 @@ RULES = {  # field -> (test, what is allowed); a field not listed here is not ch
     "ttt_target": (lambda v: v in ("hidden_states", "input_embed"),
                    "'hidden_states' or 'input_embed'"),
     "ttt_clip_tau": (lambda v: v is None or (_number(v) and v > 0), "a positive number or null"),
+    "ttt_lr_warmup": (lambda v: _int(v, 0), "a number of steps (an integer >= 0; 0: off)"),
     # Not a ModelConfig field but config.json's switch (see config_from_hf): the official release
     # writes true (training classes) or false (inference classes); our older exports a string.
     "ttt_mode": (lambda v: v is None or isinstance(v, (bool, str)),
@@ -311,7 +320,10 @@ def _ttt_from_hf(cfg: ModelConfig, hf: dict, where) -> ModelConfig:
         if lookahead is not False:
             raise ValueError(f"{where}: ttt_lookahead={lookahead!r} must be true or false")
         cfg = replace(cfg, ttt_lookahead=False)
-    return cfg
+    on = {k: hf[k] for k in STABILISERS if k in hf}  # absent: off, the paper's arithmetic
+    for k, v in on.items():
+        check_field(k, v, f"{where}: {k}")
+    return replace(cfg, **on)
 
 
 def _qwen3_window(hf: dict, where) -> int | None:
@@ -377,7 +389,14 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
                   **{f.key: getattr(cfg, f.field) for f in TTT_TABLE})
     if not cfg.ttt_lookahead:  # only when off: the release has no such key
         hf["ttt_lookahead"] = False
+    if cfg.ttt_layers:  # only those on: an export with all off reads as the release's own
+        hf.update(stabilisers_on(cfg))
     return hf
+
+
+def stabilisers_on(cfg: ModelConfig) -> dict:
+    """The config.json keys of the stabilisers `cfg` turns on, with their values."""
+    return {k: getattr(cfg, k) for k, off in STABILISERS.items() if getattr(cfg, k) != off}
 
 
 # -----------------------------------------------------------------------------
@@ -569,6 +588,11 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
     # anything is written.
     dtype = next(model.parameters()).dtype  # one dtype throughout: the model's
     hf_config = config_to_hf(model.config, dtype)
+    for key in NOT_OFFICIAL:  # ours to read; the release's code would compute the paper's update
+        if key in hf_config:
+            warnings.warn(f"{out_dir}: config.json sets {key}={hf_config[key]!r}, which the "
+                          f"official In-Place TTT classes ignore (they compute the update "
+                          f"without it)", stacklevel=2)
     out = Path(out_dir)
     check_export_target(out, overwrite, protect)
     out.parent.mkdir(parents=True, exist_ok=True)

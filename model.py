@@ -70,7 +70,13 @@ class ModelConfig:
     ttt_target: str = "hidden_states"  # target source s: "hidden_states" (MLP input), "input_embed"
     ttt_lookahead: bool = True  # False: conv centre tap only, V_hat_t from s_t alone (a study)
     ttt_fp32_state: bool = True  # sum the updates in fp32 (bf16 rounds small updates away)
-    ttt_clip_tau: float | None = None  # rescale each chunk's update to norm <= tau (inference)
+    # Stabilisers (ttt.py "Stabilisers"; off by default = the paper's arithmetic). The official
+    # code ignores these keys, so an export with one on warns (load_hf.save_model).
+    ttt_clip_tau: float | None = None  # rescale each chunk's update to norm <= tau (the paper, C)
+    ttt_key_norm: bool = False  # rows of H at unit norm in the update (DeltaNet, LaCT)
+    ttt_target_norm: bool = False  # s RMS-normalised before the conv: rho stays put as s grows
+    ttt_norm_preserve: bool = False  # fast weight's rows rescaled to W0's row norms (LaCT)
+    ttt_lr_warmup: int = 0  # training steps over which eta ramps up to ttt_lr (0: off)
     extra: dict = field(default_factory=dict)  # unknown HF config fields, carried through export
 
     def __post_init__(self):
@@ -346,6 +352,8 @@ class MLP(nn.Module):
         # tokens start from. None: position 0 (or the cache's state). Context parallelism
         # (parallel.py) sets it to the state the earlier shards of a split sequence leave.
         self.incoming_state = None
+        # η's factor, set by Transformer.ttt_lr_scale during training (η warm-up); 1.0 otherwise.
+        self.lr_scale = 1.0
         D, Fd = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = nn.Linear(D, Fd, bias=False)
         self.up_proj = nn.Linear(D, Fd, bias=False)
@@ -365,7 +373,7 @@ class MLP(nn.Module):
         s = x if cfg.ttt_target == "hidden_states" else embeds  # (B, T, D)
         if state is not None and h.shape[1] == 1:
             return ttt.decode_step(h, s, state)
-        opts = dict(clip_tau=cfg.ttt_clip_tau, fp32_state=cfg.ttt_fp32_state)
+        opts = dict(fp32_state=cfg.ttt_fp32_state, **self._stabilisers())
         start = state
         if self.incoming_state is not None:  # a shard of a split sequence: no cache
             start = self.incoming_state(h, s, *self._ttt_weights(), cfg.ttt_chunk, **opts)
@@ -382,14 +390,21 @@ class MLP(nn.Module):
 
     def fold(self, state, rows):
         """Fold the now complete chunk of each row in `rows` into its fast weight."""
-        ttt.fold(*self._ttt_weights(), state, rows, self.cfg.ttt_clip_tau)
+        ttt.fold(*self._ttt_weights(), state, rows, **self._stabilisers())
 
     def _ttt_weights(self):
         """(w0, conv_w, proj_w, lr) as every ttt.py function takes them."""
         conv_w = self.ttt_conv.weight
         P = self.ttt_proj.weight if self.cfg.ttt_proj else None
         conv_w = conv_w if self.cfg.ttt_lookahead else ttt.centre_tap(conv_w)
-        return self.down_proj.weight, conv_w, P, self.cfg.ttt_lr
+        # x · 1.0 is x exactly, so no warm-up passes the configured η bit for bit
+        return self.down_proj.weight, conv_w, P, self.cfg.ttt_lr * self.lr_scale
+
+    def _stabilisers(self):
+        """The config's stabilisers as ttt.py's keyword arguments."""
+        c = self.cfg
+        return dict(clip_tau=c.ttt_clip_tau, key_norm=c.ttt_key_norm,
+                    target_norm=c.ttt_target_norm, norm_preserve=c.ttt_norm_preserve)
 
 
 class Block(nn.Module):
@@ -429,6 +444,18 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.ttt_enabled = True  # False: TTT layers apply W0 only and never update (`--no-ttt`)
+
+    @property
+    def ttt_lr_scale(self) -> float:
+        """η's factor in every TTT layer: 1.0 (the configured η) except while a training step
+        warms η up (ttt_lr_warmup_scale); validation, sampling and export use the full η."""
+        mlps = [self.model.layers[i].mlp for i in self.ttt_layers]
+        return mlps[0].lr_scale if mlps else 1.0
+
+    @ttt_lr_scale.setter
+    def ttt_lr_scale(self, scale: float):
+        for i in self.ttt_layers:
+            self.model.layers[i].mlp.lr_scale = float(scale)
 
     def hidden(self, idx, cache=None, start=0):
         """Final-norm hidden states (B, T, D) for token ids idx (B, T).
@@ -524,6 +551,12 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size, max_seq_len, device=None, dtype=None):
         p = self.lm_head.weight
         return Cache.create(self, batch_size, max_seq_len, device or p.device, dtype or p.dtype)
+
+
+def ttt_lr_warmup_scale(step: int, warmup: int) -> float:
+    """η's factor at training step `step` (0-based): min(1, (step + 1) / warmup), 1.0 with warmup
+    0. The Qwen3-1.7B reproduction (issue #24) kept ΔW bounded by warming η up over 200 steps."""
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
 
 def is_ttt_param(name: str) -> bool:

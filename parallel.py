@@ -69,6 +69,13 @@ def check_cp_shard(seq_len, cp, chunk):
                          f"length that is a multiple of {cp} x {chunk} = {cp * chunk}")
 
 
+# ttt.py "Stabilisers": a renormed state is no sum of the earlier shards' updates, so no rank can
+# form its incoming state from the others' sums (an exact hand-off would run the ranks in turn).
+NORM_PRESERVE_CP = ("ttt_norm_preserve=True cannot run under context parallelism (its fast "
+                    "weight is not a sum of the shards' updates): use --cp 1 or "
+                    "ttt_norm_preserve=False")
+
+
 def context_parallel(cp, seq_len, cfg: ModelConfig, device, ranks=True
                      ) -> tuple[int, int, dist.ProcessGroup | None]:
     """The world as dp x cp ranks: rank g holds shard g % cp of the windows its data-parallel rank
@@ -81,6 +88,8 @@ def context_parallel(cp, seq_len, cfg: ModelConfig, device, ranks=True
         ttt_layers = [i for i in cfg.ttt_layers if i < cfg.num_layers]  # as Transformer keeps
         try:
             check_cp_shard(seq_len, cp, cfg.ttt_chunk if ttt_layers else None)
+            if cfg.ttt_norm_preserve and ttt_layers:
+                raise ValueError(f"--cp {cp}: {NORM_PRESERVE_CP}")
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     if not ranks:
@@ -202,15 +211,20 @@ class _RankPrefix(torch.autograd.Function):
 
 
 @torch.compiler.disable  # point-to-point sends: kept out of compiled graphs
-def incoming_state(group, h, s, w0, conv_w, proj_w, lr, chunk, clip_tau=None, fp32_state=True):
+def incoming_state(group, h, s, w0, conv_w, proj_w, lr, chunk, fp32_state=True,
+                   norm_preserve=False, **stabilisers):
     """MLP.incoming_state under context parallelism: the ttt.TTTState the earlier shards leave
     for this one, h (B, T, F) and s (B, T, D) being this rank's shard of whole chunks. The shard's
     own ΣΔW needs no state (ttt.updates), so the ranks exchange those sums (B, D, F) and each
-    takes the ones before it; the state sits at position rT with no open chunk."""
+    takes the ones before it; the state sits at position rT with no open chunk. stabilisers:
+    clip_tau, key_norm, target_norm (each still a per-chunk ΔW, so still a sum)."""
+    if norm_preserve:  # apply_context_parallel refuses it first; this keeps a direct call honest
+        raise ValueError(NORM_PRESERVE_CP)
     r, R = dist.get_rank(group), dist.get_world_size(group)
     (B, T, F), D = h.shape, s.shape[-1]
     check_cp_shard(T * R, R, chunk)  # the shard is whole chunks: no chunk straddles two ranks
-    sigma = ttt.updates(h, s, conv_w, proj_w, lr, chunk, clip_tau, fp32_state)  # (B, D, F) Σ_r
+    sigma = ttt.updates(h, s, conv_w, proj_w, lr, chunk, fp32_state=fp32_state,
+                        **stabilisers)  # (B, D, F) Σ_r
     prefix = _RankPrefix.apply(sigma, group)  # (B, D, F) S0_r, in the state dtype
     # pos on the host: chunked reads it to find the open chunk (none), without a device sync.
     pos = torch.full((B,), r * T, dtype=torch.long)
@@ -220,6 +234,8 @@ def incoming_state(group, h, s, w0, conv_w, proj_w, lr, chunk, clip_tau=None, fp
 def apply_context_parallel(model: Transformer, group):
     """Make each block's attention and TTT MLP compute its part of the sequences split over
     `group` (shard_keys, incoming_state). Inputs then go in through shard_loss."""
+    if model.config.ttt_norm_preserve and model.ttt_layers:
+        raise ValueError(NORM_PRESERVE_CP)
     for block in model.model.layers:
         block.self_attn.gather_kv = partial(shard_keys, group=group,
                                             window=model.config.sliding_window)

@@ -52,7 +52,8 @@ from cli import AtLeast, HelpFormatter, default_device, default_dtype, parse_lay
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
                   step_batches, tokenizer_identity)
 from files import append_line
-from model import PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
+from model import (PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param,
+                   ttt_lr_warmup_scale)
 from starts import TTT_INITS
 from parallel import context_parallel, cp_shard, seq_shard, setup_distributed, shard_loss
 from run_dir import claim_out
@@ -365,9 +366,12 @@ def run_loop(run: Run, start: int, args) -> Path:
         t0 = time.perf_counter()
         batches = batches_at(run, args, step)
         lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
+        # η warm-up (ttt_lr_warmup, 0: off) for the step only: validation and export use full η
+        run.model.ttt_lr_scale = ttt_lr_warmup_scale(step, run.model.config.ttt_lr_warmup)
         loss, grad_norm, ttt_norm = train_step(run.model, run.optimizer, batches, lr,
                                                args.grad_clip, run.device, run.world,
                                                run.ttt_params, run.cp_group)
+        run.model.ttt_lr_scale = 1.0
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             resumed = run.out / "ckpt" if step == start else None  # its weights did it: set aside
             stop_nonfinite(f"step {step + 1}: loss {loss}, grad norm {grad_norm} is not finite; "

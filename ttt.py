@@ -80,6 +80,26 @@ The state across ranks (context parallelism)
     grouped differently); in bf16 Σ_r is rounded once, as the one-rank scan rounds each chunk's ΔW
     (tests/test_cp.py bounds the error against the fp64 loop by the one-rank scan's).
 
+Stabilisers (options, all off by default: off is the arithmetic above, bit for bit)
+    Each changes one step of the equations; none makes a chunk's output depend on later tokens.
+    target_norm  s_t / rms(s_t) before the conv (per token, no weight, eps 1e-6): ρ, ΔW's size per
+                 unit of conv weight, no longer grows with the activations. [issue #24; the study]
+    key_norm     ΔW_i = η V̂_iᵀ Ĥ_i with Ĥ's rows h_t / ‖h_t‖ (eps 1e-6 inside the sqrt, as fla's
+                 l2norm); the apply keeps raw H. [DeltaNet; LaCT normalise keys]
+    clip_tau     ΔW_i scaled to Frobenius norm ≤ τ. [the paper, Appendix C: τ = 1e-5 on Qwen3-4B]
+    norm_preserve  W_{i+1} = ‖W0's rows‖ ⊙ rows of (W_i + ΔW_i) at unit norm. [LaCT]
+    (η warm-up is no arithmetic here: model.py scales the η it passes, during training only.)
+    The first three change ΔW_i only, and ΔW_i is still a function of chunk i's own tokens: the
+    scan's S_{i+1} = S_i + ΔW_i, the loop's fold, the decode fold and the ranks' sums Σ_r all add
+    the same ΔW_i, so everything above holds as derived. Only _ChunkScan's closed-form backward
+    assumed ΔW_i = V̂_iᵀ H_i bilinear: with key_norm or clip_tau it takes A_{i+1} = ∂L/∂ΔW_i as
+    before and pushes it through the chunk's function by autograd, recomputed per chunk.
+    norm_preserve makes S_{i+1} a nonlinear function of S_i: the per-chunk loop still equals the
+    token loop (W changes only at folds, and every path folds with the same `_renorm`), but
+    S_i = S_{i+1} − ΔW_i no longer recovers S_i, so `chunked` runs it as an autograd loop
+    (memory per chunk, see `_scan_renorm`), and a shard's state is no sum of the earlier shards'
+    Σ_r, so context parallelism refuses it (parallel.py).
+
 About precision
     S is a sum of up to T/C small updates on top of W0. In bf16 (8-bit mantissa) an update under
     2⁻⁹ of |S| is rounded away entirely and larger ones lose their low bits, so over hundreds of
@@ -188,9 +208,35 @@ def centre_tap(conv_w):
     return conv_w * mask  # (D, 1, K)
 
 
-def _targets(s, conv_w, proj_w, lr, dtype):
+# eps of the two normalisations ("Stabilisers"), added to a mean or sum of squares in fp32 (fla's
+# l2norm uses 1e-6 so): it keeps an all-zero row (a padded token) at zero instead of 0/0 and is far
+# below a real token's mean square of s (about 1 after the block's RMSNorm) or squared norm of H
+# (a sum over F). A token whose H is near zero is not blown up to unit norm, only left small.
+TARGET_NORM_EPS = 1e-6
+KEY_NORM_EPS = 1e-6
+
+
+def _rescaled(x, sq, eps):
+    """x (..., K) times 1/sqrt(sq + eps), sq (..., 1) formed in fp32 (fp64 for fp64 x)."""
+    return x * torch.rsqrt(sq + eps).to(x.dtype)
+
+
+def _rms_rows(s):
+    """Each token's s (..., D) at unit RMS, no weight (ttt_target_norm)."""
+    f = s.to(torch.promote_types(s.dtype, torch.float32))
+    return _rescaled(s, f.pow(2).mean(-1, keepdim=True), TARGET_NORM_EPS)
+
+
+def _unit_rows(h):
+    """Each token's H row (..., F) at unit L2 norm (ttt_key_norm)."""
+    f = h.to(torch.promote_types(h.dtype, torch.float32))
+    return _rescaled(h, f.pow(2).sum(-1, keepdim=True), KEY_NORM_EPS)
+
+
+def _targets(s, conv_w, proj_w, lr, dtype, target_norm=False):
     """η V̂ of complete chunks: s (..., C, D) -> (..., C, D), computed in `dtype`."""
     shape, (C, D) = s.shape, s.shape[-2:]
+    s = _rms_rows(s.to(dtype)) if target_norm else s  # per token: chunk edges play no part
     u = s.to(dtype).reshape(-1, C, D).transpose(1, 2)  # (B·N, D, C): conv1d wants channels first
     # Each chunk is its own conv input, so the zero padding falls at the chunk's edges.
     u = conv1d(u, conv_w.to(dtype), padding=conv_w.shape[-1] // 2, groups=D)  # (B·N, D, C)
@@ -202,30 +248,46 @@ def _targets(s, conv_w, proj_w, lr, dtype):
 def _clip(dW, tau):
     """Rescale each sequence's ΔW (..., D, F) to Frobenius norm tau when it is larger."""
     norm = torch.linalg.matrix_norm(dW.to(torch.promote_types(dW.dtype, torch.float32)))  # (...,)
-    return dW * (tau / norm).clamp(max=1.0).to(dW.dtype)[..., None, None]  # ΔW = 0: inf -> 1
+    # tau / max(norm, tau): 1 exactly at or under tau, and a finite gradient at ΔW = 0 (where
+    # tau / norm clamped to 1 gives 0 · inf = nan), so training can start from a zero conv.
+    return dW * (tau / norm.clamp(min=tau)).to(dW.dtype)[..., None, None]
 
 
-def _delta(v, h, clip_tau):
-    """ΔW = vᵀ H for chunk(s): v (..., C, D), h (..., C, F) -> (..., D, F)."""
-    dW = v.transpose(-1, -2) @ h  # (..., D, F) summed over the chunk's C tokens
+def _delta(v, h, clip_tau, key_norm=False):
+    """ΔW = vᵀ H (vᵀ Ĥ with key_norm) for chunk(s): v (..., C, D), h (..., C, F) -> (..., D, F)."""
+    dW = v.transpose(-1, -2) @ (_unit_rows(h) if key_norm else h)  # (..., D, F) over C tokens
     return dW if clip_tau is None else _clip(dW, clip_tau)
 
 
-def chunk_update(s_c, h_c, conv_w, proj_w, lr, clip_tau=None):
+def _renorm(w0, S):
+    """S after ttt_norm_preserve's step: W = W0 + S (B, D, F) with each row rescaled to the norm of
+    W0's row, returned as W − W0 in S's dtype. r / ‖W0 + 0‖ is r / r = 1 exactly, so a zero update
+    leaves S = 0 exactly (a converted model stays the base model)."""
+    w0 = w0.to(S.dtype)
+    W = w0 + S  # (B, D, F)
+    r, n = torch.linalg.vector_norm(w0, dim=-1), torch.linalg.vector_norm(W, dim=-1)  # (D,), (B, D)
+    # A zero row keeps norm 0 (r = 0) or stays 0 (n = 0): tiny only avoids 0/0.
+    return W * (r / n.clamp(min=torch.finfo(S.dtype).tiny))[..., None] - w0
+
+
+def chunk_update(s_c, h_c, conv_w, proj_w, lr, clip_tau=None, key_norm=False, target_norm=False):
     """ΔW of complete chunk(s): s_c (..., C, D), h_c (..., C, F) -> (..., D, F) in h_c's dtype."""
-    return _delta(_targets(s_c, conv_w, proj_w, lr, h_c.dtype), h_c, clip_tau)
+    v = _targets(s_c, conv_w, proj_w, lr, h_c.dtype, target_norm)  # (..., C, D)
+    return _delta(v, h_c, clip_tau, key_norm)
 
 
-def updates(h, s, conv_w, proj_w, lr, chunk, clip_tau=None, fp32_state=True):
+def updates(h, s, conv_w, proj_w, lr, chunk, clip_tau=None, fp32_state=True, key_norm=False,
+            target_norm=False):
     """Σ ΔW over whole chunks h (B, T, F), s (B, T, D), T a multiple of C -> (B, D, F) in the state
     dtype: what these tokens add to any state, computed without the scan (ΔW never depends on S).
     Without clipping the sum over chunks is one matmul over all T tokens."""
     (B, T, F), D = h.shape, s.shape[-1]
-    v = _targets(s.reshape(B, T // chunk, chunk, D), conv_w, proj_w, lr, h.dtype)  # (B, N, C, D)
-    if clip_tau is None:
-        dW = v.reshape(B, T, D).transpose(1, 2) @ h  # (B, D, F) Σ_i V̂_iᵀ H_i
-    else:  # each chunk's ΔW clipped on its own (inference only)
-        dW = _delta(v, h.reshape(B, T // chunk, chunk, F), clip_tau).sum(1)  # (B, D, F)
+    v = _targets(s.reshape(B, T // chunk, chunk, D), conv_w, proj_w, lr, h.dtype,
+                 target_norm)  # (B, N, C, D)
+    if clip_tau is None:  # Ĥ's rows are per token, so key_norm keeps the single matmul
+        dW = v.reshape(B, T, D).transpose(1, 2) @ (_unit_rows(h) if key_norm else h)  # (B, D, F)
+    else:  # each chunk's ΔW clipped on its own
+        dW = _delta(v, h.reshape(B, T // chunk, chunk, F), clip_tau, key_norm).sum(1)  # (B, D, F)
     return dW.to(_state_dtype(h.dtype, fp32_state))
 
 
@@ -233,11 +295,13 @@ def updates(h, s, conv_w, proj_w, lr, chunk, clip_tau=None, fp32_state=True):
 # The naive path: a token loop that reads like the paper (the test oracle)
 
 
-def naive(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=None, fp32_state=True):
+def naive(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=None, fp32_state=True,
+          key_norm=False, target_norm=False, norm_preserve=False):
     """Apply-then-update TTT, one token at a time, in fp32 (fp64 for fp64 inputs).
 
     h (B, T, F), s (B, T, D), w0 (D, F), conv_w (D, 1, 5), proj_w (D, D) or None.
     All rows start at one position. Returns out (B, T, D) in h's dtype and the state after.
+    clip_tau, key_norm, target_norm, norm_preserve: the stabilisers (module docstring).
     """
     B, T, F = h.shape
     D = s.shape[-1]
@@ -256,7 +320,9 @@ def naive(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=None
         s_buf = torch.cat([s_buf, s[:, t, None].to(f)], dim=1)  # (B, n+1, D)
         h_buf = torch.cat([h_buf, h_t[:, None]], dim=1)  # (B, n+1, F)
         if (p + t + 1) % chunk == 0:  # token t completes a chunk: fold in its update
-            S = (S + chunk_update(s_buf, h_buf, conv_w, proj_w, lr, clip_tau)).to(sdtype)
+            dW = chunk_update(s_buf, h_buf, conv_w, proj_w, lr, clip_tau, key_norm, target_norm)
+            S = (S + dW).to(sdtype)
+            S = _renorm(w0, S) if norm_preserve else S
             W = w0.to(f) + S.to(f)
             s_buf, h_buf = s_buf[:, :0], h_buf[:, :0]
     out = torch.stack(ys, dim=1) if ys else h.new_zeros(B, 0, D, dtype=f)  # (B, T, D)
@@ -273,10 +339,11 @@ class _ChunkScan(torch.autograd.Function):
     h (B, N, C, F), v = ηV̂ (B, N, C, D), w0 (D, F), S0 (B, D, F) in the state dtype.
     Only the first n_fold chunks are folded into S (the last one may be incomplete).
     Returns Y (B, N, C, D) in h's dtype and the final S (B, D, F).
+    clip_tau, key_norm: ΔW_i = clip(V̂_iᵀ Ĥ_i), still additive into S ("Stabilisers").
     """
 
     @staticmethod
-    def forward(ctx, h, v, w0, S0, n_fold, clip_tau):
+    def forward(ctx, h, v, w0, S0, n_fold, clip_tau, key_norm):
         B, N, C, F = h.shape
         y = h.new_empty(B, N, C, v.shape[-1])  # (B, N, C, D)
         S = S0.clone()  # (B, D, F) running S_i, updated in place
@@ -284,9 +351,9 @@ class _ChunkScan(torch.autograd.Function):
             W = (w0 + S).to(h.dtype)  # (B, D, F) W0 + S_i, rounded to the compute dtype once
             y[:, i] = torch.bmm(h[:, i], W.transpose(1, 2))  # (B, C, D) Y_i = H_i Wᵀ
             if i < n_fold:
-                S += _delta(v[:, i], h[:, i], clip_tau)  # (B, D, F) S_{i+1}, in S's dtype
+                S += _delta(v[:, i], h[:, i], clip_tau, key_norm)  # (B, D, F) S_{i+1}, in S's dtype
         ctx.save_for_backward(h, v, w0, S)
-        ctx.n_fold = n_fold
+        ctx.n_fold, ctx.clip_tau, ctx.key_norm = n_fold, clip_tau, key_norm
         return y, S
 
     @staticmethod
@@ -300,20 +367,45 @@ class _ChunkScan(torch.autograd.Function):
             h_i, v_i, g_i = h[:, i], v[:, i], gy[:, i]  # (B, C, F), (B, C, D), (B, C, D)
             through_update = 0
             if i < ctx.n_fold:
-                S -= _delta(v_i, h_i, None)  # (B, D, F) S_i = S_{i+1} − ΔW_i
+                S -= _delta(v_i, h_i, ctx.clip_tau, ctx.key_norm)  # (B, D, F) S_i = S_{i+1} − ΔW_i
                 A_c = A.to(h.dtype)
-                dv[:, i] = torch.bmm(h_i, A_c.transpose(1, 2))  # (B, C, D) H_i A_{i+1}ᵀ
-                through_update = torch.bmm(v_i, A_c)  # (B, C, F) V̂_i A_{i+1}
+                if ctx.clip_tau is None and not ctx.key_norm:  # bilinear ΔW: its grads by hand
+                    dv[:, i] = torch.bmm(h_i, A_c.transpose(1, 2))  # (B, C, D) H_i A_{i+1}ᵀ
+                    through_update = torch.bmm(v_i, A_c)  # (B, C, F) V̂_i A_{i+1}
+                else:
+                    dv[:, i], through_update = _delta_vjp(v_i, h_i, A_c, ctx.clip_tau,
+                                                          ctx.key_norm)
             W = (w0 + S).to(h.dtype)  # (B, D, F) forward's W (up to fp32 rounding)
             dh[:, i] = torch.bmm(g_i, W) + through_update  # (B, C, F)
             A += torch.bmm(g_i.transpose(1, 2), h_i)  # (B, D, F) A_i = A_{i+1} + G_iᵀ H_i
         # W0 enters exactly where S_i does, in W0 + S_i, so its grad is the sum the loop added to A.
         dw0 = (A - gS).sum(0)  # (D, F) Σ_b Σ_i G_iᵀ H_i = Σ_b (A_0 − A_N)
-        return dh, dv, dw0.to(w0.dtype), A, None, None
+        return dh, dv, dw0.to(w0.dtype), A, None, None, None
+
+
+def _delta_vjp(v_i, h_i, A_c, clip_tau, key_norm):
+    """(∂L/∂V̂_i, ∂L/∂H_i through ΔW_i) for a nonlinear ΔW_i: A_{i+1} = ∂L/∂ΔW_i (B, D, F) pushed
+    back through the chunk's own function, recomputed here (one chunk: no per-chunk memory)."""
+    with torch.enable_grad():
+        v_, h_ = v_i.detach().requires_grad_(), h_i.detach().requires_grad_()
+        dv, dh = torch.autograd.grad(_delta(v_, h_, clip_tau, key_norm), (v_, h_), A_c)
+    return dv, dh  # (B, C, D), (B, C, F)
+
+
+def _scan_renorm(h, v, w0, S0, n_fold, clip_tau, key_norm):
+    """_ChunkScan's forward for ttt_norm_preserve, differentiated by autograd: S_{i+1} is not
+    S_i + ΔW_i, so the backward cannot recover S_i by subtraction. Autograd keeps each chunk's
+    W0 + S_i and the renorm's inputs: about 3 (B, D, F) tensors per chunk in the state dtype."""
+    S, ys = S0, []
+    for i in range(h.shape[1]):
+        ys.append(torch.bmm(h[:, i], (w0 + S).to(h.dtype).transpose(1, 2)))  # (B, C, D)
+        if i < n_fold:
+            S = _renorm(w0, S + _delta(v[:, i], h[:, i], clip_tau, key_norm).to(S.dtype))
+    return torch.stack(ys, dim=1), S  # (B, N, C, D), (B, D, F)
 
 
 def chunked(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=None,
-            fp32_state=True):
+            fp32_state=True, key_norm=False, target_norm=False, norm_preserve=False):
     """The same computation as `naive`, a chunk at a time: the path for training and prefill.
 
     h (B, T, F), s (B, T, D), w0 (D, F), conv_w (D, 1, 5), proj_w (D, D) or None.
@@ -326,11 +418,6 @@ def chunked(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=No
     sdtype = _state_dtype(h.dtype, fp32_state)
     fresh = initial_state is None  # a sequence from position 0 (training): no host sync below
     state = init_state(w0, B, C, h.dtype, h.device, fp32_state) if fresh else initial_state
-    if clip_tau is not None and torch.is_grad_enabled():
-        leaves = (h, s, w0, conv_w, proj_w, state.dW, state.s_buf, state.h_buf)
-        if any(t is not None and t.requires_grad for t in leaves):
-            raise NotImplementedError("chunked: clip_tau is inference-only; "
-                                      "call it under torch.no_grad()")
     # Re-run the open chunk's buffered tokens so the grid starts at a chunk boundary, then pad to
     # whole chunks.
     n = 0 if fresh else _common_position(state, C, "chunked") % C
@@ -340,9 +427,13 @@ def chunked(h, s, w0, conv_w, proj_w, lr, chunk, initial_state=None, clip_tau=No
     L = n + T
     N, n_fold = -(-L // C), L // C  # chunks touched, chunks complete (folded into S)
     s_p, h_p = (pad(s, (0, 0, 0, N * C - L)), pad(h, (0, 0, 0, N * C - L))) if N * C > L else (s, h)
-    v = _targets(s_p.reshape(B, N, C, D), conv_w, proj_w, lr, h.dtype)  # (B, N, C, D) ηV̂, at once
+    v = _targets(s_p.reshape(B, N, C, D), conv_w, proj_w, lr, h.dtype,
+                 target_norm)  # (B, N, C, D) ηV̂, at once
     h_c = h_p.reshape(B, N, C, F)  # (B, N, C, F) a view for whole chunks; padded rows add nothing
-    y, S = _ChunkScan.apply(h_c, v, w0, state.dW.to(sdtype), n_fold, clip_tau)
+    if norm_preserve:
+        y, S = _scan_renorm(h_c, v, w0, state.dW.to(sdtype), n_fold, clip_tau, key_norm)
+    else:
+        y, S = _ChunkScan.apply(h_c, v, w0, state.dW.to(sdtype), n_fold, clip_tau, key_norm)
     out = y.view(B, N * C, D)[:, n:L]  # (B, T, D) the buffered tokens' outputs were emitted before
     tail = slice(n_fold * C, L)  # the new open chunk, fewer than C tokens
     return out, _after(state, S, s[:, tail], h[:, tail], state.pos + T, w0)
@@ -368,13 +459,15 @@ def decode_step(h, s, state):
 
 @torch.compiler.disable  # which rows fold is data dependent: never part of a compiled graph
 @torch.no_grad()
-def fold(w0, conv_w, proj_w, lr, state, rows, clip_tau=None):
+def fold(w0, conv_w, proj_w, lr, state, rows, clip_tau=None, key_norm=False, target_norm=False,
+         norm_preserve=False):
     """Fold the completed chunk of each row in `rows` (an index tensor) into dW and W, in place.
 
     Call it once, right after the decode step that completed the chunks (pos mod C == 0): a
     second call would add the same chunk again.
     """
     dW = state.dW[rows] + chunk_update(state.s_buf[rows], state.h_buf[rows], conv_w, proj_w, lr,
-                                       clip_tau).to(state.dW.dtype)  # (R, D, F)
+                                       clip_tau, key_norm, target_norm).to(state.dW.dtype)
+    dW = _renorm(w0, dW) if norm_preserve else dW  # (R, D, F)
     state.dW[rows] = dW
     state.W[rows] = (w0 + dW).to(state.W.dtype)  # rounded once per fold, as chunked does per chunk

@@ -231,12 +231,6 @@ def test_clip_tau_naive_matches_reference_and_chunked():
     assert_states_close(state_c, state, **F64)
 
 
-def test_chunked_clip_with_grad_raises():
-    h, s = make_inputs(6, 1, 8)
-    with pytest.raises(NotImplementedError, match="clip_tau"):
-        chunked(h.requires_grad_(), s, *make_params(6), LR, 4, clip_tau=1.0)
-
-
 def saved_bytes(fn):
     total = 0
 
