@@ -24,7 +24,8 @@ import parallel
 import train
 import ttt
 from load_hf import NOT_OFFICIAL, STABILISERS, config_from_hf, config_to_hf, load_model, save_model
-from model import Transformer, init_ttt_params, ttt_lr_warmup_scale
+from model import Transformer, ttt_lr_warmup_scale
+from starts import start_ttt_params
 
 LR = 0.4
 F64 = dict(rtol=1e-10, atol=1e-10)
@@ -227,7 +228,7 @@ def test_a_converted_model_is_exactly_its_base_model_at_step_0(init):
     for name, keys in [("on", ALL_ON), ("off", {})]:
         net = Transformer(replace(BASE, **keys)).double()
         net.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
-        init_ttt_params(net, torch.Generator().manual_seed(1), mode=init)
+        start_ttt_params(net, torch.Generator().manual_seed(1), mode=init)
         nets[name] = net
     for i in BASE.ttt_layers:
         nets["on"].model.layers[i].mlp.keep_state = True
