@@ -41,6 +41,7 @@ from checkpoint import (RUN_FILES, TRAIN_META, load_train_checkpoint, read_train
                         remove_orphans, tmp_sibling, verify_checkpoint)
 from model import (PRESETS, TTT_RECIPE, ModelConfig, Transformer, init_ttt_params, is_ttt_param,
                    rope_inv_freq, ttt_init_problem)
+from remote_code import write_remote_code
 from tokenizer import Tokenizer
 
 ARCHS = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
@@ -64,7 +65,8 @@ KNOWN = {"architectures", "model_type", "vocab_size", "hidden_size", "intermedia
          "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
          "tie_word_embeddings", "sliding_window", "use_sliding_window", "bos_token_id",
          "eos_token_id", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype", "dtype",
-         "layer_types", "max_window_layers", *TTT_KEYS}
+         "layer_types", "max_window_layers", *TTT_KEYS,
+         "auto_map"}  # names the modeling code: each export writes its own (remote_code.py)
 # config.json names of ModelConfig fields, where they differ or are read as they are.
 HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
              "intermediate_size": "intermediate_size", "num_hidden_layers": "num_layers",
@@ -718,8 +720,9 @@ def check_export_target(out, overwrite=False, protect=()):
 
 def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes: int = 5 * 2**30,
                overwrite=False, protect=()):
-    """Write config.json, safetensors (sharded with an index when larger than max_shard_bytes) and
-    the tokenizer files of tokenizer_src. Written to a temporary directory first and swapped in when
+    """Write config.json, safetensors (sharded with an index when larger than max_shard_bytes), the
+    modeling code transformers runs with trust_remote_code (remote_code.py) and the tokenizer files
+    of tokenizer_src. Written to a temporary directory first and swapped in when
     complete, so a failure never leaves a half-written checkpoint where a good one was.
     check_export_target(out_dir, overwrite, protect) says what may be replaced."""
     # A config transformers cannot express, or a target not ours to replace, fails here, before
@@ -734,6 +737,8 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
     tmp = tmp_sibling(out)
     tmp.mkdir()
     try:
+        # the modeling code first: a file of it that cannot travel fails before the weights
+        hf_config["auto_map"] = write_remote_code(tmp, model.config.arch)
         _write_weights(model, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if tokenizer_src is not None:  # a failure here still leaves the old checkpoint intact
