@@ -182,3 +182,66 @@ def test_export_refuses_before_writing_anything(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot carry"):
         save_model(random_model(BASE), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---- lm-evaluation-harness on an export, offline, on a task made from a local file
+
+TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+doc_to_text: "{{{{question}}}}"
+"""
+MC = "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n" \
+     "metric_list:\n  - metric: acc\n"
+GEN = "output_type: generate_until\ndoc_to_target: \"{{choices[answer]}}\"\n" \
+      "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 24\n  do_sample: false\n" \
+      "metric_list:\n  - metric: exact_match\n"
+
+
+def lm_eval_samples(export, tmp_path):
+    """Run the lm_eval command (the README's) on two local tasks; {task: [sample rows]}."""
+    import json
+    import os
+    import subprocess
+    import sys
+    rows = [{"question": f"Question {i}: which comes first?" + " more" * i, "choices": [" apple", " pear", " fig"],
+             "answer": i % 3} for i in range(4)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, body in (("local_mc", MC), ("local_gen", GEN)):
+        (tasks / f"{name}.yaml").write_text(TASK.format(name=name, data=tmp_path / "qa.jsonl") + body)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+           f"pretrained={export},trust_remote_code=True,dtype=float32", "--include_path", str(tasks),
+           "--tasks", "local_mc,local_gen", "--device", "cpu", "--batch_size", "2",
+           "--output_path", str(tmp_path / "res"), "--log_samples"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {t: [json.loads(line) for f in (tmp_path / "res").rglob(f"samples_{t}_*.jsonl")
+                for line in f.read_text().splitlines()] for t in ("local_mc", "local_gen")}
+
+
+def test_lm_eval_harness_scores_an_export_as_model_py_does(tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -r requirements-extras.txt)")
+    import transformers
+
+    from tokenizer import write_byte_tokenizer
+    model = random_model(BASE)
+    export = save_model(model, tmp_path / "export", tokenizer_src=write_byte_tokenizer(tmp_path / "tok"))
+    samples = lm_eval_samples(export, tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    assert len(samples["local_mc"]) == len(samples["local_gen"]) == 4
+    for s in samples["local_mc"]:  # each choice's log-likelihood: model.py's sum of log-probabilities
+        for args, resp in zip(s["arguments"].values(), s["resps"]):
+            ctx, cont = tok.encode(args["arg_0"]), tok.encode(args["arg_1"])
+            logp = model(torch.tensor([ctx + cont])).log_softmax(-1)[0, len(ctx) - 1:-1]
+            want = logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+            assert float(resp[0][0]) == pytest.approx(want, abs=1e-4)
+    for s in samples["local_gen"]:  # greedy text (left-padded batches of 2): sample.py's, cut at the newline
+        ctx = tok.encode(s["arguments"]["gen_args_0"]["arg_0"])
+        want = tok.decode(sample.generate(model, [ctx], 24, eos_ids=model.config.eos_token_id)[0]).split("\n")[0]
+        assert s["resps"][0][0] == want
