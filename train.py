@@ -61,6 +61,7 @@ from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, seq
                   split_data, step_batches, validation_starts, window_batch)
 from load_hf import (AtLeast, HelpFormatter, default_device, default_dtype, parse_layers,
                      parse_override)
+from logs import Logs, missing_package
 from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 
 # Continual pretraining (--init) defaults to the official release's optimizer settings
@@ -179,6 +180,10 @@ def output_flags(p: argparse.ArgumentParser):
     g.add_argument("--no-export", action="store_true", help="skip the HF export")
     g.add_argument("--val-every", type=int, action=AtLeast, low=1, default=25,
                    help="validate every N steps, and at step 0 and the end")
+    g.add_argument("--wandb", metavar="PROJECT", help="also log metrics.jsonl's rows to this wandb "
+                   "project (WANDB_MODE=offline: files in <out>/wandb for `wandb sync`)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log them as TensorBoard event files in <out>/tb")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -212,6 +217,9 @@ def parse_args(argv=None):
         args.export_hf = str(Path(args.out) / "hf")
     if args.data is None:  # a corpus that ships in a pip package: the demo needs no download
         args.data = default_corpus()
+    problem = missing_package(args.wandb, args.tensorboard)  # before any work, not after it
+    if problem:
+        raise SystemExit(problem)
     if args.precision is None:
         bf16 = default_dtype(default_device(args.device)) == torch.bfloat16
         args.precision = "bf16" if bf16 else "fp32"
@@ -489,6 +497,7 @@ class Run:
     resume_from: Path | None  # the checkpoint to continue, None for a fresh start
     damaged: list  # checkpoints newer than resume_from that failed their integrity check
     hold: ExitStack  # the lock on --out (checkpoint.hold_out), released when the stack closes
+    logs: Logs | None = None  # --wandb / --tensorboard (rank 0), mirroring metrics.jsonl
 
     def log(self, *a):
         if self.rank == 0:  # one line per event, not one per rank
@@ -498,6 +507,8 @@ class Run:
         if self.rank == 0:  # appended, so a kill loses at most the row being written
             with (self.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.logs is not None:
+                self.logs.write(row)
 
 
 def setup_run(args, hold: ExitStack | None = None) -> Run | None:
@@ -684,7 +695,13 @@ def train_run(run: Run, args):
     if finished:  # nothing to train: say so, rather than export again in silence
         run.log(f"--resume: {run.resume_from} is at step {start} and --steps is {args.steps}: "
                 f"this run is finished (a larger --steps continues it)")
-    final = run.resume_from if finished else run_loop(run, start, args)
+    if run.rank == 0 and (args.wandb or args.tensorboard) and not finished:
+        run.logs = Logs(run.out, args.wandb, args.tensorboard, run.meta, start)
+    try:
+        final = run.resume_from if finished else run_loop(run, start, args)
+    finally:
+        if run.logs is not None:
+            run.logs.close()
     if not args.no_export:
         export_final(run, args, final, finished)
     return run.model
