@@ -170,8 +170,9 @@ def batches(path: Path, text_key: str, identity: dict):
 
 
 def _document(kind: str, where: str, n: int, record, text_key: str):
-    """(text, None), or (None, why the record is skipped); a JSON object without text_key is
-    refused (CorpusError), since every record would be skipped the same way."""
+    """(text, None), or (None, why the record is skipped). A file whose first record is a JSON
+    object without text_key is refused (CorpusError): the key is wrong for the whole file, and
+    every record would be skipped. A later record without it is skipped and counted."""
     if kind == "rows":
         return (record, None) if record and record.strip() else (None, "empty or null")
     try:
@@ -179,21 +180,25 @@ def _document(kind: str, where: str, n: int, record, text_key: str):
     except UnicodeDecodeError:
         return None, "invalid UTF-8"
     if kind == "jsonl" and text.strip():  # a blank line is an empty document, not a JSON error
-        import json
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError:
-            return None, "not JSON"
-        if not isinstance(obj, dict):
-            return None, "not a JSON object"
-        if text_key not in obj:
-            raise CorpusError(f"{where}:{n}: no '{text_key}' field (fields: "
+        obj = _json(text)
+        if n == 1 and isinstance(obj, dict) and text_key not in obj:
+            raise CorpusError(f"{where}:1: no '{text_key}' field (fields: "
                               f"{', '.join(list(obj)[:10])}): pass --text-key with the field "
                               f"that holds the text")
+        if not isinstance(obj, dict) or text_key not in obj:
+            return None, f"not a JSON object with a '{text_key}' field"
         text = obj[text_key]
         if not isinstance(text, str):
             return None, f"'{text_key}' is not a string"
     return (text, None) if text.strip() else (None, "empty")
+
+
+def _json(text: str):
+    import json
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def encode_batch(tok: Tokenizer, job, text_key: str, sep: int):

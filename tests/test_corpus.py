@@ -112,16 +112,27 @@ def test_parallel_tokenising_writes_the_one_process_cache_byte_for_byte(tmp_path
 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-processes"])
-def test_a_record_without_the_text_key_is_refused_naming_file_line_and_key(tmp_path, byte_tokenizer, workers,
-                                                                           monkeypatch):
+def test_a_file_whose_records_lack_the_text_key_is_refused_naming_file_and_key(tmp_path, byte_tokenizer, workers,
+                                                                              monkeypatch):
     monkeypatch.setattr(corpus, "BATCH_BYTES", 10)
-    f = tmp_path / "d.jsonl.gz"
-    f.write_bytes(gzip.compress(b'{"content": "a"}\n{"content": "b"}\n{"body": "c", "id": 3}\n'))
+    good = tmp_path / "a.jsonl.gz"
+    good.write_bytes(gzip.compress(b'{"content": "a"}\n{"body": "b"}\n' * 10))
+    f = tmp_path / "b.jsonl.gz"
+    f.write_bytes(gzip.compress(b'{"body": "c", "id": 3}\n{"content": "d"}\n'))
     with pytest.raises(SystemExit) as e:
-        cache_of([f], byte_tokenizer, tmp_path / "cache", text_key="content", workers=workers)
-    assert str(e.value) == (f"{f}:3: no 'content' field (fields: body, id): pass --text-key with the field that "
+        cache_of([good, f], byte_tokenizer, tmp_path / "cache", text_key="content", workers=workers)
+    assert str(e.value) == (f"{f}:1: no 'content' field (fields: body, id): pass --text-key with the field that "
                             f"holds the text")
     assert not list((tmp_path / "cache").glob("*.bin"))
+
+
+def test_a_later_record_without_the_text_key_is_skipped_and_counted(tmp_path, byte_tokenizer, capsys):
+    f = tmp_path / "a.jsonl.zst"
+    write(f, ["a", "b"], key="content")
+    f.write_bytes(f.read_bytes() + __import__("zstandard").ZstdCompressor().compress(b'{"body": "c"}\n'))
+    tokens, _ = cache_of([f], byte_tokenizer, tmp_path / "cache", text_key="content")
+    np.testing.assert_array_equal(tokens, expected_ids(byte_tokenizer, ["a", "b"]))
+    assert f"skipped 1 documents: not a JSON object with a 'content' field (first: {f}:3)" in capsys.readouterr().out
 
 
 def test_a_parquet_without_the_column_is_refused_naming_file_and_key(tmp_path, byte_tokenizer):
