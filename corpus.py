@@ -24,7 +24,6 @@ from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 from tqdm import tqdm
 
 from tokenizer import Tokenizer
@@ -220,8 +219,8 @@ def encode_batch(tok: Tokenizer, job, text_key: str, sep: int):
 _worker = {}  # a worker process's tokenizer and settings, loaded once by _start_worker
 
 
-def _start_worker(tok_dir, text_key, sep):
-    _worker.update(tok=Tokenizer.from_dir(tok_dir), text_key=text_key, sep=sep)
+def _start_worker(tok, text_key, sep):
+    _worker.update(tok=tok, text_key=text_key, sep=sep)
 
 
 def _encode_in_worker(job):
@@ -231,20 +230,20 @@ def _encode_in_worker(job):
         return e
 
 
-def tokenise(files, tok: Tokenizer, sep: int, out_path: Path, text_key="text", workers=1,
-             tok_dir=None) -> tuple[int, dict]:
+def tokenise(files, tok: Tokenizer, sep: int, out_path: Path, text_key="text", workers=1
+             ) -> tuple[int, dict]:
     """Write the ids of every usable document of `files`, `sep` after each, to out_path as uint32,
-    with `workers` processes (1: this one; more need tok_dir, which each loads). Returns
+    with `workers` processes (1: this one). Returns
     (documents written, {file: {"size", "sha256"}} of the bytes read). Refused inputs raise
     SystemExit with one line naming the file and --text-key."""
     skipped, n_docs, identity = {}, 0, {}
     sizes = [Path(f).stat().st_size for f in files]
     workers = max(1, min(workers, sum(sizes) // BATCH_BYTES))  # no process without a batch to do
     jobs = (job for f in map(Path, files) for job in batches(f, text_key, identity))
-    # spawn, not fork: the parent may hold threads (torch, a process group) a fork would copy
-    # mid-lock; spawned workers import this module and the tokenizer only.
-    pool = (multiprocessing.get_context("spawn").Pool(workers, _start_worker,
-                                                      (str(tok_dir), text_key, sep))
+    # fork, as torch's DataLoader workers: each starts at once with the loaded tokenizer (spawn
+    # re-imports train.py and torch and reloads the tokenizer: 8 s on a busy 2-core machine). The
+    # workers run the tokenizer only, never torch, so no lock of the parent's threads is reached.
+    pool = (multiprocessing.get_context("fork").Pool(workers, _start_worker, (tok, text_key, sep))
             if workers > 1 else None)
     pending = deque()
     plain = all(data_format(Path(f)) in (".txt", ".jsonl") for f in files)
@@ -289,6 +288,7 @@ def wait_for_rank0():
     the default group's barrier would time out (10 or 30 min) and kill the waiting ranks. A gloo
     group made for the wait, with a timeout of a year; if rank 0 fails instead, torchrun ends the
     whole job, so nobody waits for ever."""
+    import torch.distributed as dist  # here: the tokenising workers never need torch
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     group = dist.new_group(backend="gloo", timeout=timedelta(days=365))

@@ -171,7 +171,7 @@ def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None, 
         tmp = tmp_sibling(path)  # a per-process name: two runs never write one file
         try:
             n_docs, read = tokenise(files, tok or Tokenizer.from_dir(tok_dir), sep, tmp, text_key,
-                                    workers, tok_dir)
+                                    workers)
             if n_docs == 0:  # an empty cache would fail later with a less helpful message
                 raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
             atomic_write(record, json.dumps(read, indent=1))
