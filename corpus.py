@@ -133,11 +133,16 @@ def _parquet_batches(path: Path, text_key: str):
     kind = f.schema_arrow.field(text_key).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise CorpusError(f"{path}: column '{text_key}' holds {kind}, not text (--text-key)")
-    first = 1
+    rows, size, first = [], 0, 1
     for batch in f.iter_batches(batch_size=PARQUET_ROWS, columns=[text_key]):
-        rows = batch.column(0).to_pylist()
+        for text in batch.column(0).to_pylist():  # jobs of BATCH_BYTES, whatever the row sizes
+            rows.append(text)
+            size += len(text or "")
+            if size >= BATCH_BYTES:
+                yield str(path), "rows", first, rows
+                rows, size, first = [], 0, first + len(rows)
+    if rows:
         yield str(path), "rows", first, rows
-        first += len(rows)
 
 
 def batches(path: Path, text_key: str, identity: dict):

@@ -170,7 +170,7 @@ class InPlaceTTTQwen3ForCausalLM(PreTrainedModel, GenerationMixin):
         """(max_new_tokens, temperature, top_k, top_p, eos ids, pad id) from transformers' usual
         arguments; anything this loop does not implement is refused by name."""
         gen = copy.deepcopy(generation_config or self.generation_config)
-        unused = gen.update(**kwargs)
+        unused = {k: v for k, v in gen.update(**kwargs).items() if v is not None}  # None: unasked
         unused.pop("use_cache", None)  # the loop always decodes with its cache
         if unused:
             raise ValueError(f"generate() got arguments this model does not take: "
