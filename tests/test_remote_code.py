@@ -110,6 +110,11 @@ def test_export_generate_folds_the_fast_weight_while_decoding(exported):
         model.ttt_enabled = True
     assert out == sample.generate(model, prompt, 40)[0]
     assert out != plain
+    # The oracle for the decode-time folds: one full forward (the chunked path) over prompt + output, whose argmax
+    # at each position is the token decoded there (up to float rounding between the two paths).
+    logits = model(torch.tensor([prompt[0] + out]))[0, 29:-1]  # (40, V): the logits that chose each output token
+    chosen = logits.gather(-1, torch.tensor(out)[:, None])[:, 0]
+    torch.testing.assert_close(chosen, logits.max(-1).values, rtol=0, atol=1e-4)
 
 
 def test_export_generate_refuses_what_it_does_not_implement(exported):
