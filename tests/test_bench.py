@@ -30,3 +30,12 @@ def test_ttt_bench_times_model_mlp_with_shared_weights():
         a, b = plain(x, x), fast(x, x)
     torch.testing.assert_close(b[:, :8], a[:, :8])  # chunk 0 reads W0 alone
     assert (b[:, 8:] - a[:, 8:]).abs().max() > 1e-6  # later chunks read W0 + the updates
+
+
+def test_tokenise_bench_checks_every_worker_count_writes_the_same_cache(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    bench.main(["tokenise", "--workers", "1,2", "--copies", "1", "--repeats", "1", "--append", str(out)])
+    text = out.read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert "## corpus.py tokenising (Qwen3 tokenizer)" in text and [r[0] for r in rows] == ["| 1", "| 2"]
+    assert all(r[6] == "yes" for r in rows) and rows[0][2] == rows[1][2]  # same cache, same token count
