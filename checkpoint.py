@@ -169,6 +169,8 @@ CONFIG_FIELDS = {
     "ttt_target": (lambda v: v in ("hidden_states", "input_embed"),
                    '"hidden_states" or "input_embed"'),
     "ttt_clip_tau": (lambda v: v is None or _positive[0](v), "null or a finite number > 0"),
+    "ttt_key_norm": _flag, "ttt_target_norm": _flag, "ttt_norm_preserve": _flag,  # stabilisers
+    "ttt_lr_warmup": (lambda v: _count(v, 0, 2**31), "an integer 0 to 2**31"),
     "extra": (lambda v: type(v) is dict, "an object"),
 }
 

@@ -59,7 +59,7 @@ def expected_ids(tok_dir, docs, sep=SEP):
 
 def cache_of(files, tok_dir, cache_dir, **kw):
     tokens = token_cache([str(f) for f in files], Path(tok_dir), SEP, cache_dir, 0, **kw)
-    record = json.loads(Path(tokens.filename).with_suffix(".json").read_text())
+    record = json.loads(Path(tokens.filename).with_suffix(".json").read_text())["files"]
     return np.asarray(tokens), record
 
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ import files
 import load_hf
 import train
 from files import TRAIN_META
+from model import PRESETS, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,6 +214,16 @@ def test_every_train_json_this_project_wrote_is_admitted(run_dir):
     older["config"] = {**meta["config"], "ttt_mode": True}  # before ttt_mode was retired; no record, no data
     for m in (meta, older, {**meta, "loss": None, "data": None}):
         checkpoint.check_train_meta(json.loads(json.dumps(m)), Path("train.json"))
+
+
+@pytest.mark.parametrize("on", [False, True], ids=["defaults", "every-option-on"])
+def test_every_modelconfig_field_train_py_writes_is_admitted(on):
+    cfg = PRESETS["tiny"]
+    if on:  # every field at a non-default value its own check admits
+        cfg = replace(cfg, ttt_key_norm=True, ttt_target_norm=True, ttt_norm_preserve=True,
+                      ttt_lr_warmup=200, ttt_clip_tau=0.5, ttt_lookahead=False, sliding_window=64)
+    checkpoint.check_config_fields(json.loads(json.dumps(asdict(cfg))), Path("train.json"))
+    assert {f.name for f in fields(ModelConfig)} <= set(checkpoint.CONFIG_FIELDS)
 
 
 # ---- the lock file of --out
