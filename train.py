@@ -253,7 +253,7 @@ class Run:
 
 def run_config(args) -> tuple[Path | None, ModelConfig]:
     """(init, cfg): the checkpoint the run continues (None: from scratch) and the model config
-    the flags ask for (train_model.py). The study rebuilds a run's starting point with it."""
+    the flags ask for (train_model.py). The study reads it back from a run's train.json."""
     init = resolve_init(args.init)
     return init, model_config(args.preset, init, dict(args.override), args.ttt_layers,
                               args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
