@@ -31,7 +31,7 @@ import shutil
 import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -461,12 +461,13 @@ def _tensor_shapes(files: list[Path], weight_map: dict | None, path: Path
 
 
 def load_model(src, device="cpu", dtype=torch.float32, config: ModelConfig | None = None,
-               init_missing_ttt: bool = False) -> Transformer:
+               init_missing_ttt: bool | Callable[[Transformer], None] = False) -> Transformer:
     """Build on the meta device and fill every parameter from the safetensors files, one tensor at
     a time (so memory never holds a second copy of the model). `config` overrides the checkpoint's
-    (e.g. a base checkpoint with TTT layers added); `init_missing_ttt` lets TTT parameters absent
-    from the files start as init_ttt_params sets them, which leaves the logits exactly the base
-    model's."""
+    (e.g. a base checkpoint with TTT layers added); `init_missing_ttt` True lets TTT parameters
+    absent from the files start as init_ttt_params sets them, which leaves the logits exactly the
+    base model's; a function instead sets every TTT parameter after the load (the files' ones too):
+    train_model.full_model's start other than the paper's, set once."""
     path = resolve(src)
     cfg = config or _read_config(path)  # a given config must still match the files' shapes
     with torch.device("meta"):  # shapes only; each parameter gets real memory as it is read
@@ -512,10 +513,10 @@ def _plan_load(model: Transformer, path: Path) -> dict[str, tuple[Path, torch.Si
     return plan
 
 
-def _fill_missing(model: Transformer, path: Path, loaded: set, init_missing_ttt: bool, device,
-                  dtype):
+def _fill_missing(model: Transformer, path: Path, loaded: set, init_missing_ttt, device, dtype):
     """Refuse parameters the files lack; with init_missing_ttt, TTT ones start as init_ttt_params
-    sets them (conv 0: the model computes exactly the base model)."""
+    sets them (conv 0: the model computes exactly the base model), or as the function given sets
+    every TTT parameter."""
     params = dict(model.named_parameters())
     missing = [k for k in params if k not in loaded]
     new_ttt = [k for k in missing if is_ttt_param(k)] if init_missing_ttt else []
@@ -525,7 +526,9 @@ def _fill_missing(model: Transformer, path: Path, loaded: set, init_missing_ttt:
                        f"({len(missing)} in all)")
     for key in new_ttt:  # real memory, which init_ttt_params fills
         _set_param(model, key, torch.empty(params[key].shape, device=device, dtype=dtype))
-    if new_ttt:
+    if callable(init_missing_ttt):  # a start of the caller's: every TTT parameter, once
+        init_missing_ttt(model)
+    elif new_ttt:
         init_ttt_params(model)
 
 
