@@ -437,17 +437,17 @@ TRAIN_HEADER = ["shape", "T", "TTT", "act. ckpt", "tok/s", "MFU", "peak GiB", "T
 
 def train_throughput(cfg, T, device, args, checkpointing):
     """(tokens/s, MFU or None, peak bytes or None) of one train.py step on a batch of one T-token sequence."""
-    import train
     import watch
+    from optim import make_optimizer, train_step
     from train_model import build_model
 
     model = build_model(cfg, device, activation_checkpointing=checkpointing, compile=args.compile)
-    optimizer = train.make_optimizer(model, 1e-4, 0.1, device)
+    optimizer = make_optimizer(model, 1e-4, 0.1, device)
     ttt_params = [p for n, p in model.named_parameters() if is_ttt_param(n)]
     x = torch.randint(0, cfg.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(0))
 
     def step():
-        train.train_step(model, optimizer, [(x[:, :-1], x[:, 1:])], 1e-4, 1.0, device, 1, ttt_params)
+        train_step(model, optimizer, [(x[:, :-1], x[:, 1:])], 1e-4, 1.0, device, 1, ttt_params)
 
     peak = peak_memory(step, device)  # also the first warm-up step
     (seconds,) = median_times([step], device, args.repeats, warmup=1)

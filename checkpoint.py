@@ -10,9 +10,11 @@ every global DCP does not write, then a schema check.
     python load_hf.py export out/bytes/ckpt/step_000400 out/bytes-400   # one -> Hugging Face
 
 A checkpoint is written into .tmp_step_N and renamed step_N once complete, so a directory named
-step_N is always whole; rotation deletes only names of that form. load_train_checkpoint reads one
-into a model in a single process whatever world size wrote it; load_hf.export_checkpoint turns
-that into an HF checkpoint. This module imports only model.py and files.py of this codebase.
+step_N is always whole; rotation deletes only names of that form. load_hf.load_train_checkpoint
+reads one into a model in a single process whatever world size wrote it, and export_checkpoint
+turns that into an HF checkpoint. This module imports only files.py of this codebase: a
+checkpoint's config is a dict of ModelConfig's fields here, and load_hf.py makes the model of it
+(so load_hf.py sits one floor above the model, not two).
 """
 
 import dataclasses
@@ -26,7 +28,6 @@ import pickle
 import re
 import shutil
 import time
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +36,6 @@ import torch.distributed as dist
 
 from files import (TRAIN_META, NoSpace, atomic_write, damaged_files, file_record, remove_orphans,
                    restricted_load, UnsafeFile, unsafe, written_aside)
-from model import ModelConfig, Transformer
 
 # torch.distributed.checkpoint (DCP) is imported inside the functions that use it: load_hf.py, and
 # so sample.py and ruler.py, import this module for its names, and DCP takes seconds to import.
@@ -144,7 +144,7 @@ def check_train_meta(meta, path):
 
 # ModelConfig fields as train.json holds them (asdict, through JSON): (test, what is allowed).
 # Sizes are bounded here; whether the whole model fits the checkpoint's files is checked before it
-# is built (fits_files).
+# is built (load_hf.fits_files).
 _dim = (lambda v: _count(v, 1, 2**20), "an integer 1 to 2**20")
 _id = (lambda v: v is None or _count(v, 0, 2**32), "null or an id 0 to 2**32")
 _flag = (lambda v: type(v) is bool, "true or false")
@@ -579,7 +579,7 @@ def load_checkpoint(path: Path, model, optimizer, meta) -> dict:
                                                          set_optimizer_state_dict)
 
     saved = read_train_meta(path)
-    config = saved_config(saved, path)
+    config = saved_fields(saved)
     if config != meta["config"]:
         diff = {k: (config.get(k), v) for k, v in meta["config"].items() if config.get(k) != v}
         what = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
@@ -703,57 +703,13 @@ def metric_rows(metrics: Path, start: int) -> list[str]:
     return kept
 
 
-# -----------------------------------------------------------------------------
-# One checkpoint as a model, in one process (export, evaluation)
-
-
-def load_train_checkpoint(ckpt_dir) -> tuple[Transformer, dict]:
-    """The fp32 CPU model of a train.py checkpoint, in one process whatever the world size that
-    wrote it (DCP reshards on load), and its train.json."""
-    import torch.distributed.checkpoint as dcp
-
-    meta = read_train_meta(ckpt_dir)
-    with torch.device("meta"):  # asdict(cfg) as train.py wrote it: the fields are the keywords
-        model = Transformer(ModelConfig(**saved_config(meta, ckpt_dir)))
-    fits_files(model, ckpt_dir)  # before to_empty allocates the weights train.json describes
-    model.to_empty(device="cpu")  # new tensors per module: to_empty unties lm_head and embedding,
-    if model.config.tie_word_embeddings:  # so tie them again (the checkpoint holds one tensor)
-        model.lm_head.weight = model.model.embed_tokens.weight
-    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point
-        warnings.simplefilter("ignore", UserWarning)
-        try:  # only the "model" entry: the optimizer state is as large again and not needed here
-            dcp_load({"model": model.state_dict()}, ckpt_dir, no_dist=True)
-        except dcp.api.CheckpointException as e:  # e.g. train.json edited to another shape
-            why = str(e).strip().splitlines()[-1]
-            raise ValueError(f"{ckpt_dir}: its shards do not fit the model its {TRAIN_META} "
-                             f"describes ({why})") from None
-    return model, meta
-
-
 # ModelConfig fields that train.json files of older train.py versions hold and ModelConfig no
 # longer has: ttt_mode (config.json's switch, now read in load_hf and never a field).
 RETIRED_FIELDS = ("ttt_mode",)
 
 
-def saved_config(meta: dict, ckpt_dir) -> dict:
-    """The ModelConfig fields of a train.json (retired ones dropped; check_train_meta has refused
-    any other field ModelConfig does not know), ValueError naming the file for a combination
-    ModelConfig refuses (e.g. heads that do not group)."""
-    config = {k: v for k, v in meta["config"].items() if k not in RETIRED_FIELDS}
-    try:
-        ModelConfig(**config)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{Path(ckpt_dir) / TRAIN_META}: its config is refused: {e}") from None
-    return config
-
-
-def fits_files(model: Transformer, ckpt_dir):
-    """ValueError naming train.json when the model it describes (built on the meta device: no
-    memory) holds more weights than the checkpoint's files could: nothing that large is
-    allocated. Counted in one byte per weight, below any dtype a checkpoint stores."""
-    weights = sum(p.numel() for p in model.parameters())
-    on_disk = sum(p.stat().st_size for p in Path(ckpt_dir).iterdir() if p.is_file())
-    if weights > on_disk:
-        raise ValueError(f"{Path(ckpt_dir) / TRAIN_META}: its config describes a model of "
-                         f"{weights:,} weights, more than the {on_disk:,} bytes of the "
-                         f"checkpoint's files hold: refused (damaged, or edited?)")
+def saved_fields(meta: dict) -> dict:
+    """The config of a train.json as ModelConfig's keywords: retired fields dropped
+    (check_train_meta has refused any other field ModelConfig does not know). Whether they make a
+    model is load_hf.saved_config's check: this module never imports model.py."""
+    return {k: v for k, v in meta["config"].items() if k not in RETIRED_FIELDS}

@@ -1,6 +1,6 @@
 """The Hugging Face format, both ways: config.json read field by field, safetensors shard by shard
 with strict keys, and written back; and train.py's checkpoints exported to it (checkpoint.py reads
-their DCP side).
+their DCP side; the model they describe is built here, so checkpoint.py needs no model.py).
 
     from load_hf import load_model, load_tokenizer, save_model
     model = load_model("Qwen/Qwen3-0.6B-Base", device="cuda", dtype=torch.bfloat16)  # or a dir
@@ -31,12 +31,12 @@ import shutil
 import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 
-from checkpoint import load_train_checkpoint, read_train_meta, verify_checkpoint
+from checkpoint import dcp_load, read_train_meta, saved_fields, verify_checkpoint
 from cli import resolve
 from files import EXPORT_MARK, TRAIN_META, check_export_target, remove_orphans, written_aside
 from model import ModelConfig, Transformer, init_ttt_params, is_ttt_param, rope_inv_freq
@@ -482,12 +482,13 @@ def _tensor_shapes(files: list[Path], weight_map: dict | None, path: Path
 
 
 def load_model(src, device="cpu", dtype=torch.float32, config: ModelConfig | None = None,
-               init_missing_ttt: bool = False) -> Transformer:
+               init_missing_ttt: bool | Callable[[Transformer], None] = False) -> Transformer:
     """Build on the meta device and fill every parameter from the safetensors files, one tensor at
     a time (so memory never holds a second copy of the model). `config` overrides the checkpoint's
-    (e.g. a base checkpoint with TTT layers added); `init_missing_ttt` lets TTT parameters absent
-    from the files start as init_ttt_params sets them, which leaves the logits exactly the base
-    model's."""
+    (e.g. a base checkpoint with TTT layers added); `init_missing_ttt` True lets TTT parameters
+    absent from the files start as init_ttt_params sets them, which leaves the logits exactly the
+    base model's; a function instead sets every TTT parameter after the load (the files' ones too):
+    train_model.full_model's start other than the paper's, set once."""
     path = resolve(src)
     cfg = config or _read_config(path)  # a given config must still match the files' shapes
     with torch.device("meta"):  # shapes only; each parameter gets real memory as it is read
@@ -533,10 +534,10 @@ def _plan_load(model: Transformer, path: Path) -> dict[str, tuple[Path, torch.Si
     return plan
 
 
-def _fill_missing(model: Transformer, path: Path, loaded: set, init_missing_ttt: bool, device,
-                  dtype):
+def _fill_missing(model: Transformer, path: Path, loaded: set, init_missing_ttt, device, dtype):
     """Refuse parameters the files lack; with init_missing_ttt, TTT ones start as init_ttt_params
-    sets them (conv 0: the model computes exactly the base model)."""
+    sets them (conv 0: the model computes exactly the base model), or as the function given sets
+    every TTT parameter."""
     params = dict(model.named_parameters())
     missing = [k for k in params if k not in loaded]
     new_ttt = [k for k in missing if is_ttt_param(k)] if init_missing_ttt else []
@@ -546,7 +547,9 @@ def _fill_missing(model: Transformer, path: Path, loaded: set, init_missing_ttt:
                        f"({len(missing)} in all)")
     for key in new_ttt:  # real memory, which init_ttt_params fills
         _set_param(model, key, torch.empty(params[key].shape, device=device, dtype=dtype))
-    if new_ttt:
+    if callable(init_missing_ttt):  # a start of the caller's: every TTT parameter, once
+        init_missing_ttt(model)
+    elif new_ttt:
         init_ttt_params(model)
 
 
@@ -650,6 +653,52 @@ def _write_weights(model: Transformer, directory: Path, max_shard_bytes: int):
 
 # -----------------------------------------------------------------------------
 # train.py checkpoints -> HF
+
+
+def load_train_checkpoint(ckpt_dir) -> tuple[Transformer, dict]:
+    """The fp32 CPU model of a train.py checkpoint, in one process whatever the world size that
+    wrote it (DCP reshards on load), and its train.json."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = read_train_meta(ckpt_dir)
+    with torch.device("meta"):  # asdict(cfg) as train.py wrote it: the fields are the keywords
+        model = Transformer(ModelConfig(**saved_config(meta, ckpt_dir)))
+    fits_files(model, ckpt_dir)  # before to_empty allocates the weights train.json describes
+    model.to_empty(device="cpu")  # new tensors per module: to_empty unties lm_head and embedding,
+    if model.config.tie_word_embeddings:  # so tie them again (the checkpoint holds one tensor)
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point
+        warnings.simplefilter("ignore", UserWarning)
+        try:  # only the "model" entry: the optimizer state is as large again and not needed here
+            dcp_load({"model": model.state_dict()}, ckpt_dir, no_dist=True)
+        except dcp.api.CheckpointException as e:  # e.g. train.json edited to another shape
+            why = str(e).strip().splitlines()[-1]
+            raise ValueError(f"{ckpt_dir}: its shards do not fit the model its {TRAIN_META} "
+                             f"describes ({why})") from None
+    return model, meta
+
+
+def saved_config(meta: dict, ckpt_dir) -> dict:
+    """The ModelConfig fields of a train.json (checkpoint.saved_fields), ValueError naming the
+    file for a combination ModelConfig refuses (e.g. heads that do not group)."""
+    config = saved_fields(meta)
+    try:
+        ModelConfig(**config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{Path(ckpt_dir) / TRAIN_META}: its config is refused: {e}") from None
+    return config
+
+
+def fits_files(model: Transformer, ckpt_dir):
+    """ValueError naming train.json when the model it describes (built on the meta device: no
+    memory) holds more weights than the checkpoint's files could: nothing that large is
+    allocated. Counted in one byte per weight, below any dtype a checkpoint stores."""
+    weights = sum(p.numel() for p in model.parameters())
+    on_disk = sum(p.stat().st_size for p in Path(ckpt_dir).iterdir() if p.is_file())
+    if weights > on_disk:
+        raise ValueError(f"{Path(ckpt_dir) / TRAIN_META}: its config describes a model of "
+                         f"{weights:,} weights, more than the {on_disk:,} bytes of the "
+                         f"checkpoint's files hold: refused (damaged, or edited?)")
 
 
 def export_checkpoint(ckpt_dir, out_dir, tokenizer=None, overwrite=False, protect=(),

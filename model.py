@@ -527,13 +527,16 @@ class Transformer(nn.Module):
     # ---- initialisation (from scratch, after meta-device construction, or for new TTT parameters)
 
     @torch.no_grad()
-    def init_weights(self, std=0.02, generator=None):
+    def init_weights(self, std=0.02, generator=None, ttt=True):
+        """Norms 1, other weights N(0, std^2), then the TTT parameters as init_ttt_params sets them
+        (ttt=False leaves those to the caller: train_model.full_model sets another start once)."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif not is_ttt_param(name):
                 p.normal_(0.0, std, generator=generator)
-        init_ttt_params(self, generator)
+        if ttt:
+            init_ttt_params(self, generator)
 
     def num_params(self, exclude_embedding=False):
         n = sum(p.numel() for p in self.parameters())

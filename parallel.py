@@ -18,6 +18,10 @@ queries can reach (`shard_keys`); TTT starts rank r's scan from the sum of the e
 updates (`incoming_state`, derived in ttt.py's "The state across ranks"); RoPE places the shard at
 position rT (Transformer.hidden's `start`); the loss is normalised by the whole windows' target
 count. The group then computes the one-rank losses and gradients (tests/test_cp.py).
+
+`model` below is model.py's Transformer and `cfg` its ModelConfig, reached through their
+attributes only: this file imports ttt.py (the scan it splits) but not model.py, so the modules
+that shard a model (train_model.py, watch.py) sit one floor lower.
 """
 
 import os
@@ -25,12 +29,12 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 import ttt
 from cli import default_device
-from model import ModelConfig, Transformer
 
 
 # -----------------------------------------------------------------------------
@@ -76,7 +80,7 @@ NORM_PRESERVE_CP = ("ttt_norm_preserve=True cannot run under context parallelism
                     "ttt_norm_preserve=False")
 
 
-def context_parallel(cp, seq_len, cfg: ModelConfig, device, ranks=True
+def context_parallel(cp, seq_len, cfg, device, ranks=True
                      ) -> tuple[int, int, dist.ProcessGroup | None]:
     """The world as dp x cp ranks: rank g holds shard g % cp of the windows its data-parallel rank
     g // cp reads (a group's ranks are consecutive: one node's GPUs carry its K/V gathers). Returns
@@ -231,7 +235,7 @@ def incoming_state(group, h, s, w0, conv_w, proj_w, lr, chunk, fp32_state=True,
     return ttt.TTTState(prefix, s.new_zeros(B, chunk, D), h.new_zeros(B, chunk, F), pos)
 
 
-def apply_context_parallel(model: Transformer, group):
+def apply_context_parallel(model: nn.Module, group):
     """Make each block's attention and TTT MLP compute its part of the sequences split over
     `group` (shard_keys, incoming_state). Inputs then go in through shard_loss."""
     if model.config.ttt_norm_preserve and model.ttt_layers:
@@ -243,7 +247,7 @@ def apply_context_parallel(model: Transformer, group):
             block.mlp.incoming_state = partial(incoming_state, group)
 
 
-def shard_loss(model: Transformer, idx, targets, group=None, reduction="mean"):
+def shard_loss(model: nn.Module, idx, targets, group=None, reduction="mean"):
     """model.loss of this rank's shard idx, targets (B, T) of sequences split over `group` (None:
     the whole sequences, model.loss itself). The mean is over the whole sequences: this rank's loss
     sum x R / the group's target count, a value whose average over the group's R ranks is the
@@ -266,8 +270,8 @@ def shard_loss(model: Transformer, idx, targets, group=None, reduction="mean"):
 # FSDP2, activation checkpointing, compile
 
 
-def parallelize(model: Transformer, device, *, cp_group=None, bf16=False,
-                activation_checkpointing=False, compile=False) -> Transformer:
+def parallelize(model: nn.Module, device, *, cp_group=None, bf16=False,
+                activation_checkpointing=False, compile=False) -> nn.Module:
     """torchtitan's apply_fsdp shape on a meta-device model: context parallelism (cp_group), then
     per block activation checkpointing and compile, then fully_shard each block and the root over
     every rank. The parameters stay on the meta device: the caller gives them memory (to_empty)

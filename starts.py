@@ -46,6 +46,9 @@ TTT_INITS = {
 # every binding in 3 of 3 seeds; continuing the quick start's model, 1 to 2000 tried, 100 best
 # (zero-conv's P = I is ~2000 there, and spikes).
 CALIBRATED_UPDATE = 100.0
+# The start model.py itself gives new TTT parameters (init_ttt_params: init_weights, load_model's
+# missing ones); every other start is set here, by start_ttt_params.
+MODEL_TTT_INIT = "paper"
 # The starts whose converted model computes exactly the base model (logits bit for bit).
 EXACT_TTT_INITS = tuple(k for k, (conv, P) in TTT_INITS.items() if "zero" in (conv, P))
 
@@ -116,7 +119,7 @@ def update_scale(model: Transformer, idx) -> dict[int, float]:
 
 
 @torch.no_grad()
-def start_ttt_params(model: Transformer, generator=None, mode="paper", batch=None):
+def start_ttt_params(model: Transformer, generator=None, mode=MODEL_TTT_INIT, batch=None):
     """TTT parameters as TTT_INITS[mode] says, selected by name, never by shape (o_proj is square
     too). "paper" is model.init_ttt_params (generator: its random diagonal of P); the others draw
     nothing. batch: token ids (B, T) the "calibrated" start measures update_scale on (train.py:
@@ -130,7 +133,7 @@ def start_ttt_params(model: Transformer, generator=None, mode="paper", batch=Non
     if P == "calibrated" and batch is None:
         raise ValueError("TTT init 'calibrated' measures the update's scale on a batch of token "
                          "ids: pass batch")
-    if mode == "paper":  # the paper's start has one home, where the model initialises TTT
+    if mode == MODEL_TTT_INIT:  # the paper's start has one home, where the model initialises TTT
         return init_ttt_params(model, generator)
     scale = update_scale(model, batch) if P == "calibrated" else {}
     if not all(math.isfinite(v) and v > 0 for v in scale.values()):  # e.g. activations all zero

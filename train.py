@@ -16,8 +16,9 @@ What happens, in order, as this file reads: flags -> setup (the process group, t
 a preset or an HF config.json plus TTT settings, train_model.py; the data: documents tokenised
 once into a uint32 cache or a pre-tokenised .npz, data.py; --out claimed, run_dir.py) -> the model
 built on the meta device, sharded with FSDP2 block by block (parallel.py), filled from a full CPU
-copy or from a checkpoint -> the loop: one AdamW step per global batch, the metrics row, validation
-(watch.py), a checkpoint once its weights gave a finite loss (checkpoint.py) -> the HF export.
+copy or from a checkpoint -> the loop: one AdamW step per global batch (optim.py), the metrics
+row, validation (watch.py), a checkpoint once its weights gave a finite loss (checkpoint.py) -> the
+HF export.
 
 Nothing a run did not write is replaced: a rerun into an --out holding a run needs --resume or
 --overwrite, an export replaces only an earlier export, rotation deletes only step_NNNNNN.
@@ -42,7 +43,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import load_hf
@@ -57,7 +57,8 @@ from logs import Logs, missing_package
 from model import (PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param,
                    ttt_lr_warmup_scale)
 from starts import TTT_INITS
-from parallel import context_parallel, cp_shard, seq_shard, setup_distributed, shard_loss
+from optim import batch_loss, lr_at, make_optimizer, train_step
+from parallel import context_parallel, cp_shard, seq_shard, setup_distributed
 from run_dir import claim_out
 from train_model import (DEFAULT_TTT_INIT, build_model, check_config, model_config, parse_override,
                          resolve_init)
@@ -269,7 +270,7 @@ class Run:
 
 def run_config(args) -> tuple[Path | None, ModelConfig]:
     """(init, cfg): the checkpoint the run continues (None: from scratch) and the model config
-    the flags ask for (train_model.py). The study rebuilds a run's starting point with it."""
+    the flags ask for (train_model.py). The study reads it back from a run's train.json."""
     init = resolve_init(args.init)
     return init, model_config(args.preset, init, dict(args.override), args.ttt_layers,
                               args.ttt_chunk, args.ttt_lr, args.ttt_target, args.no_ttt)
@@ -337,34 +338,6 @@ def run_meta(args, cfg, tok_dir, world, tokens, val) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# The optimizer and its schedule
-
-
-def make_optimizer(model, lr, weight_decay, device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms and the TTT conv (scales and a smoothing kernel, not feature
-    maps). Parameters frozen by train_only="ttt" are left out."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            plain = name.endswith("norm.weight") or name.endswith("ttt_conv.weight")
-            (no_decay if plain else decay).append(p)
-    groups = [dict(params=decay, weight_decay=weight_decay),
-              dict(params=no_decay, weight_decay=0.0)]
-    # betas (0.9, 0.95): the usual LLM pretraining choice; fused kernels exist on CUDA only
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type == "cuda" or None)
-
-
-def lr_at(step, lr, min_lr, warmup, steps) -> float:
-    """Linear warmup to lr over `warmup` steps, then cosine decay to min_lr at step `steps`: a pure
-    function of the step, so a checkpoint needs no scheduler state."""
-    if step < warmup:
-        return lr * (step + 1) / warmup  # step 0 already moves: lr / warmup, never 0
-    progress = (step - warmup) / max(1, steps - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-# -----------------------------------------------------------------------------
 # The loop: step, log, validate, save
 
 
@@ -414,49 +387,6 @@ def batches_at(run: Run, args, step) -> list:
     shard = cp_shard(run.cp_group)
     return [seq_shard(b, shard) for b in step_batches(run.tokens, args.seed, step, args.seq_len,
                                                       run.layout, run.dp_rank)]
-
-
-def train_step(model, optimizer, batches, lr, grad_clip, device, world, ttt_params,
-               cp_group=None):
-    """One optimizer step at learning rate `lr` over this rank's micro-batches `batches` [(x, y)]
-    (with cp_group: its shards of them). Returns (mean loss over all ranks, grad norm, TTT grad
-    norm or None); gradients average over the `world` ranks in FSDP's reduce-scatter and over
-    micro-batches by the 1/accum scale. grad_clip 0: no clipping."""
-    for group in optimizer.param_groups:  # the schedule lives in lr_at, not in a scheduler object
-        group["lr"] = lr
-    loss_sum = torch.zeros((), device=device)  # on the device: no sync per micro-batch
-    for x, y in batches:  # under CP a loss whose mean over the group is the sequences' mean
-        loss = shard_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                          cp_group)
-        (loss / len(batches)).backward()
-        loss_sum += loss.detach()
-    dist.all_reduce(loss_sum)  # a sum: gloo has no AVG
-    params = [p for p in model.parameters() if p.grad is not None]  # frozen ones have none
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    # The norm of sharded gradients is a DTensor: full_tensor() reduces it over the ranks.
-    value = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).item()
-    loss, grad_norm = loss_sum.item() / (len(batches) * world), value(norm)
-    # Their own norm: a zero-initialised conv gets tiny gradients early, hidden in the total.
-    ttt_grads = [p.grad for p in ttt_params if p.grad is not None]
-    ttt_norm = value(torch.nn.utils.get_total_norm(ttt_grads)) if ttt_params else None
-    if math.isfinite(loss) and math.isfinite(grad_norm):  # else the caller stops, weights untouched
-        if grad_clip:  # with the norm computed above: no second pass over the gradients
-            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # frees the gradient memory until the next backward
-    return loss, grad_norm, ttt_norm
-
-
-@torch.no_grad()
-def batch_loss(model, batches, device, world, cp_group=None) -> float:
-    """The mean loss the current weights give on this rank's micro-batches `batches`, over all
-    ranks: train_step's loss without the gradient or the update."""
-    loss_sum = torch.zeros((), device=device)
-    for x, y in batches:
-        loss_sum += shard_loss(model, x.to(device), y.to(device), cp_group)
-    model.reshard()  # a no-grad forward leaves the root unsharded
-    dist.all_reduce(loss_sum)
-    return loss_sum.item() / (len(batches) * world)
 
 
 def step_row(run: Run, args, step, loss, lr, grad_norm, ttt_norm, dt) -> dict:

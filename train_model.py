@@ -9,6 +9,7 @@ weights, and the model built sharded (parallel.py) and filled. Errors name train
 import argparse
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from cli import default_dtype, resolve
 from load_hf import check_field, config_to_hf, load_config, load_model
 from model import PRESETS, TTT_RECIPE, ModelConfig, Transformer, is_ttt_param
 from parallel import parallelize
-from starts import start_ttt_params, ttt_init_problem
+from starts import MODEL_TTT_INIT, start_ttt_params, ttt_init_problem
 
 # Where new TTT weights start (train.py --ttt-init; README "Does In-Place TTT help, and how should
 # it start?"): the official start (conv 0, P diag N(0, 0.02^2)) with --init and from scratch. With
@@ -28,9 +29,7 @@ from starts import start_ttt_params, ttt_init_problem
 # diverged on text in some run (calibrated at context 1024; zero-conv at 4096, 2 of 3 seeds), and
 # a default must not: pass --ttt-init zero-conv or calibrated for a memory task, and watch
 # ‖ΣΔW‖/‖W0‖.
-DEFAULT_TTT_INIT = "paper"
-# The start model.py itself gives new TTT parameters (init_ttt_params, load_model's missing ones).
-MODEL_TTT_INIT = "paper"
+DEFAULT_TTT_INIT = MODEL_TTT_INIT  # "paper", named once in starts.py
 
 
 # -----------------------------------------------------------------------------
@@ -110,24 +109,28 @@ def check_config(cfg: ModelConfig, ttt_init, export: bool):
 
 
 def full_model(cfg, init, seed, ttt_init=DEFAULT_TTT_INIT, batch=None) -> Transformer:
-    """A complete fp32 CPU model: HF weights (new TTT parameters as model.init_ttt_params sets them) or a
-    fresh init; a ttt_init other than the model's own start (MODEL_TTT_INIT) then resets every TTT
-    parameter ("calibrated" measures its P on `batch`, token ids (B, T)). Seeded, so the run starts
-    the same whatever the world size. It lives in rank 0's host memory while the shards are filled
-    (4 bytes per parameter: 32 GB for an 8B model)."""
+    """A complete fp32 CPU model: HF weights (new TTT parameters as model.init_ttt_params sets
+    them) or a fresh init; a ttt_init other than the model's own start (starts.MODEL_TTT_INIT) sets
+    every TTT parameter instead ("calibrated" measures its P on `batch`, token ids (B, T)): either
+    start is set once. Seeded, so the run starts the same whatever the world size. It lives in rank
+    0's host memory while the shards are filled (4 bytes per parameter: 32 GB for an 8B model)."""
     torch.manual_seed(seed)  # the random diagonal of new ttt_proj weights draws from it
+    # A deterministic start (no random draws): the study's matched comparisons, and --ttt-init.
+    other = None if ttt_init == MODEL_TTT_INIT else partial(start_ttt_params, mode=ttt_init,
+                                                             batch=batch)
     if init:  # fp32: master weights, whatever dtype the checkpoint was stored in
         try:
-            model = load_model(init, "cpu", torch.float32, config=cfg, init_missing_ttt=True)
+            model = load_model(init, "cpu", torch.float32, config=cfg,
+                               init_missing_ttt=other or True)
         except (OSError, ValueError, KeyError) as e:  # a flawed file: its name and flaw, no trace
             raise SystemExit(f"--init {init}: {e}") from None
     else:
         with torch.device("meta"):  # no memory until to_empty, and no init work thrown away
             model = Transformer(cfg)
         model.to_empty(device="cpu")
-        model.init_weights(generator=torch.Generator().manual_seed(seed))
-    if ttt_init != MODEL_TTT_INIT:  # a deterministic start (no random draws): the study's matched
-        start_ttt_params(model, mode=ttt_init, batch=batch)
+        model.init_weights(generator=torch.Generator().manual_seed(seed), ttt=other is None)
+        if other:
+            other(model)
     return model
 
 

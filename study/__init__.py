@@ -36,6 +36,7 @@ result.json) are skipped, a half-trained one resumes from its last checkpoint. W
    the probability of each far answer before and after the chunk holding its binding is folded in.
 
 One idea per file: task.py (the recall task), arms.py (the arms as train.py flags, and the runner),
-probes.py (what is measured in a model), stats.py (spreads and paired differences), report.py (the
+probes.py (what is measured in a run's model; a run's flags are read back from its train.json,
+so no file here imports train.py), stats.py (spreads and paired differences), report.py (the
 tables), plots.py (the pictures), run.py (the command); long_context.py is part 4 at context 4,096.
 """

@@ -209,10 +209,10 @@ def run_job(job: Job, sizes: Sizes, out: Path) -> dict:
                                              sizes.task)["acc"]}
     if job.part != "recall":
         scores = {f"text.{v}": lambda v=v: text_scores(
-            hf, *held_out(job.argv), v, sizes.text_window,
+            hf, *held_out(job.out), v, sizes.text_window,
             None if v in ("on", "off") else sizes.check_windows) for v in text_variants(job)}
     if ttt_arm:
-        scores.update(start_grad=lambda: start_gradients(job.argv), rho=lambda: start_rho(job.argv),
+        scores.update(start_grad=lambda: start_gradients(job.out), rho=lambda: start_rho(job.out),
                       taps=lambda: conv_taps(hf))
     for key, score in scores.items():
         if key not in result:

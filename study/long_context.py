@@ -50,8 +50,8 @@ def run(arm, seed) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--resume"], cwd=ROOT, env=env,
                    check=True, stdout=subprocess.DEVNULL)
-    val, _ = held_out(flags)
-    hf = OUT / arm / f"seed{seed}" / "hf"
+    run_dir = OUT / arm / f"seed{seed}"
+    val, hf = held_out(run_dir)[0], run_dir / "hf"
     result = {"arm": arm, "seed": seed, "argv": flags,
               **{f"text.{v}": text_scores(hf, val, L, v)
                  for v in (["on"] if arm == "swa" else ["on", "off"])}}

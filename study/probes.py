@@ -1,23 +1,27 @@
 """What the study measures in a trained (or starting) model, beyond train.py's own metrics: the loss
 by position on held-out text, with the anomaly checks (an attention sink through model.py's
 Attention.sink switch, attention limited to a window, windows shifted); each start's gradients and
-update scale at step 0, from the run's own starting point (train.py's run_config, the data and
-first batch as setup_run reads them); and what the fast weight learned (the conv's taps, and the
-fast weight answering a recall query before and after the binding's chunk is folded in).
+update scale at step 0, from the run's own starting point (the flags and config its train.json
+records, the data and first batch as train.py's setup_run reads them); and what the fast weight
+learned (the conv's taps, and the fast weight answering a recall query before and after the
+binding's chunk is folded in). Each probe takes a run directory, never train.py's flags: the study
+imports no script.
 """
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import load_hf
-import train
 import train_model
 import ttt
 import watch
+from checkpoint import checkpoints, read_train_meta
+from model import ModelConfig
 from data import (TokenStream, batch_layout, load_tokenizer, read_stream, split_data, step_batches,
                   window_batch)
 from starts import update_scale
@@ -27,10 +31,22 @@ from study.task import RecallTask
 # Held-out text: the loss by position, and the anomaly checks
 
 
-def held_out(argv) -> tuple[TokenStream, int]:
-    """The run's --val-data as train.py reads it (its tokenizer, its token cache), and its
-    --seq-len."""
-    args = train.parse_args(argv)
+def run_record(run_dir) -> tuple[SimpleNamespace, ModelConfig]:
+    """(flags, config) of the finished train.py run in run_dir, from its newest checkpoint's
+    train.json: every flag as train.py resolved it (defaults and derived values included) and the exact
+    ModelConfig fields it trained. A probe measures a run that exists, so it asks the run what it
+    was told rather than parsing train.py's flags again (and so imports no script)."""
+    ckpt = checkpoints(Path(run_dir) / "ckpt")
+    if not ckpt:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint of a finished train.py run to probe")
+    meta = read_train_meta(ckpt[-1])
+    return SimpleNamespace(**meta["args"]), ModelConfig(**load_hf.saved_config(meta, ckpt[-1]))
+
+
+def held_out(run_dir) -> tuple[TokenStream, int]:
+    """The --val-data of the run in run_dir as train.py reads it (its tokenizer, its token cache),
+    and its --seq-len."""
+    args, _ = run_record(run_dir)
     cfg = load_hf.load_config(args.init or Path(args.out) / "hf")  # vocabulary and EOS
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, args.init, cfg, args.preset, args.cache, 0)
     return read_stream(args.val_data, args.seq_len, tok_dir, sep, args.cache, 0, cfg.vocab_size,
@@ -73,12 +89,13 @@ def text_scores(hf_dir, val: TokenStream, L, variant="on", window=None, n=None,
 # Each start at step 0
 
 
-def first_step(argv) -> tuple:
-    """(starting model, first batch [(x, y)]) of a run in one process: the config from train.py's
-    run_config, the tokenizer, data and step-0 windows as train.py's setup_run reads them, the
-    weights as its build_model fills them (train_model.full_model), without a process group or --out."""
-    args = train.parse_args(argv)
-    init, cfg = train.run_config(args)
+def first_step(run_dir) -> tuple:
+    """(starting model, first batch [(x, y)]) of the run in run_dir, in one process: the config it
+    trained (its train.json), the tokenizer, data and step-0 windows as train.py's setup_run reads
+    them, the weights as its build_model fills them (train_model.full_model), without a process
+    group or --out."""
+    args, cfg = run_record(run_dir)
+    init = train_model.resolve_init(args.init)
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, init, cfg, args.preset, args.cache, 0)
     data, _ = split_data(args.data, args.val_data, args.val_windows, args.seq_len, tok_dir, sep,
                          args.cache, 0, cfg.vocab_size, tok)
@@ -89,19 +106,19 @@ def first_step(argv) -> tuple:
     return model, batches
 
 
-def start_rho(argv) -> float:
+def start_rho(run_dir) -> float:
     """starts.update_scale on a run's first batch, mean over the TTT layers: ‖ΣΔW‖/‖W0‖ per unit
     of conv weight on the target's tap with P = I. A start's P multiplies it: the paper's ~0.016
     makes the update per unit conv weight 0.016 rho, whatever rho is in this model."""
-    model, batches = first_step(argv)
+    model, batches = first_step(run_dir)
     return float(np.mean(list(update_scale(model, torch.cat([x for x, _ in batches])
                                                     ).values())))
 
 
-def start_gradients(argv) -> dict:
+def start_gradients(run_dir) -> dict:
     """Gradient norms of the conv, P and W0 (the TTT layers' down_proj) at a run's first step
     (before clipping)."""
-    model, batches = first_step(argv)
+    model, batches = first_step(run_dir)
     for x, y in batches:
         (model.loss(x, y) / len(batches)).backward()
     names = {"conv": "mlp.ttt_conv.weight", "proj": "mlp.ttt_proj.weight",

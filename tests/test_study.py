@@ -301,7 +301,7 @@ def test_quick_study_runs_every_arm_as_the_model_and_start_it_claims(quick):
 
 def held_out_model(out, part, arm):
     job = next(j for j in arms.plan(arms.QUICK, out) if j.part == part and j.arm == arm)
-    val, L = probes.held_out(job.argv)
+    val, L = probes.held_out(job.out)
     return job, val, L, load_hf.load_model(job.out / "hf").eval()
 
 
