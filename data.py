@@ -246,7 +246,7 @@ def cache_key(files, tok_dir: Path, sep: int, text_key="text") -> str:
 
 def load_npz(path, seq_len, vocab_size=None) -> TokenStream:
     """A pre-tokenised stream: `tokens` (N,) non-negative integer ids, optional `loss_mask` (N,)
-    bool and `starts` (S,) increasing window starts (other arrays, e.g. study.py's `distance`, are
+    bool and `starts` (S,) increasing window starts (other arrays, e.g. the study's `distance`, are
     left alone). Checked whole now: a bad entry would otherwise fail in the middle of a run."""
     path = Path(path)
     if not path.is_file():

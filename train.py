@@ -4,7 +4,7 @@ or many (FSDP2).
     python train.py                 # byte-level preset, TTT on, State of the Union speeches, CPU
     python sample.py                # then sample from what it wrote (out/bytes/hf)
     python train.py --no-ttt        # the same run without TTT: the baseline (out/bytes-no-ttt)
-    python train.py --data recall.npz --val-data recall_val.npz   # pre-tokenised (study.py)
+    python train.py --data recall.npz --val-data recall_val.npz   # pre-tokenised (the study's)
     torchrun --nproc_per_node=8 train.py --init Qwen/Qwen3-0.6B-Base --data corpus/ --seq-len 8192 \
         --batch-tokens 524288 --steps 2000 --activation-checkpointing
     torchrun --nproc_per_node=8 train.py --init Qwen/Qwen3-8B-Base --data corpus/ --seq-len 131072 \
