@@ -606,3 +606,27 @@ class Cache:
         sl = slice(b0, b1)
         return Cache([k[sl] for k in self.k], [v[sl] for v in self.v],
                      {i: t.rows(b0, b1) for i, t in self.ttt.items()}, self.pos[sl])
+
+
+# -----------------------------------------------------------------------------
+# Choosing the next token: sample.py's, and an export's generate() (which carries model.py)
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Next token ids (B,) from logits (B, V): argmax at temperature 0, else a draw from the
+    tempered softmax restricted to the top_k tokens and to the smallest set whose probability
+    reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature  # fp32: a bf16 softmax over 150K tokens loses the tail
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the first
+        # always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

@@ -14,9 +14,9 @@ The model is model.py's Transformer, its modules adopted as this class's own so 
 are the export's. Generation is sample.py's loop, not GenerationMixin's: the fast weight of each
 TTT layer is folded at every row's own chunk boundaries during decoding, which a transformers
 KV cache does not carry, and a left-padded (ragged) batch is prefilled row by row so no pad
-position reaches attention or a TTT update. The token choice is sample.py's `sample_next` (a copy:
-sample.py itself is a script that imports the loaders); draws come from torch's global generator,
-so `torch.manual_seed(s)` before `generate` gives `sample.generate(..., seed=s)`'s tokens.
+position reaches attention or a TTT update. The token choice is model.py's `sample_next`, the one
+sample.py uses; draws come from torch's global generator, so `torch.manual_seed(s)` before
+`generate` gives `sample.generate(..., seed=s)`'s tokens.
 """
 
 import copy
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, LlamaConfig, PreTrainedModel, Qwen3Config
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .model import ModelConfig, Transformer
+from .model import ModelConfig, Transformer, sample_next
 
 PREFILL_TOKENS = 4096  # sample.py's prompt piece: the multiple of C nearest above this
 # GenerationConfig options this loop does not implement: refused, since ignoring one silently
@@ -73,24 +73,7 @@ def model_config(config) -> ModelConfig:
 
 
 # -----------------------------------------------------------------------------
-# Choosing the next token: sample.py's sample_next, line for line
-
-
-def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Next token ids (B,) from logits (B, V): argmax at temperature 0, else a draw from the
-    tempered softmax restricted to the top_k tokens and to the smallest set reaching top_p."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature  # fp32: a bf16 softmax over 150K tokens loses the tail
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # the tokens above already hold top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+# A batch's rows without their padding
 
 
 def rows_of(input_ids, attention_mask) -> list[list[int]]:

@@ -44,6 +44,7 @@ import torch
 
 from cli import default_device, default_dtype, parse_dtype, parse_rope_scaling, resolve
 from load_hf import load_config, load_model, load_tokenizer, with_rope_scaling
+from model import sample_next
 
 DEFAULT_CHECKPOINT = "out/bytes/hf"  # where `python train.py` (no flags) exports its model
 # Default prefill piece: the multiple of C nearest above this. Big forwards are fast (64-token
@@ -51,30 +52,6 @@ DEFAULT_CHECKPOINT = "out/bytes/hf"  # where `python train.py` (no flags) export
 # a long prompt needs.
 PREFILL_TOKENS = 4096
 COMPILE_WARMUP_STEPS = 3  # compiled decode: steps that compile / record CUDA graphs, not timed
-
-
-# -----------------------------------------------------------------------------
-# Choosing the next token
-
-
-def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Next token ids (B,) from logits (B, V): argmax at temperature 0, else a draw from the
-    tempered softmax restricted to the top_k tokens and to the smallest set whose probability
-    reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature  # fp32: a bf16 softmax over 150K tokens loses the tail
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass (the first
-        # always stays).
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 # -----------------------------------------------------------------------------

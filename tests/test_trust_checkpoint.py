@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import resource
-import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import CORPUS, small_args
+from conftest import CORPUS, finished_run, small_args
 from test_trust import reseal
 
 import checkpoint
@@ -32,15 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, byte_tokenizer, cache):
     """A finished three-step run, a checkpoint after each step, no export."""
-    out = tmp_path_factory.mktemp("run") / "run"
-    train.main(small_args(byte_tokenizer, cache, out, "--save-every", "1", "--no-export", steps=3))
-    return out
-
-
-@pytest.fixture
-def run_copy(run_dir, tmp_path):
-    shutil.copytree(run_dir, tmp_path / "run")
-    return tmp_path / "run"
+    return finished_run(tmp_path_factory, byte_tokenizer, cache, steps=3)
 
 
 def resume(tok, cache, out, *extra, steps=4):
