@@ -56,7 +56,10 @@ def model_config(config) -> ModelConfig:
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
     ttt = dict(ttt_layers=tuple(hf.get("ttt_layers") or ()) if hf.get("ttt_mode", True) else ())
-    for key in ("chunk", "lr", "proj", "target", "lookahead"):
+    # the release's keys, ours (ttt_lookahead) and the stabilisers (load_hf.STABILISERS): each
+    # written only when it differs from ModelConfig's default, so absent means the default
+    for key in ("chunk", "lr", "proj", "target", "lookahead", "key_norm", "target_norm",
+                "clip_tau", "norm_preserve", "lr_warmup"):
         if f"ttt_{key}" in hf:
             ttt[f"ttt_{key}"] = hf[f"ttt_{key}"]
     arch = "qwen3" if isinstance(config, Qwen3Config) else "llama"

@@ -250,3 +250,16 @@ def test_lm_eval_harness_scores_an_export_as_model_py_does(tmp_path):
         ctx = tok.encode(s["arguments"]["gen_args_0"]["arg_0"])
         want = tok.decode(sample.generate(model, [ctx], 24, eos_ids=model.config.eos_token_id)[0]).split("\n")[0]
         assert s["resps"][0][0] == want
+
+
+STABILISED = {"key-norm": dict(ttt_key_norm=True), "target-norm": dict(ttt_target_norm=True),
+              "clip": dict(ttt_clip_tau=0.05), "norm-preserve": dict(ttt_norm_preserve=True)}
+
+
+@pytest.mark.parametrize("on", list(STABILISED.values()), ids=list(STABILISED))
+def test_an_export_with_a_stabiliser_on_computes_it_in_transformers(on, tmp_path):
+    model = random_model(replace(BASE, **on))
+    with pytest.warns(UserWarning, match="official In-Place TTT classes ignore"):
+        out = save_model(model, tmp_path / "export")
+    ids = torch.randint(0, 257, (2, 70), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(load_export(out)(ids).logits, model(ids), rtol=0, atol=0)
