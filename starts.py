@@ -106,8 +106,10 @@ def update_scale(model: Transformer, idx) -> dict[int, float]:
         h = (F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))[:, :n * C]  # (B, nC, F)
         conv = torch.zeros_like(mlp.ttt_conv.weight)
         conv[:, :, target_tap(cfg)] = 1.0
+        # with the model's key and target norms, so `calibrated` scales the update it will make
         dW = ttt.chunk_update(s.unflatten(1, (n, C)), h.unflatten(1, (n, C)), conv, None,
-                              cfg.ttt_lr).sum(1)  # (B, D, F) ΣΔW of each window
+                              cfg.ttt_lr, key_norm=cfg.ttt_key_norm,
+                              target_norm=cfg.ttt_target_norm).sum(1)  # (B, D, F) each window's ΣΔW
         w0 = mlp.down_proj.weight
         scale[i] = (torch.linalg.matrix_norm(dW.float()) / torch.linalg.matrix_norm(w0.float())
                     ).mean().item()

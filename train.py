@@ -86,7 +86,8 @@ def model_flags(p: argparse.ArgumentParser):
     g.add_argument("--preset", default="bytes", choices=PRESETS, help="from scratch: this config")
     g.add_argument("--init", help="continue this HF checkpoint (directory or hub id), not --preset")
     g.add_argument("--override", nargs="+", default=[], type=parse_override, metavar="KEY=VALUE",
-                   help="from scratch only: preset fields to change, e.g. hidden_size=64")
+                   help="preset fields to change, e.g. hidden_size=64; with --init only the "
+                        "stabilisers, e.g. ttt_target_norm=true")
     g.add_argument("--tokenizer", help="tokenizer directory or hub id (default: --init's; bytes: "
                                        "the byte tokenizer; else the family's, from pip)")
 
@@ -201,8 +202,9 @@ def parse_args(argv=None):
     (so train.json records what the run used)."""
     p = make_parser()
     args = p.parse_args(argv)
-    if args.init and args.override:
-        p.error("--override changes a preset's shape; with --init the checkpoint fixes the shape")
+    if args.init and (shape := [k for k, _ in args.override if k not in load_hf.STABILISERS]):
+        p.error(f"--override {', '.join(shape)}: with --init the checkpoint fixes the config; only "
+                f"the stabilisers ({', '.join(load_hf.STABILISERS)}) may be set on it")
     if args.train_only == "ttt" and args.no_ttt:
         p.error("--train-only ttt needs TTT layers (not --no-ttt)")
     if args.ttt_init != DEFAULT_TTT_INIT and args.no_ttt:

@@ -71,9 +71,9 @@ def model_config(preset="bytes", init=None, override=None, ttt_layers=None, ttt_
     """The preset (with `override` fields) or the `init` checkpoint's config, with the TTT settings
     given here layered on its own or, where it has none, on model.TTT_RECIPE. None leaves a setting
     as it is; no_ttt removes every TTT layer (the baseline)."""
-    if init:  # the checkpoint fixes the shape (parse_args refuses --override with --init)
+    if init:  # the checkpoint fixes the shape (parse_args admits only stabilisers with --init)
         try:
-            cfg = load_config(init)
+            cfg = replace(load_config(init), **(override or {}))
         except (OSError, ValueError) as e:  # the file and field are in the message
             raise SystemExit(f"--init {init}: {e}") from None
     else:

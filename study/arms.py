@@ -138,10 +138,28 @@ def text_files(sizes: Sizes) -> tuple[list, list]:
     return files[:-sizes.val_speeches], files[-sizes.val_speeches:]
 
 
+def recall_argv(sizes: Sizes, out: Path, fields, flags) -> list:
+    """train.py's flags for a recall arm: the task's data in <out>/data, the recall model with the
+    arm's --override fields, the arm's flags, and TTT in the last layer (η 1, C = W) unless
+    --no-ttt."""
+    task = sizes.task
+    ttt_flags = [] if "--no-ttt" in flags else ["--ttt-layers", "1", "--ttt-lr", "1.0",
+                                                "--ttt-chunk", str(task.W)]
+    return ["--data", str(out / "data" / "recall_train.npz"),
+            "--val-data", str(out / "data" / "recall_val.npz"),
+            "--val-windows", str(sizes.recall_val_windows),
+            "--seq-len", str(task.T), "--batch-tokens", str(sizes.recall_batch * task.T),
+            "--steps", str(sizes.recall_steps), "--lr", str(sizes.recall_lr),
+            "--warmup", str(max(1, sizes.recall_steps // 6)),
+            "--val-every", str(sizes.recall_val_every), "--save-every", "100", "--keep", "1",
+            "--override", *sizes.recall_model, f"max_position_embeddings={task.T}",
+            *(f.format(W=task.W) for f in fields), *flags, *ttt_flags]
+
+
 def plan(sizes: Sizes, out: Path) -> list[Job]:
     """Every run of the study: the base model first (continual pretraining starts from its
     export), the long text runs next, then recall and continual pretraining."""
-    task, (train_files, val_files), jobs = sizes.task, text_files(sizes), []
+    (train_files, val_files), jobs = text_files(sizes), []
     cache = ["--cache", str(out / "cache")]
     text_data = ["--data", *train_files, "--val-data", *val_files,
                  "--val-windows", str(sizes.val_windows), "--save-every", "50", "--keep", "1"]
@@ -164,20 +182,9 @@ def plan(sizes: Sizes, out: Path) -> list[Job]:
                                     "--val-every", str(sizes.text_val_every),
                                     "--override", f"max_position_embeddings={L}",
                                     *(f.format(W=W) for f in fields), *flags, *ttt_flags])
-    recall_data = ["--data", str(out / "data" / "recall_train.npz"),
-                   "--val-data", str(out / "data" / "recall_val.npz"),
-                   "--val-windows", str(sizes.recall_val_windows),
-                   "--seq-len", str(task.T), "--batch-tokens", str(sizes.recall_batch * task.T),
-                   "--steps", str(sizes.recall_steps), "--lr", str(sizes.recall_lr),
-                   "--warmup", str(max(1, sizes.recall_steps // 6)),
-                   "--val-every", str(sizes.recall_val_every), "--save-every", "100", "--keep", "1",
-                   "--override", *sizes.recall_model, f"max_position_embeddings={task.T}"]
     for arm, (_, fields, flags) in RECALL_ARMS.items():
-        ttt_flags = [] if "--no-ttt" in flags else ["--ttt-layers", "1", "--ttt-lr", "1.0",
-                                                    "--ttt-chunk", str(task.W)]
         for seed in sizes.baseline_seeds if "--no-ttt" in flags else sizes.recall_seeds:
-            add("recall", arm, seed, [*recall_data, *(f.format(W=task.W) for f in fields),
-                                      *flags, *ttt_flags])
+            add("recall", arm, seed, recall_argv(sizes, out, fields, flags))
     base_hf = str(jobs[0].out / "hf")
     for seed in sizes.cpt_seeds:
         for arm, (_, flags) in CPT_ARMS.items():
