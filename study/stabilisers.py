@@ -72,7 +72,8 @@ def argv(part, arm, seed, out: Path) -> list:
     tail = ["--seed", str(seed), "--out", str(out / part / arm / f"seed{seed}"),
             "--cache", str(ROOT / "out" / "study" / "cache")]
     if part == "recall":
-        return [*recall_argv(FULL, ROOT / "out" / "study", fields, ttt), *tail]
+        return [*recall_argv(FULL, ROOT / "out" / "study", ["sliding_window={W}", *fields], ttt),
+                *tail]  # SWA of the task's W, as every recall arm of the study
     train_files, val_files = text_files(FULL)
     data = ["--data", *train_files, "--val-data", *val_files, "--val-windows", "8"]
     if part == "cpt":  # study part 3's run, from its base model's export

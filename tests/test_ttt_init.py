@@ -139,12 +139,17 @@ def test_zero_proj_without_lookahead_reads_the_centre_tap_and_stays_exact():
         assert torch.equal(model(idx), plain(idx))
 
 
+@pytest.mark.parametrize("norm", [None, "ttt_key_norm", "ttt_target_norm"])
 @pytest.mark.parametrize("target", ["hidden_states", "input_embed"])
-def test_calibrated_p_scales_the_update_the_next_token_start_makes(target):
+def test_calibrated_p_scales_the_update_the_next_token_start_makes(target, norm):
+    # with a key or target norm on, rho is the normalised update's: what the run will compute
     _, exact = base_and_ttt("bytes", target, "paper")
     idx = torch.randint(0, 257, (3, 3 * 128 + 5))
-    rho = update_scale(exact, idx)[1]
     _, nxt = base_and_ttt("bytes", target, "next-token")  # V_hat_t = s_{t+1}: what rho measures
+    for model in (exact, nxt):
+        if norm:
+            setattr(model.config, norm, True)
+    rho = update_scale(exact, idx)[1]
     mlp = nxt.model.layers[1].mlp
     mlp.keep_state = True
     with torch.no_grad():
