@@ -27,6 +27,8 @@ from data import (TokenStream, batch_layout, load_tokenizer, read_stream, split_
 from starts import update_scale
 from study.task import RecallTask
 
+PAPER_TAU = 1e-5  # the paper's per-chunk clip at evaluation (Appendix C)
+
 # -----------------------------------------------------------------------------
 # Held-out text: the loss by position, and the anomaly checks
 
@@ -69,11 +71,14 @@ def text_scores(hf_dir, val: TokenStream, L, variant="on", window=None, n=None,
     the same windows for every arm. variant "on": as trained; "off": the fast-weight updates off
     (same weights); "sink": every query also sees the window's first token; "window": attention
     limited to the last `window` keys plus the first token; "shift": the windows start half a
-    context later (the same text at other positions)."""
+    context later (the same text at other positions); "paper-tau": each chunk's ΔW clipped to
+    Frobenius norm PAPER_TAU, as the paper evaluates Qwen3-4B."""
     model = load_hf.load_model(hf_dir).eval()
     model.ttt_enabled = variant != "off"
     if variant == "window":
         model.config.sliding_window = window
+    if variant == "paper-tau":  # the paper's evaluation clip (Appendix C): each chunk's ΔW ≤ 1e-5
+        model.config.ttt_clip_tau = PAPER_TAU
     for block in model.model.layers:  # this model's own switch: other threads score too
         block.self_attn.sink = variant in ("sink", "window")
     n = min(n or len(val), (len(val) - 1 - L // 2) // L)  # as many with the shift as without
