@@ -34,6 +34,7 @@ from files import atomic_write
 from starts import TTT_INITS
 from study.arms import (FULL, ROOT, Job, plan as study_plan, prepare_recall_data, recall_argv,
                         text_files, train_arm)
+from study.plots import curves, pyplot
 from study.probes import held_out, text_scores
 from study.stats import at_step, diff_cell, mean_sd, paired, window_loss
 from study.task import recall_accuracy
@@ -191,6 +192,18 @@ def report(parts: dict, out: Path, name: str, wall: float):
     print("\n".join(lines))
 
 
+def plot(parts: dict, path: Path, plt):
+    """Per part: ‖ΣΔW‖/‖W0‖ and train.py's validation loss over training, one line per arm."""
+    shown = [p for p in parts if p != "recall"] or list(parts)
+    fig, axes = plt.subplots(2, len(shown), figsize=(6.5 * len(shown), 9), squeeze=False)
+    for col, part in enumerate(shown):
+        curves(axes[0, col], parts[part], "dw", "‖ΣΔW‖/‖W0‖", f"{part}: the fast weight's size")
+        curves(axes[1, col], parts[part], "val_loss", "validation loss", f"{part}: loss", log=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def grouped(results) -> dict:
     arms = {}
     for r in sorted(results, key=lambda r: r["seed"]):
@@ -230,6 +243,9 @@ def main(argv=None):
                 parts[part] = grouped(runs(pool, part, list(dict.fromkeys(arms)), SEEDS[part],
                                            out))
     report(parts, out, args.stage, time.perf_counter() - t0)
+    if (plt := pyplot()) is not None:
+        plot(parts, out / f"{args.stage}.png", plt)
+        print(f"wrote {out / f'{args.stage}.png'}")
 
 
 if __name__ == "__main__":
