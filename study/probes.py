@@ -48,8 +48,7 @@ def run_record(run_dir) -> tuple[SimpleNamespace, ModelConfig]:
 def held_out(run_dir) -> tuple[TokenStream, int]:
     """The --val-data of the run in run_dir as train.py reads it (its tokenizer, its token cache),
     and its --seq-len."""
-    args, _ = run_record(run_dir)
-    cfg = load_hf.load_config(args.init or Path(args.out) / "hf")  # vocabulary and EOS
+    args, cfg = run_record(run_dir)  # the trained config: vocabulary and EOS, export or not
     tok_dir, sep, tok = load_tokenizer(args.tokenizer, args.init, cfg, args.preset, args.cache, 0)
     return read_stream(args.val_data, args.seq_len, tok_dir, sep, args.cache, 0, cfg.vocab_size,
                        tok), args.seq_len
