@@ -54,6 +54,8 @@ def paired(a_runs, b_runs, a_variant="on", b_variant="on", span=(0, None), b_spa
 def diff_cell(p) -> str:
     """'−0.0123 ± 0.0040 (±0.0011; seeds −0.011, −0.013, −0.012) real' for paired()."""
     real = abs(p["mean"]) > p["ci"] and abs(p["mean"]) > 2 * p["se"]
+    if len(p["seeds"]) == 1:  # one seed: no interval over seeds, so nothing is called real
+        return f"{p['mean']:+.4f} (windows ±{p['se']:.4f}; one seed)"
     seeds = ", ".join(f"{s:+.4f}" for s in p["seeds"])
     return (f"{p['mean']:+.4f} ± {p['ci']:.4f} (windows ±{p['se']:.4f}; seeds {seeds})"
             + (" **real**" if real else ""))

@@ -110,3 +110,18 @@ def test_growth_keeps_a_checkpoint_at_every_mark(tmp_path):
         swa = train.run_config(args)[1].sliding_window
         assert swa == (128 if job.arm.startswith("swa") else None)
         assert Path(args.out) == job.out
+
+
+def test_the_readme_states_the_defaults_the_code_has():
+    """The README's defaults line (section 6 of the study) names the from-scratch and --init start
+    and the stabilisers' state; the code must agree, so changing one without the other fails."""
+    import model
+    from train_model import DEFAULT_TTT_INIT
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("**Defaults, measured**"))
+    assert f"`--ttt-init {DEFAULT_TTT_INIT}`" in line
+    assert train.parse_args([]).ttt_init == DEFAULT_TTT_INIT  # from scratch
+    off = all(getattr(model.ModelConfig(), k) == v for k, v in load_hf.STABILISERS.items())
+    assert off and all(getattr(model.PRESETS["bytes"], k) == v
+                       for k, v in load_hf.STABILISERS.items())
+    assert "every stabiliser off" in line
