@@ -123,8 +123,13 @@ def base_model(out_study: Path):
     run_job(study_plan(FULL, out_study)[0], FULL, out_study)
 
 
-def runs(pool, part, arms, seeds, out) -> list[dict]:
-    return list(pool.map(lambda a: run(part, *a, out), [(arm, s) for s in seeds for arm in arms]))
+def runs(pool, part, arms, seeds, out, finished_only=False) -> list[dict]:
+    """Every (arm, seed) of a part: trained and scored, or with finished_only those already done
+    (their result.json), so a report can be written while the rest still runs or was cut."""
+    todo = [(arm, s) for s in seeds for arm in arms]
+    if finished_only:
+        todo = [(a, s) for a, s in todo if (out / part / a / f"seed{s}" / "result.json").exists()]
+    return list(pool.map(lambda a: run(part, *a, out), todo))
 
 
 # -----------------------------------------------------------------------------
@@ -223,29 +228,31 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "out" / "stab"), help="runs and RESULTS-*.md")
     p.add_argument("--jobs", type=int, action=cli.AtLeast, low=1, default=2,
                    help="train.py runs at a time (one thread each)")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: report the runs that have finished")
     args = p.parse_args(argv)
     for arm in args.arms:
         split(arm)  # a misspelt arm fails now, not after an hour of runs
-    out, t0 = Path(args.out), time.perf_counter()
+    out, t0, fin = Path(args.out), time.perf_counter(), args.finished_only
     torch.set_num_threads(1)
     prepare_recall_data(FULL, ROOT / "out" / "study")
     parts = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         if args.stage == "screen":
             arms = [f"{s}+{t}" for s in STARTS for t in STABILISERS]
-            parts["recall"] = grouped(runs(pool, "recall", arms, [SCREEN_SEED], out))
+            parts["recall"] = grouped(runs(pool, "recall", arms, [SCREEN_SEED], out, fin))
             learned = [a for a, rs in parts["recall"].items() if rs[0]["acc"]["d>=W"] >= 0.9]
             # what learned recall, beside the same start without a stabiliser and the controls
             text = list(dict.fromkeys([*CONTROLS, *(split(a)[0] + "+none" for a in learned),
                                        *learned]))
-            parts["text4096"] = grouped(runs(pool, "text4096", text, [SCREEN_SEED], out))
+            parts["text4096"] = grouped(runs(pool, "text4096", text, [SCREEN_SEED], out, fin))
         else:
-            if "cpt" in args.parts:
+            if "cpt" in args.parts and not fin:
                 base_model(ROOT / "out" / "study")
             for part in args.parts:
                 arms = args.arms if part == "recall" else [*CONTROLS, *args.arms]
                 parts[part] = grouped(runs(pool, part, list(dict.fromkeys(arms)), SEEDS[part],
-                                           out))
+                                           out, fin))
     report(parts, out, args.stage, time.perf_counter() - t0)
     if (plt := pyplot()) is not None:
         plot(parts, out / f"{args.stage}.png", plt)
