@@ -110,6 +110,7 @@ def plot(diffs, path: Path, plt, marks=MARKS):
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(xscale="log", xticks=list(marks), xticklabels=[str(m) for m in marks],
                xlabel="training step", title=title)
+        ax.minorticks_off()  # the marks are the only steps there are
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
