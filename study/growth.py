@@ -4,7 +4,7 @@ full attention and with SWA of W = 128 = C, seeds 0-2, 1,000 steps; each run's c
 150, 400 and 1,000 steps exported and scored on the study's held-out speeches (276 windows,
 282,624 tokens) as trained and with the fast-weight updates off.
 
-    python -m study.growth            # about 2 h of training on 2 cores; rerun to resume
+    python -m study.growth            # about 1.3 h on 2 cores (12 runs of 9-10 min); rerun to resume
     python -m study.growth --jobs 1   # one run at a time (leaves a core for other work)
 
 Each run is `python train.py` (study/arms.py's train_arm: one thread, --resume). Two paired
